@@ -1,0 +1,21 @@
+"""The cronclock schedule language: text in, next fire times out. No I/O, no clock reads."""
+
+from ._errors import ScheduleError
+from ._fires import Fire, dst_note, next_fires
+from ._parser import parse, seconds_to_schedule
+from ._schedules import Cron, Interval, Once, Schedule, WallClock, iter_fires
+
+__all__ = [
+    "Cron",
+    "Fire",
+    "Interval",
+    "Once",
+    "Schedule",
+    "ScheduleError",
+    "WallClock",
+    "dst_note",
+    "iter_fires",
+    "next_fires",
+    "parse",
+    "seconds_to_schedule",
+]

@@ -1,0 +1,328 @@
+"""Schedule value types. Each answers one question: when is the next fire after `dt`?"""
+
+from __future__ import annotations
+
+import calendar
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from typing import ClassVar, Literal
+
+from cronsim import CronSim
+
+from ._errors import ScheduleError
+from ._zones import lookup_zone, resolve_wall, wall_of
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_UNITS = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
+WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def format_duration(seconds: int) -> str:
+    """The shortest exact rendering of whole seconds in one unit: 900 -> '15m', 90 -> '90s'."""
+    for suffix, size in _UNITS:
+        if seconds % size == 0:
+            return f"{seconds // size}{suffix}"
+    raise AssertionError("unreachable: every whole number is a multiple of 1s")
+
+
+def _require_aware(dt: datetime) -> None:
+    if not isinstance(dt, datetime):
+        raise ScheduleError(f"next_after() needs an aware datetime, got {dt!r}")
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ScheduleError(
+            f"next_after() needs an aware datetime, got naive {dt.isoformat()!r}; "
+            "attach a zone, e.g. dt.replace(tzinfo=datetime.UTC)"
+        )
+
+
+def _format_time(t: time) -> str:
+    return t.strftime("%H:%M:%S" if t.second else "%H:%M")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Schedule(ABC):
+    """A parsed schedule: `next_after(dt)` gives the next fire strictly after `dt`.
+
+    Build one with `parse()`; `str(schedule)` (or `describe()`) is its canonical text,
+    which parses back to an equal schedule.
+    """
+
+    timezone: str = "UTC"
+    tzinfo: tzinfo = field(init=False, repr=False, compare=False)
+
+    # True when the schedule names local wall-clock times, so DST can move its fires.
+    wall_clock: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        name, tz = lookup_zone(self.timezone)
+        object.__setattr__(self, "timezone", name)
+        object.__setattr__(self, "tzinfo", tz)
+
+    @abstractmethod
+    def next_after(self, dt: datetime) -> datetime | None:
+        """The next fire strictly after the aware `dt`, as an aware UTC datetime.
+
+        None when the schedule will not fire again (a one-time schedule that has passed).
+        Raises ScheduleError for a naive `dt`.
+        """
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The canonical text of this schedule."""
+
+    def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
+        """The first naive wall time in [start, end) this schedule names, if it names any.
+
+        Used to explain DST effects; forms that do not name wall-clock times return None.
+        """
+        return None
+
+    def _zone_suffix(self) -> str:
+        return "" if self.timezone == "UTC" else f" in {self.timezone}"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Interval(Schedule):
+    """`every 15m [offset 3m]`: a fixed grid on the UTC epoch, unaffected by time zones."""
+
+    seconds: int
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        Schedule.__post_init__(self)
+        if self.seconds <= 0:
+            raise ScheduleError(f"interval must be positive, got {self.seconds!r} seconds")
+        if not 0 <= self.offset < self.seconds:
+            raise ScheduleError(
+                f"offset {format_duration(self.offset)!r} must be shorter than the interval "
+                f"{format_duration(self.seconds)!r}"
+            )
+
+    def next_after(self, dt: datetime) -> datetime | None:
+        _require_aware(dt)
+        # Integer microseconds keep the grid exact far from the epoch.
+        period, offset = self.seconds * 1_000_000, self.offset * 1_000_000
+        elapsed = (dt - _EPOCH) // _MICROSECOND
+        steps = (elapsed - offset) // period + 1
+        return _EPOCH + timedelta(microseconds=steps * period + offset)
+
+    def describe(self) -> str:
+        text = f"every {format_duration(self.seconds)}"
+        if self.offset:
+            text += f" offset {format_duration(self.offset)}"
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _WallSequence(Schedule, ABC):
+    """A schedule defined by a sequence of naive local wall times, resolved under the DST policy."""
+
+    wall_clock: ClassVar[bool] = True
+
+    @abstractmethod
+    def next_nominal(self, wall: datetime) -> datetime | None:
+        """The first naive wall time of the schedule strictly after the naive `wall`."""
+
+    def next_after(self, dt: datetime) -> datetime | None:
+        _require_aware(dt)
+        wall = wall_of(dt, self.tzinfo)
+        while True:
+            nominal = self.next_nominal(wall)
+            if nominal is None:
+                return None
+            instant = resolve_wall(nominal, self.tzinfo)
+            # In the second copy of a repeated hour the wall clock is behind instants already
+            # fired (first occurrence), so keep walking until the fire is really after `dt`.
+            if instant > dt:
+                return instant
+            wall = nominal
+
+    def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
+        nominal = self.next_nominal(start - _MICROSECOND)
+        return nominal if nominal is not None and nominal < end else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WallClock(_WallSequence):
+    """`daily`, `weekly` and `monthly` schedules: local times on matching days."""
+
+    kind: Literal["daily", "weekly", "monthly"]
+    times: tuple[time, ...]
+    weekdays: tuple[int, ...] = ()  # 0 = Monday, for weekly
+    monthdays: tuple[int, ...] = ()  # 1..31, for monthly; a day a month lacks is skipped
+    last_day: bool = False  # monthly: also the month's last day
+
+    def __post_init__(self) -> None:
+        _WallSequence.__post_init__(self)
+        if not self.times:
+            raise ScheduleError(f"{self.kind} schedule needs at least one time of day")
+        object.__setattr__(self, "times", tuple(sorted(set(self.times))))
+        object.__setattr__(self, "weekdays", tuple(sorted(set(self.weekdays))))
+        object.__setattr__(self, "monthdays", tuple(sorted(set(self.monthdays))))
+        if self.kind == "weekly" and not self.weekdays:
+            raise ScheduleError("weekly schedule needs at least one day of the week")
+        if self.kind == "monthly" and not (self.monthdays or self.last_day):
+            raise ScheduleError("monthly schedule needs at least one day of the month")
+        if any(not 1 <= day <= 31 for day in self.monthdays):
+            raise ScheduleError(f"days of the month must be 1..31, got {self.monthdays!r}")
+
+    def next_nominal(self, wall: datetime) -> datetime | None:
+        day, now = wall.date(), wall.time()
+        if self._matches(day):
+            for t in self.times:
+                if t > now:
+                    return datetime.combine(day, t)
+        return datetime.combine(self._next_day(day), self.times[0])
+
+    def _matches(self, day: date) -> bool:
+        if self.kind == "daily":
+            return True
+        if self.kind == "weekly":
+            return day.weekday() in self.weekdays
+        return day.day in self._month_days(day.year, day.month)
+
+    def _month_days(self, year: int, month: int) -> list[int]:
+        length = calendar.monthrange(year, month)[1]
+        days = [d for d in self.monthdays if d <= length]
+        if self.last_day and length not in days:
+            days.append(length)
+        return days
+
+    def _next_day(self, day: date) -> date:
+        """The first matching day strictly after `day`."""
+        if self.kind == "daily":
+            return day + timedelta(days=1)
+        if self.kind == "weekly":
+            ahead = min((w - day.weekday() - 1) % 7 for w in self.weekdays) + 1
+            return day + timedelta(days=ahead)
+        year, month, after = day.year, day.month, day.day
+        # Every month has day 1..28 and a last day, and day 29..31 exists in January,
+        # so this finds a day within a year.
+        for _ in range(13):
+            for d in self._month_days(year, month):
+                if d > after:
+                    return date(year, month, d)
+            year, month, after = (year + 1, 1, 0) if month == 12 else (year, month + 1, 0)
+        raise AssertionError(f"no matching day within a year for {self.describe()!r}")
+
+    def describe(self) -> str:
+        times = ",".join(_format_time(t) for t in self.times)
+        if self.kind == "daily":
+            return f"daily {times}{self._zone_suffix()}"
+        if self.kind == "weekly":
+            days = ",".join(WEEKDAY_NAMES[w] for w in self.weekdays)
+            return f"weekly {days} {times}{self._zone_suffix()}"
+        month_days = [str(d) for d in self.monthdays] + (["last"] if self.last_day else [])
+        return f"monthly {','.join(month_days)} {times}{self._zone_suffix()}"
+
+
+CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Cron(_WallSequence):
+    """`cron <5 or 6 fields>` or an `@alias`, evaluated by cronsim in the schedule's zone."""
+
+    expression: str  # as canonically written: lower case, single spaces, or an @alias
+    fields: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _WallSequence.__post_init__(self)
+        object.__setattr__(self, "fields", CRON_ALIASES.get(self.expression, self.expression))
+
+    @property
+    def wall_clock_times(self) -> bool:
+        """True when cronsim treats the expression as fixed wall-clock times (DST-resolved).
+
+        cronsim follows Debian cron: 5-field expressions with a specific minute and hour are
+        resolved on the local wall clock (gap -> first instant after, repeated hour -> once).
+        Sub-hour expressions run in absolute time and so cover both copies of a repeated hour.
+        """
+        parts = self.fields.split()
+        return len(parts) == 5 and not parts[0].startswith("*") and not parts[1].startswith("*")
+
+    def next_nominal(self, wall: datetime) -> datetime | None:
+        # cronsim on a naive datetime walks the plain calendar: the nominal wall-clock times.
+        return next(CronSim(self.fields, wall), None)
+
+    def next_after(self, dt: datetime) -> datetime | None:
+        if self.wall_clock_times or self.tzinfo is UTC:
+            return _WallSequence.next_after(self, dt)
+        _require_aware(dt)
+        for fire in CronSim(self.fields, dt.astimezone(self.tzinfo)):
+            instant = fire.astimezone(UTC)
+            if instant > dt:
+                return instant
+        return None
+
+    def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
+        if not self.wall_clock_times:
+            return None  # absolute-time expressions are not moved by DST, only skipped/doubled
+        return _WallSequence.nominal_in(self, start, end)
+
+    def describe(self) -> str:
+        if self.expression.startswith("@"):
+            return f"{self.expression}{self._zone_suffix()}"
+        return f"cron {self.expression}{self._zone_suffix()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Once(_WallSequence):
+    """`at 2026-12-01T09:00`: one fire. A naive time is read in the schedule's zone."""
+
+    when: datetime  # as written: naive (local to `timezone`) or with its own UTC offset
+
+    def __post_init__(self) -> None:
+        _WallSequence.__post_init__(self)
+        if self.when.tzinfo is not None and self.when.utcoffset() is None:
+            raise ScheduleError(f"'at' time has no usable UTC offset: {self.when!r}")
+
+    @property
+    def instant(self) -> datetime:
+        """The moment this schedule fires, as an aware UTC datetime."""
+        if self.when.tzinfo is not None:
+            return self.when.astimezone(UTC)
+        return resolve_wall(self.when, self.tzinfo)
+
+    def next_nominal(self, wall: datetime) -> datetime | None:
+        if self.when.tzinfo is not None:
+            return None
+        return self.when if self.when > wall else None
+
+    def next_after(self, dt: datetime) -> datetime | None:
+        _require_aware(dt)
+        instant = self.instant
+        return instant if instant > dt else None
+
+    def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
+        if self.when.tzinfo is not None:
+            return None
+        return _WallSequence.nominal_in(self, start, end)
+
+    def describe(self) -> str:
+        written = self.when.isoformat(timespec="seconds" if self.when.second else "minutes")
+        if self.when.microsecond:
+            written = self.when.isoformat()
+        return f"at {written}{self._zone_suffix()}"
+
+
+def iter_fires(schedule: Schedule, after: datetime) -> Iterator[datetime]:
+    """Every fire strictly after `after`, in order (endless for recurring schedules)."""
+    fire = schedule.next_after(after)
+    while fire is not None:
+        yield fire
+        fire = schedule.next_after(fire)

@@ -1,0 +1,98 @@
+"""Time-zone lookup and the DST resolution of local wall-clock times."""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import zoneinfo
+from datetime import UTC, datetime, timedelta, tzinfo
+
+from ._errors import ScheduleError
+
+_SECOND = timedelta(seconds=1)
+
+
+@functools.cache
+def _zone_names() -> dict[str, str]:
+    # Scanning the zone database costs a few milliseconds; only a name that is not found
+    # exactly (wrong case, typo) pays it.
+    return {name.lower(): name for name in zoneinfo.available_timezones()}
+
+
+@functools.cache
+def lookup_zone(name: str) -> tuple[str, tzinfo]:
+    """Return the canonical name and tzinfo of an IANA zone name, matched case-insensitively."""
+    key = name.strip()
+    if key.upper() == "UTC":
+        # datetime.UTC rather than ZoneInfo("UTC"): cronsim and astimezone take fast paths for it.
+        return "UTC", UTC
+    try:
+        return key, zoneinfo.ZoneInfo(key)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        pass
+    known = _zone_names()
+    canonical = known.get(key.lower())
+    if canonical is not None:
+        return canonical, zoneinfo.ZoneInfo(canonical)
+    message = f"unknown time zone {name!r}: expected an IANA name such as 'Europe/Berlin' or 'UTC'"
+    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.75)
+    if close:
+        message += f"; did you mean {known[close[0]]!r}?"
+    raise ScheduleError(message) from None
+
+
+def wall_of(instant: datetime, tz: tzinfo) -> datetime:
+    """The naive local wall-clock time of an aware instant."""
+    return instant.astimezone(tz).replace(tzinfo=None, fold=0)
+
+
+def is_ambiguous(wall: datetime, tz: tzinfo) -> bool:
+    """True when a naive wall time occurs twice in `tz` (the repeated hour of a fall-back)."""
+    first = wall.replace(tzinfo=tz, fold=0)
+    return first.utcoffset() != wall.replace(tzinfo=tz, fold=1).utcoffset() and (
+        wall_of(first, tz) == wall
+    )
+
+
+def resolve_wall(wall: datetime, tz: tzinfo) -> datetime:
+    """Turn a naive local wall time into an aware UTC instant under the default DST policy.
+
+    A wall time that occurs twice resolves to its first occurrence (fold=0). A wall time
+    inside a spring-forward gap does not exist; it resolves to the first instant after the
+    gap, as Debian cron and cronsim do (02:30 in a 02:00-03:00 gap fires at 03:00).
+    """
+    if tz is UTC:
+        return wall.replace(tzinfo=UTC, fold=0)
+    instant = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    if wall_of(instant, tz) == wall.replace(fold=0):
+        return instant
+    return _gap_end(wall, tz)
+
+
+def _gap_end(wall: datetime, tz: tzinfo) -> datetime:
+    """The first instant after the gap that contains `wall` (a wall time that does not exist)."""
+    # For a wall time in a gap, zoneinfo applies the offset from before the transition with
+    # fold=0 and the one from after it with fold=1, so the transition lies between the two
+    # readings. Bisect on whole seconds: gaps last from minutes (Lord Howe) to a day (Apia).
+    readings = [wall.replace(tzinfo=tz, fold=fold).astimezone(UTC) for fold in (0, 1)]
+    lo, hi = int(min(readings).timestamp()), int(max(readings).timestamp())
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if wall_of(datetime.fromtimestamp(mid, UTC), tz) > wall:
+            hi = mid
+        else:
+            lo = mid
+    return datetime.fromtimestamp(hi, UTC)
+
+
+def gap_ending_at(instant: datetime, tz: tzinfo) -> tuple[datetime, datetime] | None:
+    """If a spring-forward gap ends exactly at `instant`, its (start, end) naive wall times."""
+    if tz is UTC:
+        return None
+    before = (instant - _SECOND).astimezone(tz)
+    at = instant.astimezone(tz)
+    before_offset, at_offset = before.utcoffset(), at.utcoffset()
+    if before_offset is None or at_offset is None or at_offset <= before_offset:
+        return None
+    start = before.replace(tzinfo=None, fold=0) + _SECOND
+    return start, at.replace(tzinfo=None, fold=0)
