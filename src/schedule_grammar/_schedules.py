@@ -260,8 +260,9 @@ class Cron(_WallSequence):
         return next(CronSim(self.fields, wall), None)
 
     def next_after(self, dt: datetime) -> datetime | None:
-        if self.wall_clock_times or self.tzinfo is UTC:
-            return _WallSequence.next_after(self, dt)
+        # cronsim applies the same DST policy as resolve_wall (the property tests hold the two
+        # to it), so hand it the aware time; only the second copy of a repeated hour needs
+        # the loop, where cronsim's wall-clock walk answers a time before `dt`.
         _require_aware(dt)
         for fire in CronSim(self.fields, dt.astimezone(self.tzinfo)):
             instant = fire.astimezone(UTC)

@@ -26,7 +26,11 @@ class TestEuropeBerlin:
     # 2027-03-28: 02:00 CET -> 03:00 CEST. 2026-10-25: 03:00 CEST -> 02:00 CET.
     @pytest.mark.parametrize(
         "text",
-        ["daily 02:30 in Europe/Berlin", "cron 30 2 * * * in Europe/Berlin", "sun 02:30 in Europe/Berlin"],
+        [
+            "daily 02:30 in Europe/Berlin",
+            "cron 30 2 * * * in Europe/Berlin",
+            "sun 02:30 in Europe/Berlin",
+        ],
     )
     def test_a_time_in_the_spring_gap_fires_once_at_the_end_of_the_gap(self, text: str) -> None:
         fires = take(text, utc(2027, 3, 27, 12), 2)
@@ -43,7 +47,9 @@ class TestEuropeBerlin:
     @pytest.mark.parametrize(
         "text", ["daily 02:30 in Europe/Berlin", "cron 30 2 * * * in Europe/Berlin"]
     )
-    def test_a_time_in_the_repeated_hour_fires_once_at_its_first_occurrence(self, text: str) -> None:
+    def test_a_time_in_the_repeated_hour_fires_once_at_its_first_occurrence(
+        self, text: str
+    ) -> None:
         fires = take(text, utc(2026, 10, 24, 12), 2)
         assert fires == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)]
         first = local(fires[0], "Europe/Berlin")
@@ -52,7 +58,9 @@ class TestEuropeBerlin:
     def test_asked_from_inside_the_second_copy_it_does_not_fire_the_hour_again(self) -> None:
         second_copy = utc(2026, 10, 25, 1, 15)  # 02:15 CET, fold=1
         assert local(second_copy, "Europe/Berlin").fold == 1
-        assert parse("daily 02:30 in Europe/Berlin").next_after(second_copy) == utc(2026, 10, 26, 1, 30)
+        assert parse("daily 02:30 in Europe/Berlin").next_after(second_copy) == utc(
+            2026, 10, 26, 1, 30
+        )
 
     def test_sub_hour_cron_covers_both_copies_of_the_repeated_hour(self) -> None:
         fires = take("cron */30 2 * * * in Europe/Berlin", utc(2026, 10, 24, 23, 59), 4)
@@ -132,7 +140,10 @@ class TestAsiaMakassar:
         assert {(f.hour, f.minute) for f in fires} == {(19, 0)}
 
     def test_nothing_is_flagged(self) -> None:
-        assert all(f.dst_note is None for f in next_fires(parse("daily 03:00 in Asia/Makassar"), utc(2026, 1, 1), 400))
+        assert all(
+            f.dst_note is None
+            for f in next_fires(parse("daily 03:00 in Asia/Makassar"), utc(2026, 1, 1), 400)
+        )
 
 
 class TestOneTime:
@@ -167,8 +178,12 @@ class TestNextFiresFlagsDst:
 
     def test_sub_hour_cron_fires_say_which_copy(self) -> None:
         fires = next_fires(parse("cron 30 * * * * in Europe/Berlin"), utc(2026, 10, 25, 0), 2)
-        assert fires[0].dst_note is not None and "this is the first (UTC+02:00)" in fires[0].dst_note
-        assert fires[1].dst_note is not None and "this is the second (UTC+01:00)" in fires[1].dst_note
+        assert (
+            fires[0].dst_note is not None and "this is the first (UTC+02:00)" in fires[0].dst_note
+        )
+        assert (
+            fires[1].dst_note is not None and "this is the second (UTC+01:00)" in fires[1].dst_note
+        )
 
     def test_a_time_that_happens_to_equal_the_gap_end_is_not_flagged(self) -> None:
         fires = next_fires(parse("daily 03:00 in Europe/Berlin"), utc(2027, 3, 27, 12), 1)
@@ -176,9 +191,12 @@ class TestNextFiresFlagsDst:
 
     def test_interval_and_utc_schedules_are_never_flagged(self) -> None:
         assert all(
-            f.dst_note is None for f in next_fires(parse("every 1h in Europe/Berlin"), utc(2026, 10, 24), 72)
+            f.dst_note is None
+            for f in next_fires(parse("every 1h in Europe/Berlin"), utc(2026, 10, 24), 72)
         )
-        assert all(f.dst_note is None for f in next_fires(parse("daily 02:30"), utc(2026, 1, 1), 365))
+        assert all(
+            f.dst_note is None for f in next_fires(parse("daily 02:30"), utc(2026, 1, 1), 365)
+        )
 
     def test_it_stops_after_a_one_time_schedule(self) -> None:
         fires = next_fires(parse("at 2026-12-01T09:00"), utc(2026, 1, 1), 5)

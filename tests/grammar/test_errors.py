@@ -64,7 +64,9 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("text", "fragment"), MALFORMED, ids=[t or "<empty>" for t, _ in MALFORMED])
+@pytest.mark.parametrize(
+    ("text", "fragment"), MALFORMED, ids=[t or "<empty>" for t, _ in MALFORMED]
+)
 def test_it_rejects_malformed_text_with_a_message_that_quotes_it(text: str, fragment: str) -> None:
     with pytest.raises(ScheduleError) as caught:
         parse(text)
