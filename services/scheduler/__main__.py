@@ -1,13 +1,273 @@
-"""cronclock command line."""
+"""cronclock command line: run (default) | check | next | fire | demo."""
 
 from __future__ import annotations
 
+import argparse
+import os
+import signal
 import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TextIO
+
+from pydantic import SecretStr
+from structlog.typing import FilteringBoundLogger
+
+from schedule_grammar import next_fires
+
+from . import __version__
+from .clock import Clock, Scheduler, SystemClock, format_slot
+from .config import (
+    Config,
+    ConfigError,
+    Job,
+    format_seconds,
+    load_config,
+    load_jobs,
+    require_auth,
+)
+from .demo import DemoTarget, demo_config
+from .dispatch import Dispatcher, manual_key
+from .state import open_store
+from .telemetry import configure_logging, make_reporter
+
+EXIT_CONFIG = 2
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("cronclock: the daemon is not built yet; the schedule language is (schedule_grammar).")
-    return 1
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    env = os.environ if environ is None else environ
+    command = args.command or "run"
+    try:
+        if command == "check":
+            return cmd_check(load_config(env), sys.stdout)
+        if command == "next":
+            return cmd_next(load_config(env), args.job, args.count, sys.stdout)
+        if command == "fire":
+            return cmd_fire(load_config(env), args.job, env)
+        if command == "demo":
+            return cmd_demo(args.duration)
+        return cmd_run(env)
+    except ConfigError as error:
+        print(f"cronclock: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cronclock",
+        description="An HTTP cron clock: fires each due job as one authenticated HTTP call.",
+        epilog="Configuration comes from the environment; see README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"cronclock {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="run the daemon (the default)")
+    sub.add_parser("check", help="validate the configuration and print the job table")
+    nxt = sub.add_parser("next", help="print the next fire times, UTC and local, DST flagged")
+    nxt.add_argument("job", nargs="?", help="only this job")
+    nxt.add_argument("-n", "--count", type=int, default=5, help="fires per job (default 5)")
+    fire = sub.add_parser("fire", help="fire one job once, now, and print the outcome")
+    fire.add_argument("job")
+    demo = sub.add_parser("demo", help="run against a built-in demo application on loopback")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    return parser
+
+
+# -- check / next ---------------------------------------------------------------------------
+
+
+def cmd_check(config: Config, out: TextIO) -> int:
+    require_auth(config)
+    now = datetime.now(UTC)
+    settings = config.settings
+    auth = "bearer token set" if config.api_token else "none (LOCAL_DEV_MODE)"
+    print(f"cronclock {__version__}: configuration OK", file=out)
+    print(f"target {settings.api_url}  auth: {auth}  state: {settings.state_url}", file=out)
+    rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]
+    for job in config.jobs:
+        upcoming = job.schedule.next_after(now) if job.enabled else None
+        rows.append(
+            (
+                job.name,
+                str(job.schedule),
+                f"{job.method} {job.endpoint}",
+                format_seconds(job.timeout),
+                job.overlap,
+                format_slot(upcoming) if upcoming else ("disabled" if not job.enabled else "-"),
+                job.source,
+            )
+        )
+    _table(rows, out)
+    return 0
+
+
+def cmd_next(config: Config, only: str | None, count: int, out: TextIO) -> int:
+    if count < 1:
+        raise ConfigError(f"-n must be 1 or more, got {count}")
+    jobs = [config.job(only)] if only else [job for job in config.jobs if job.enabled]
+    now = datetime.now(UTC)
+    for job in jobs:
+        print(f"{job.name}  ({job.schedule})", file=out)
+        fires = next_fires(job.schedule, now, count)
+        if not fires:
+            print("  no more fires", file=out)
+        for fire in fires:
+            local = fire.local.strftime("%Y-%m-%d %H:%M:%S %Z")
+            flag = f"  DST: {fire.dst_note}" if fire.dst_note else ""
+            print(f"  {format_slot(fire.at)}  {local}{flag}", file=out)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
+            file=out,
+        )
+
+
+# -- fire -----------------------------------------------------------------------------------
+
+
+def cmd_fire(config: Config, name: str, env: Mapping[str, str]) -> int:
+    require_auth(config)
+    job = config.job(name)
+    log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
+    clock = SystemClock()
+    store = open_store("memory://", max_runs=10, max_age=timedelta(days=1))
+    reporter = make_reporter(
+        _secret(config.settings.posthog_api_key), config.settings.posthog_host, log
+    )
+    dispatcher = Dispatcher(
+        api_url=config.settings.api_url,
+        token=config.api_token,
+        store=store,
+        clock=clock,
+        log=log,
+        reporter=reporter,
+        max_concurrency=1,
+    )
+    result = dispatcher.call(job, clock.now(), key=manual_key(job.name), deadline=None)
+    dispatcher.shutdown(0)
+    reporter.close()
+    status = result.status if result.status is not None else "-"
+    print(
+        f"{job.name}: {result.outcome} (HTTP {status}) after {result.attempts} attempt(s), "
+        f"{result.duration * 1000:.0f} ms" + (f": {result.error}" if result.error else "")
+    )
+    return 0 if result.outcome in ("success", "busy") else 1
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+# -- run / demo -----------------------------------------------------------------------------
+
+
+def cmd_run(env: Mapping[str, str]) -> int:
+    config = load_config(env)
+    require_auth(config)
+    log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
+
+    def reload() -> tuple[Job, ...]:
+        return load_jobs(config.settings, os.environ)
+
+    return serve(config, log=log, clock=SystemClock(), reload=reload)
+
+
+def cmd_demo(duration: float | None) -> int:
+    target = DemoTarget().start()
+    config = demo_config(target.url, target.token)
+    log = configure_logging(fmt="console", level="info", stream=sys.stderr)
+    print(
+        f"cronclock demo: a demo application listens on {target.url}; jobs: "
+        + ", ".join(f"{job.name} ({job.schedule})" for job in config.jobs)
+        + ". Ctrl-C stops.",
+        flush=True,
+    )
+    try:
+        return serve(config, log=log, clock=SystemClock(), stop_after=duration)
+    finally:
+        target.stop()
+
+
+def serve(
+    config: Config,
+    *,
+    log: FilteringBoundLogger,
+    clock: Clock,
+    reload: Callable[[], tuple[Job, ...]] | None = None,
+    stop_after: float | None = None,
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop."""
+    settings = config.settings
+    store = open_store(
+        settings.state_url,
+        max_runs=settings.history_max_runs,
+        max_age=timedelta(seconds=settings.history_max_age),
+    )
+    reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
+    if config.api_token is None:
+        log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
+    dispatcher = Dispatcher(
+        api_url=settings.api_url,
+        token=config.api_token,
+        store=store,
+        clock=clock,
+        log=log,
+        reporter=reporter,
+        max_concurrency=settings.max_concurrency,
+    )
+    scheduler = Scheduler(
+        jobs=[job for job in config.jobs],
+        firer=dispatcher,
+        store=store,
+        clock=clock,
+        log=log,
+        tick_seconds=settings.tick_seconds,
+        reload=reload,
+    )
+    loop = threading.Thread(target=scheduler.run, name="clock", daemon=True)
+
+    def on_stop(signum: int, frame: object) -> None:
+        log.info("stop requested", signal=signal.Signals(signum).name)
+        scheduler.stop()
+
+    def on_hup(signum: int, frame: object) -> None:
+        log.info("reload requested", signal="SIGHUP")
+        scheduler.request_reload()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, on_hup)
+    enabled = [job.name for job in config.jobs if job.enabled]
+    log.info(
+        "cronclock started",
+        version=__version__,
+        target=settings.api_url,
+        jobs=len(enabled),
+        max_concurrency=settings.max_concurrency,
+        state=settings.state_url.partition("://")[0],
+    )
+    loop.start()
+    started = clock.monotonic()
+    # The main thread only waits: signal handlers run here, never inside the loop's locks.
+    while loop.is_alive():
+        loop.join(0.2)
+        if stop_after is not None and clock.monotonic() - started >= stop_after:
+            scheduler.stop()
+    left = dispatcher.shutdown(settings.shutdown_grace_seconds)
+    store.close()
+    reporter.close()
+    log.info("cronclock stopped", abandoned=left)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,304 @@
+"""The loop: plans each job's next slot, sleeps until the earliest, hands due slots on.
+
+The loop reads the clock once per beat and passes `now` down (as arq does). It never polls to
+decide firing: it sleeps exactly until the earliest planned slot, and at most a tick (the
+heartbeat) so housekeeping and health stay fresh.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from structlog.typing import FilteringBoundLogger
+
+from .config import Job
+from .state import RunRecord, StateStore
+
+CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
+_COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at least"
+LATE_WARNING_SECONDS = 1.0
+
+
+class Clock(Protocol):
+    """Time, injected: the loop is tested in virtual time without real sleeps."""
+
+    def now(self) -> datetime:
+        """The wall-clock time, aware UTC."""
+        ...
+
+    def monotonic(self) -> float: ...
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds; True when woken early by `wake()`."""
+        ...
+
+    def wake(self) -> None: ...
+
+
+class SystemClock:
+    """The real clock; `wait` is interruptible by `wake` (signals, reloads, admin actions)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def wait(self, timeout: float) -> bool:
+        woken = self._event.wait(max(0.0, timeout))
+        self._event.clear()
+        return woken
+
+    def wake(self) -> None:
+        self._event.set()
+
+
+class Firer(Protocol):
+    """Where due slots go (the dispatcher)."""
+
+    def submit(self, job: Job, slot: datetime, *, deadline: datetime | None) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with the slots of one job that are due at `now`."""
+
+    fire: list[datetime]
+    missed: list[datetime]
+    missed_more: bool  # more missed slots than were counted
+    next_slot: datetime | None
+
+
+def decide(job: Job, first_due: datetime, now: datetime) -> Decision:
+    """Apply the catch-up policy to every slot of `job` from `first_due` up to `now`."""
+    due = [first_due]
+    following = job.schedule.next_after(first_due)
+    while following is not None and following <= now and len(due) < _COUNT_CAP:
+        due.append(following)
+        following = job.schedule.next_after(following)
+    more = following is not None and following <= now
+    while following is not None and following <= now:  # beyond the count cap: skip ahead
+        following = job.schedule.next_after(following)
+
+    grace = timedelta(seconds=job.misfire_grace)
+    latest = due[-1]
+    if job.catchup == "all":
+        cut = max(0, len(due) - CATCHUP_ALL_CAP)
+        return Decision(due[cut:], due[:cut], more, following)
+    if len(due) == 1 and now - latest <= grace:
+        return Decision([latest], [], False, following)  # the ordinary case: on time
+    if job.catchup == "latest" and now - latest <= grace:
+        return Decision([latest], due[:-1], more, following)
+    return Decision([], due, more, following)
+
+
+class Scheduler:
+    """Plans slots and hands due ones to the firer. One thread runs `run()`."""
+
+    def __init__(
+        self,
+        *,
+        jobs: Iterable[Job],
+        firer: Firer,
+        store: StateStore,
+        clock: Clock,
+        log: FilteringBoundLogger,
+        tick_seconds: float,
+        reload: Callable[[], tuple[Job, ...]] | None = None,
+    ) -> None:
+        self._jobs = {job.name: job for job in jobs}
+        self._firer = firer
+        self._store = store
+        self._clock = clock
+        self._log = log
+        self._tick = tick_seconds
+        self._reload = reload
+        self._heap: list[tuple[datetime, int, str]] = []
+        self._planned: dict[str, datetime] = {}
+        self._counter = itertools.count()
+        self._stopping = threading.Event()
+        self._reload_requested = threading.Event()
+        self._lock = threading.Lock()  # guards _jobs/_planned for readers in other threads
+        self.heartbeat = clock.monotonic()
+
+    # -- control from other threads -------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._clock.wake()
+
+    def request_reload(self) -> None:
+        self._reload_requested.set()
+        self._clock.wake()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def jobs(self) -> dict[str, Job]:
+        with self._lock:
+            return dict(self._jobs)
+
+    def planned(self) -> dict[str, datetime]:
+        """Each enabled job's next planned slot."""
+        with self._lock:
+            return dict(self._planned)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self.start(self._clock.now())
+        while not self._stopping.is_set():
+            self.heartbeat = self._clock.monotonic()
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._do_reload()
+            now = self._clock.now()
+            self.fire_due(now)
+            self._clock.wait(self.seconds_until_next(self._clock.now()))
+        self._log.info("scheduler stopped planning")
+
+    def start(self, now: datetime) -> None:
+        """Plan every enabled job from `now` (first start: nothing fires at once)."""
+        for job in self._jobs.values():
+            self._plan_first(job, now)
+
+    def seconds_until_next(self, now: datetime) -> float:
+        """How long the loop may sleep: until the earliest slot, at most a tick."""
+        self._drop_stale()
+        if not self._heap:
+            return self._tick
+        return max(0.0, min(self._tick, (self._heap[0][0] - now).total_seconds()))
+
+    def fire_due(self, now: datetime) -> None:
+        """Hand every slot due at `now` to the firer, and plan each job's next slot."""
+        while self._heap and self._heap[0][0] <= now:
+            slot, _, name = heapq.heappop(self._heap)
+            job = self._jobs.get(name)
+            if job is None or self._planned.get(name) != slot:
+                continue  # removed or replanned by a reload
+            self._handle(job, slot, now)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _plan_first(self, job: Job, now: datetime) -> None:
+        if not job.enabled:
+            return
+        if job.run_on_start:
+            # A slot of its own, at the start instant, so its Idempotency-Key is unique.
+            start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
+            self._log.info("run on start", job=job.name, slot=_iso(start_slot))
+            self._fire(job, start_slot, job.schedule.next_after(now))
+        self._plan(job, job.schedule.next_after(now))
+
+    def _plan(self, job: Job, slot: datetime | None) -> None:
+        with self._lock:
+            if slot is None:
+                self._planned.pop(job.name, None)
+                self._log.info("no more slots", job=job.name)
+                return
+            self._planned[job.name] = slot
+        heapq.heappush(self._heap, (slot, next(self._counter), job.name))
+
+    def _handle(self, job: Job, first_due: datetime, now: datetime) -> None:
+        decision = decide(job, first_due, now)
+        if self._store.job_state(job.name).paused:
+            self._log.debug("paused; slot passes", job=job.name, slot=_iso(first_due))
+        else:
+            if decision.missed:
+                self._record_missed(job, decision, now)
+            for slot in decision.fire:
+                lateness = (now - slot).total_seconds()
+                if lateness > LATE_WARNING_SECONDS:
+                    self._log.warning(
+                        "late fire", job=job.name, slot=_iso(slot), late_seconds=round(lateness, 3)
+                    )
+                self._fire(job, slot, decision.next_slot)
+        self._plan(job, decision.next_slot)
+
+    def _fire(self, job: Job, slot: datetime, next_slot: datetime | None) -> None:
+        self._store.mark_started(job.name, slot)
+        self._firer.submit(job, slot, deadline=next_slot)
+
+    def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
+        missed = decision.missed
+        count = len(missed)
+        self._store.record_run(
+            RunRecord(
+                job=job.name,
+                slot=missed[-1],
+                key=f"{job.name}@missed",
+                attempt=0,
+                started=now,
+                outcome="missed",
+                count=count,
+                error=(
+                    f"{'at least ' if decision.missed_more else ''}{count} slot(s) from "
+                    f"{_iso(missed[0])} to {_iso(missed[-1])} not fired (catchup={job.catchup}, "
+                    f"misfire_grace={job.misfire_grace:g}s)"
+                ),
+            )
+        )
+        self._log.warning(
+            "missed slots",
+            job=job.name,
+            slot=_iso(missed[-1]),
+            count=count,
+            at_least=decision.missed_more,
+            first=_iso(missed[0]),
+            catchup=job.catchup,
+        )
+
+    def _drop_stale(self) -> None:
+        while self._heap:
+            slot, _, name = self._heap[0]
+            if name in self._jobs and self._planned.get(name) == slot:
+                return
+            heapq.heappop(self._heap)
+
+    def _do_reload(self) -> None:
+        if self._reload is None:
+            return
+        try:
+            jobs = self._reload()
+        except ValueError as error:
+            self._log.error("reload rejected; keeping the current job table", error=str(error))
+            return
+        now = self._clock.now()
+        new = {job.name: job for job in jobs}
+        with self._lock:
+            old, self._jobs = self._jobs, new
+            for name in set(self._planned) - set(new):
+                del self._planned[name]
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(name for name in set(new) & set(old) if new[name] != old[name])
+        for name in added + changed:
+            with self._lock:
+                self._planned.pop(name, None)
+            job = new[name]
+            if job.enabled:
+                self._plan(job, job.schedule.next_after(now))
+        self._log.info(
+            "job table reloaded", added=added, removed=removed, changed=changed, jobs=len(new)
+        )
+
+
+def _iso(instant: datetime) -> str:
+    return format_slot(instant)
+
+
+def format_slot(instant: datetime) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-11-22T03:00:00.000Z (the X-Scheduled-For form)."""
+    utc = instant.astimezone(UTC)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"

@@ -1,0 +1,628 @@
+"""Settings and the job table: built-in default table, TOML jobs file, environment overrides.
+
+Everything the daemon reads from its environment is read here, once, and validated; every
+problem becomes one ConfigError whose message names the variable or field and quotes the value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schedule_grammar import Interval, Schedule, ScheduleError, parse, seconds_to_schedule
+from schedule_grammar._zones import lookup_zone
+
+
+class ConfigError(ValueError):
+    """A setting, variable or job field that cannot be used. The CLI exits 2 on it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Durations: "30s", "5m", "1.5h", "250ms", or a bare number of seconds.
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*", re.IGNORECASE)
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a duration: a number of seconds or text such as '30s', '5m', '250ms'."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
+        seconds = float(match[1]) * _DURATION_UNITS[(match[2] or "s").lower()]
+    else:
+        raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '5m', '2h' or seconds")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration for people: 120 -> '2m', 90 -> '90s', 0.25 -> '250ms'."""
+    if seconds != int(seconds):
+        return f"{round(seconds * 1000)}ms"
+    whole = int(seconds)
+    for suffix, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if whole and whole % size == 0:
+            return f"{whole // size}{suffix}"
+    return f"{whole}s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+class Settings(BaseSettings):
+    """Process-wide settings, one per environment variable (DESIGN.md section 3)."""
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True)
+
+    api_url: str = Field("http://localhost:8000", alias="API_URL")
+    api_token: SecretStr | None = Field(None, alias="SCHEDULER_API_TOKEN")
+    api_token_file: Path | None = Field(None, alias="SCHEDULER_API_TOKEN_FILE")
+    local_dev_mode: bool = Field(False, alias="LOCAL_DEV_MODE")
+    timezone: str = Field("UTC", alias="SCHEDULER_TIMEZONE")
+    jobs_file: Path | None = Field(None, alias="SCHEDULER_JOBS_FILE")
+    max_concurrency: int = Field(8, ge=1, le=512, alias="SCHEDULER_MAX_CONCURRENCY")
+    tick_seconds: float = Field(30.0, gt=0, le=3600, alias="SCHEDULER_TICK_SECONDS")
+    state_url: str = Field("sqlite:///./.cronclock/state.db", alias="SCHEDULER_STATE_URL")
+    admin_bind: str = Field("127.0.0.1:8089", alias="SCHEDULER_ADMIN_BIND")
+    admin_token: SecretStr | None = Field(None, alias="SCHEDULER_ADMIN_TOKEN")
+    log_format: Literal["json", "console", "auto"] = Field("auto", alias="SCHEDULER_LOG_FORMAT")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", alias="SCHEDULER_LOG_LEVEL"
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, le=86400, alias="SCHEDULER_SHUTDOWN_GRACE_SECONDS"
+    )
+    history_max_runs: int = Field(1000, ge=1, alias="SCHEDULER_HISTORY_MAX_RUNS")
+    history_max_age: Duration = Field(30 * 86400.0, gt=0, alias="SCHEDULER_HISTORY_MAX_AGE")
+    namespace: str = Field("cronclock", min_length=1, alias="SCHEDULER_NAMESPACE")
+    redis_password: SecretStr | None = Field(None, alias="SCHEDULER_REDIS_PASSWORD")
+    lease_ttl_seconds: float = Field(15.0, ge=1, le=3600, alias="SCHEDULER_LEASE_TTL_SECONDS")
+    posthog_api_key: SecretStr | None = Field(None, alias="POSTHOG_API_KEY")
+    posthog_host: str = Field("https://us.i.posthog.com", alias="POSTHOG_HOST")
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        try:
+            return lookup_zone(value)[0]
+        except ScheduleError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("api_url", "posthog_host")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        return check_http_url(value)
+
+    @field_validator("admin_bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        if value.lower() == "off":
+            return "off"
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("expected HOST:PORT such as 127.0.0.1:8089, or 'off'")
+        return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _state_url(cls, value: str) -> str:
+        scheme = value.partition("://")[0].lower()
+        if scheme not in ("sqlite", "memory", "redis", "rediss") or "://" not in value:
+            raise ValueError("expected sqlite:///path/state.db, memory:// or redis://host:port/db")
+        return value
+
+
+def check_http_url(value: str) -> str:
+    """An http(s) URL with a host, without query or fragment; trailing slash removed."""
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, TypeError):
+        raise ValueError("not a URL; expected e.g. http://app:8000") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("expected an http:// or https:// URL with a host, e.g. http://app:8000")
+    if url.query or url.fragment:
+        raise ValueError("must not have a query or fragment")
+    return value.rstrip("/")
+
+
+SETTING_NAMES: dict[str, str] = {
+    info.alias: name for name, info in Settings.model_fields.items() if info.alias
+}
+_SECRET_SETTINGS = {
+    alias
+    for alias, name in SETTING_NAMES.items()
+    if Settings.model_fields[name].annotation == SecretStr | None
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Jobs
+
+JOB_FIELDS = (
+    "schedule",
+    "endpoint",
+    "method",
+    "timeout",
+    "timezone",
+    "headers",
+    "body",
+    "enabled",
+    "overlap",
+    "retries",
+    "catchup",
+    "misfire_grace",
+    "spread",
+    "run_on_start",
+)
+# Headers cronclock sets on every call; a job may not set them itself.
+RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "user-agent",
+        "idempotency-key",
+        "x-scheduler-job",
+        "x-scheduled-for",
+        "x-scheduler-attempt",
+        "x-scheduler-fencing-token",
+    }
+)
+_JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
+
+
+class JobSpec(BaseModel):
+    """One job as configured, before its schedule is parsed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schedule: str
+    endpoint: str
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    timeout: Duration = Field(30.0, gt=0, le=86400)
+    timezone: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    body: Any = None
+    enabled: bool = True
+    overlap: Literal["skip", "queue", "allow"] = "skip"
+    retries: int = Field(0, ge=0, le=20)
+    catchup: Literal["latest", "none", "all"] = "latest"
+    misfire_grace: Duration = Field(300.0, ge=0)
+    spread: bool = False
+    run_on_start: bool = False
+
+    @field_validator("method", "overlap", "catchup", mode="before")
+    @classmethod
+    def _case(cls, value: object, info: Any) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if info.field_name == "method" else value.lower()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        if not value.startswith("/") or value.startswith("//") or any(c.isspace() for c in value):
+            raise ValueError(
+                "must be a path under API_URL starting with '/', e.g. '/api/sync/trigger'"
+            )
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(name for name in value if name.lower() in RESERVED_HEADERS)
+        if reserved:
+            raise ValueError(f"cronclock sets {', '.join(reserved)} itself; remove it")
+        return value
+
+    @field_validator("body")
+    @classmethod
+    def _json_body(cls, value: Any) -> Any:
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ValueError("must be JSON-serialisable (a TOML table, array or value)") from None
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Job:
+    """A validated job: its effective schedule and how to call its endpoint."""
+
+    name: str
+    schedule: Schedule
+    endpoint: str
+    method: str = "POST"
+    timeout: float = 30.0
+    headers: tuple[tuple[str, str], ...] = ()
+    body: Any = field(default=None, compare=False)
+    enabled: bool = True
+    overlap: Literal["skip", "queue", "allow"] = "skip"
+    retries: int = 0
+    catchup: Literal["latest", "none", "all"] = "latest"
+    misfire_grace: float = 300.0
+    spread: bool = False
+    run_on_start: bool = False
+    source: str = "built-in"  # where the job's definition came from, for `check`
+
+
+@dataclass(frozen=True, slots=True)
+class DefaultJob:
+    name: str
+    endpoint: str
+    method: str
+    timeout: str
+    cadence_variable: str | None
+    default_seconds: int | None = None
+    schedule: str | None = None
+    spread: bool = False
+
+
+# The main application's jobs and their legacy cadence variables (DESIGN.md section 3).
+DEFAULT_JOBS = (
+    DefaultJob("data-refresh", "/api/sync/trigger", "POST", "120s",
+               "SCHEDULER_DATA_REFRESH_INTERVAL", 900),
+    DefaultJob("health-check", "/api/health", "GET", "30s",
+               "SCHEDULER_HEALTH_CHECK_INTERVAL", 300),
+    DefaultJob("script-runner", "/api/scripts/run-due", "POST", "600s",
+               "SCHEDULER_SCRIPT_RUN_INTERVAL", 60),
+    DefaultJob("marketplaces", "/api/marketplaces/sync-all", "POST", "900s",
+               None, schedule="daily 03:00"),
+    DefaultJob("session-collector", "/api/admin/run-session-collector", "POST", "300s",
+               "SCHEDULER_SESSION_COLLECTOR_INTERVAL", 600, spread=True),
+    DefaultJob("session-processor:verification",
+               "/api/admin/run-session-processor?processor=verification", "POST", "900s",
+               "SCHEDULER_VERIFICATION_DETECTOR_INTERVAL", 900, spread=True),
+    DefaultJob("session-processor:usage",
+               "/api/admin/run-session-processor?processor=usage", "POST", "300s",
+               "SCHEDULER_USAGE_PROCESSOR_INTERVAL", 600, spread=True),
+    DefaultJob("corporate-memory", "/api/admin/run-corporate-memory", "POST", "900s",
+               "SCHEDULER_CORPORATE_MEMORY_INTERVAL", 1020, spread=True),
+)  # fmt: skip
+CADENCE_VARIABLES = frozenset(j.cadence_variable for j in DEFAULT_JOBS if j.cadence_variable)
+JOB_OVERRIDE_PREFIX = "SCHEDULER_JOBS__"
+KNOWN_VARIABLES = frozenset(SETTING_NAMES) | CADENCE_VARIABLES
+
+
+def env_key(job_name: str) -> str:
+    """The KEY of SCHEDULER_JOBS__<KEY>__<FIELD>: upper case, non-alphanumerics as '_'."""
+    return re.sub(r"[^A-Za-z0-9]", "_", job_name).upper()
+
+
+def spread_offset(job_name: str, period_seconds: int) -> int:
+    """A stable offset in [0, period) derived from the job name (same on every replica)."""
+    digest = hashlib.sha256(job_name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % period_seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    settings: Settings
+    jobs: tuple[Job, ...]
+    api_token: SecretStr | None
+
+    def job(self, name: str) -> Job:
+        for job in self.jobs:
+            if job.name == name:
+                return job
+        raise ConfigError(f"no job named {name!r}{_suggest(name, [j.name for j in self.jobs])}")
+
+
+def _suggest(word: str, candidates: list[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _shown(variable: str, value: object) -> str:
+    return "'**********'" if variable in _SECRET_SETTINGS else repr(value)
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Validate the process settings from an environment mapping."""
+    for variable in sorted(environ):
+        if not variable.startswith("SCHEDULER_") or variable in KNOWN_VARIABLES:
+            continue
+        if variable.startswith(JOB_OVERRIDE_PREFIX):
+            continue  # checked with the job table
+        raise ConfigError(
+            f"unknown variable {variable}={_shown(variable, environ[variable])}"
+            f"{_suggest(variable, KNOWN_VARIABLES)}"
+        )
+    values = {alias: environ[alias] for alias in SETTING_NAMES if alias in environ}
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        alias = str(first["loc"][0])
+        raise ConfigError(
+            f"{alias}={_shown(alias, values.get(alias))}: {_message(first)}"
+        ) from None
+
+
+def _message(detail: Mapping[str, Any]) -> str:
+    message = str(detail["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def load_config(environ: Mapping[str, str]) -> Config:
+    """Settings, API token and the job table from an environment (os.environ in production)."""
+    settings = load_settings(environ)
+    token = _api_token(settings)
+    jobs = load_jobs(settings, environ)
+    return Config(settings=settings, jobs=jobs, api_token=token)
+
+
+def require_auth(config: Config) -> None:
+    """Refuse to run without a token unless LOCAL_DEV_MODE is true."""
+    if config.api_token is None and not config.settings.local_dev_mode:
+        raise ConfigError(
+            "no API token: set SCHEDULER_API_TOKEN (or SCHEDULER_API_TOKEN_FILE, e.g. a Docker "
+            "secret) to the bearer token the application expects; for local development "
+            "without auth set LOCAL_DEV_MODE=true"
+        )
+
+
+def _api_token(settings: Settings) -> SecretStr | None:
+    if settings.api_token is not None and settings.api_token_file is not None:
+        raise ConfigError(
+            "both SCHEDULER_API_TOKEN and SCHEDULER_API_TOKEN_FILE are set; set only one"
+        )
+    if settings.api_token is not None:
+        if not settings.api_token.get_secret_value().strip():
+            raise ConfigError("SCHEDULER_API_TOKEN is empty; set the token or unset it")
+        return SecretStr(settings.api_token.get_secret_value().strip())
+    if settings.api_token_file is None:
+        return None
+    path = settings.api_token_file
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as error:
+        raise ConfigError(
+            f"SCHEDULER_API_TOKEN_FILE={str(path)!r}: cannot read it ({error.strerror})"
+        ) from None
+    if not text:
+        raise ConfigError(f"SCHEDULER_API_TOKEN_FILE={str(path)!r}: the file is empty")
+    return SecretStr(text)
+
+
+def _cadence(job: DefaultJob, environ: Mapping[str, str]) -> str:
+    if job.cadence_variable is None:
+        assert job.schedule is not None
+        return job.schedule
+    raw = environ.get(job.cadence_variable)
+    if raw is None:
+        assert job.default_seconds is not None
+        return seconds_to_schedule(job.default_seconds)
+    problem = f"{job.cadence_variable}={raw!r}"
+    if not raw.strip():
+        raise ConfigError(f"{problem}: empty; set a whole number of seconds above 0, or unset it")
+    try:
+        seconds = int(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{problem}: not a whole number of seconds (e.g. 900)") from None
+    if seconds <= 0:
+        raise ConfigError(f"{problem}: must be above 0 seconds")
+    return seconds_to_schedule(seconds)
+
+
+def _read_jobs_file(path: Path) -> dict[str, Any]:
+    where = f"SCHEDULER_JOBS_FILE={str(path)!r}"
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file") from None
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{where}: not valid TOML: {error}") from None
+    unknown = sorted(set(data) - {"defaults", "jobs", "include_builtin"})
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown top-level key {unknown[0]!r}; expected [defaults], [jobs.<name>] "
+            "or include_builtin"
+        )
+    for table in ("defaults", "jobs"):
+        if not isinstance(data.get(table, {}), dict):
+            raise ConfigError(f"{where}: {table!r} must be a table, as in [{table}]")
+    if not isinstance(data.get("include_builtin", True), bool):
+        raise ConfigError(f"{where}: include_builtin must be true or false")
+    return data
+
+
+_ENV_JSON_FIELDS = {"headers", "body"}
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
+    """KEY -> field -> (variable, value) from SCHEDULER_JOBS__<KEY>__<FIELD>."""
+    found: dict[str, dict[str, tuple[str, Any]]] = {}
+    for variable in sorted(environ):
+        if not variable.startswith(JOB_OVERRIDE_PREFIX):
+            continue
+        key, sep, field_name = variable.removeprefix(JOB_OVERRIDE_PREFIX).rpartition("__")
+        name = field_name.lower()
+        if not sep or not key:
+            raise ConfigError(
+                f"{variable}: expected SCHEDULER_JOBS__<JOB>__<FIELD>, e.g. "
+                "SCHEDULER_JOBS__DATA_REFRESH__SCHEDULE"
+            )
+        if name not in JOB_FIELDS:
+            raise ConfigError(
+                f"{variable}: unknown job field {name!r}{_suggest(name, list(JOB_FIELDS))}; "
+                f"fields are {', '.join(JOB_FIELDS)}"
+            )
+        value: Any = environ[variable]
+        if name in _ENV_JSON_FIELDS:
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{variable}={value!r}: not valid JSON") from None
+        found.setdefault(key, {})[name] = (variable, value)
+    return found
+
+
+def load_jobs(settings: Settings, environ: Mapping[str, str]) -> tuple[Job, ...]:
+    """The job table, merged field by field: env override > jobs file > built-in default."""
+    # name -> field -> (source, value)
+    layers: dict[str, dict[str, tuple[str, Any]]] = {}
+    data: dict[str, Any] = {}
+    if settings.jobs_file is not None:
+        data = _read_jobs_file(settings.jobs_file)
+    file_label = f"jobs file {str(settings.jobs_file)!r}"
+    # Cadence variables are validated even when a file replaces the built-in table: a bad
+    # value is a mistake the operator wants to hear about.
+    cadences = {job.name: _cadence(job, environ) for job in DEFAULT_JOBS}
+    if data.get("include_builtin", True):
+        for job in DEFAULT_JOBS:
+            source = job.cadence_variable or "built-in"
+            fields: dict[str, tuple[str, Any]] = {
+                "schedule": (source, cadences[job.name]),
+                "endpoint": ("built-in", job.endpoint),
+                "method": ("built-in", job.method),
+                "timeout": ("built-in", job.timeout),
+            }
+            if job.spread:
+                fields["spread"] = ("built-in", True)
+            layers[job.name] = fields
+
+    defaults = data.get("defaults", {})
+    for name, table in data.get("jobs", {}).items():
+        if not _JOB_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{file_label}: job name {name!r}: use letters, digits and . _ : @ -, "
+                "starting with a letter or digit (at most 100)"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{file_label}: [jobs.{name}] must be a table")
+        layer = layers.setdefault(name, {})
+        for key, value in table.items():
+            layer[key] = (file_label, value)
+
+    by_key: dict[str, str] = {}
+    for name in layers:
+        other = by_key.setdefault(env_key(name), name)
+        if other != name:
+            raise ConfigError(
+                f"jobs {other!r} and {name!r} both map to SCHEDULER_JOBS__{env_key(name)}__*; "
+                "rename one so environment overrides are unambiguous"
+            )
+
+    for key, overrides in _env_overrides(environ).items():
+        name = by_key.get(key)
+        if name is None:
+            if not {"schedule", "endpoint"} <= overrides.keys():
+                variable = next(iter(overrides.values()))[0]
+                raise ConfigError(
+                    f"{variable}: no job with key {key!r}"
+                    f"{_suggest(key, list(by_key))}; a new job from the environment needs "
+                    f"both SCHEDULER_JOBS__{key}__SCHEDULE and SCHEDULER_JOBS__{key}__ENDPOINT"
+                )
+            name = key.lower().replace("_", "-")
+            by_key[key] = name
+        layer = layers.setdefault(name, {})
+        for field_name, (variable, value) in overrides.items():
+            layer[field_name] = (variable, value)
+
+    return tuple(
+        _build_job(name, layer, defaults, settings, file_label) for name, layer in layers.items()
+    )
+
+
+def _build_job(
+    name: str,
+    layer: dict[str, tuple[str, Any]],
+    defaults: dict[str, Any],
+    settings: Settings,
+    file_label: str,
+) -> Job:
+    values: dict[str, Any] = {key: value for key, value in defaults.items()}
+    sources: dict[str, str] = {key: f"{file_label} [defaults]" for key in defaults}
+    for key, (source, value) in layer.items():
+        values[key] = value
+        sources[key] = source
+    try:
+        spec = JobSpec.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        loc = str(first["loc"][0]) if first["loc"] else "?"
+        source = sources.get(loc, file_label)
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(
+                f"{source}: job {name!r}: unknown field {loc!r}"
+                f"{_suggest(loc, list(JOB_FIELDS))}; fields are {', '.join(JOB_FIELDS)}"
+            ) from None
+        if first["type"] == "missing":
+            raise ConfigError(
+                f"job {name!r}: field {loc!r} is required (in {file_label} or "
+                f"SCHEDULER_JOBS__{env_key(name)}__{loc.upper()})"
+            ) from None
+        raise ConfigError(
+            f"{source}: job {name!r}: field {loc!r}={values.get(loc)!r}: {_message(first)}"
+        ) from None
+
+    zone = spec.timezone or settings.timezone
+    schedule_source = sources.get("schedule", "built-in")
+    try:
+        schedule = parse(spec.schedule, timezone=zone)
+    except ScheduleError as error:
+        where = sources.get("timezone", "") if "time zone" in str(error) else schedule_source
+        raise ConfigError(f"{where or schedule_source}: job {name!r}: {error}") from None
+    if spec.spread:
+        if not isinstance(schedule, Interval):
+            raise ConfigError(
+                f"{sources.get('spread', 'built-in')}: job {name!r}: spread needs an 'every' "
+                f"schedule (got {str(schedule)!r}); give wall-clock jobs distinct times instead"
+            )
+        shifted = (schedule.offset + spread_offset(name, schedule.seconds)) % schedule.seconds
+        schedule = Interval(seconds=schedule.seconds, offset=shifted, timezone=schedule.timezone)
+    return Job(
+        name=name,
+        schedule=schedule,
+        endpoint=spec.endpoint,
+        method=spec.method,
+        timeout=spec.timeout,
+        headers=tuple(spec.headers.items()),
+        body=spec.body,
+        enabled=spec.enabled,
+        overlap=spec.overlap,
+        retries=spec.retries,
+        catchup=spec.catchup,
+        misfire_grace=spec.misfire_grace,
+        spread=spec.spread,
+        run_on_start=spec.run_on_start,
+        source=schedule_source,
+    )

@@ -1,0 +1,374 @@
+"""Firing: a thread pool, in-flight dedup and overlap policy, retries, and the httpx call."""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import httpx
+from pydantic import SecretStr
+from structlog.typing import FilteringBoundLogger
+
+from . import __version__
+from .clock import Clock, format_slot
+from .config import Job
+from .state import Outcome, RunRecord, StateStore
+from .telemetry import ErrorReporter, JobFailed
+
+OutcomeClass = Literal["success", "busy", "transient", "permanent"]
+
+BACKOFF_BASE_SECONDS = 1.0
+BACKOFF_CAP_SECONDS = 60.0
+RETRY_AFTER_CAP_SECONDS = 3600.0
+CONNECT_RETRY_DELAY_SECONDS = 0.2
+_TRANSIENT_STATUSES = frozenset({408, 425, 429})
+
+
+def classify(status: int) -> OutcomeClass:
+    """DESIGN.md section 4: 2xx/3xx success, 409 busy, 408/425/429/5xx transient, else permanent."""
+    if 200 <= status < 400:
+        return "success"
+    if status == 409:
+        return "busy"
+    if status in _TRANSIENT_STATUSES or status >= 500:
+        return "transient"
+    return "permanent"
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date); None if absent."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return min(float(text), RETRY_AFTER_CAP_SECONDS)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max(0.0, (when - now).total_seconds()), RETRY_AFTER_CAP_SECONDS)
+
+
+def idempotency_key(job: str, slot: datetime) -> str:
+    """`<job>@<slot epoch ms>`: the same on every retry and on every replica."""
+    return f"{job}@{round(slot.timestamp() * 1000)}"
+
+
+def manual_key(job: str) -> str:
+    """`<job>@manual-<uuid4>`: a manual trigger is its own slot."""
+    return f"{job}@manual-{uuid.uuid4()}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CallResult:
+    """The final outcome of one slot (after retries)."""
+
+    job: str
+    slot: datetime
+    key: str
+    outcome: Outcome
+    attempts: int
+    status: int | None
+    error: str | None
+    duration: float
+
+
+class Dispatcher:
+    """Runs calls on a pool of `max_concurrency` threads; never the same job twice at once
+    unless its overlap policy is `allow`."""
+
+    def __init__(
+        self,
+        *,
+        api_url: str,
+        token: SecretStr | None,
+        store: StateStore,
+        clock: Clock,
+        log: FilteringBoundLogger,
+        reporter: ErrorReporter,
+        max_concurrency: int,
+        client: httpx.Client | None = None,
+        sleep: Callable[[float], bool] | None = None,
+        rng: random.Random | None = None,
+        fencing_token: Callable[[], int | None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._log = log
+        self._reporter = reporter
+        self._token = token
+        self._fencing_token = fencing_token
+        self._rng = rng or random.Random()
+        self._stopping = threading.Event()
+        self._sleep = sleep or self._stopping.wait
+        limits = httpx.Limits(
+            max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+        )
+        self._client = client or httpx.Client(limits=limits)
+        self._base = httpx.URL(api_url.rstrip("/"))
+        self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._pending: dict[str, tuple[Job, datetime, datetime | None]] = {}
+        self._futures: set[Future[CallResult]] = set()
+
+    # -- submission -----------------------------------------------------------------------
+
+    def submit(self, job: Job, slot: datetime, *, deadline: datetime | None) -> None:
+        """Fire `slot` of `job` on the pool, subject to the job's overlap policy."""
+        key = idempotency_key(job.name, slot)
+        with self._lock:
+            busy = self._in_flight.get(job.name, 0) > 0
+            if busy and job.overlap == "skip":
+                self._skipped(job, slot, key, "a previous run is still in flight")
+                return
+            if busy and job.overlap == "queue":
+                displaced = self._pending.get(job.name)
+                self._pending[job.name] = (job, slot, deadline)
+                if displaced is not None:
+                    old_key = idempotency_key(job.name, displaced[1])
+                    self._skipped(job, displaced[1], old_key, "replaced by a newer queued slot")
+                self._log.info(
+                    "queued behind the run in flight", job=job.name, slot=format_slot(slot)
+                )
+                return
+            self._start(job, slot, key, deadline)
+
+    def trigger(self, job: Job) -> tuple[str, Future[CallResult]] | None:
+        """Fire `job` now with a manual key; None when it is in flight and overlap is not allow."""
+        slot = self._clock.now()
+        key = manual_key(job.name)
+        with self._lock:
+            if self._in_flight.get(job.name, 0) > 0 and job.overlap != "allow":
+                return None
+            return key, self._start(job, slot, key, None)
+
+    def _start(
+        self, job: Job, slot: datetime, key: str, deadline: datetime | None
+    ) -> Future[CallResult]:
+        # Called with self._lock held.
+        self._in_flight[job.name] = self._in_flight.get(job.name, 0) + 1
+        future = self._pool.submit(self._run, job, slot, key, deadline)
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+        return future
+
+    def _run(self, job: Job, slot: datetime, key: str, deadline: datetime | None) -> CallResult:
+        try:
+            return self.call(job, slot, key=key, deadline=deadline)
+        except Exception as error:  # a bug must not kill the pool thread silently
+            self._log.exception("dispatch crashed", job=job.name, slot=format_slot(slot))
+            self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
+            raise
+        finally:
+            with self._lock:
+                self._in_flight[job.name] -= 1
+                if not self._in_flight[job.name]:
+                    del self._in_flight[job.name]
+                    queued = self._pending.pop(job.name, None)
+                    if queued is not None and not self._stopping.is_set():
+                        q_job, q_slot, q_deadline = queued
+                        self._start(q_job, q_slot, idempotency_key(q_job.name, q_slot), q_deadline)
+
+    def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
+        self._store.record_run(
+            RunRecord(
+                job=job.name,
+                slot=slot,
+                key=key,
+                attempt=0,
+                started=self._clock.now(),
+                outcome="skipped_overlap",
+                error=reason,
+            )
+        )
+        self._log.warning("skipped: overlap", job=job.name, slot=format_slot(slot), reason=reason)
+
+    # -- state for readers ----------------------------------------------------------------
+
+    def in_flight(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._in_flight)
+
+    # -- the call -------------------------------------------------------------------------
+
+    def headers(self, job: Job, slot: datetime, key: str, attempt: int) -> dict[str, str]:
+        headers = dict(job.headers)
+        headers.update(
+            {
+                "User-Agent": f"cronclock/{__version__}",
+                "X-Scheduler-Job": job.name,
+                "X-Scheduled-For": format_slot(slot),
+                "Idempotency-Key": key,
+                "X-Scheduler-Attempt": str(attempt),
+            }
+        )
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token.get_secret_value()}"
+        fencing = self._fencing_token()
+        if fencing is not None:
+            headers["X-Scheduler-Fencing-Token"] = str(fencing)
+        return headers
+
+    def url(self, job: Job) -> httpx.URL:
+        return httpx.URL(str(self._base) + job.endpoint)
+
+    def call(self, job: Job, slot: datetime, *, key: str, deadline: datetime | None) -> CallResult:
+        """Call the job's endpoint for `slot`, retrying transient failures; record every attempt."""
+        fields = {"job": job.name, "slot": format_slot(slot)}
+        attempt, retries_left, connect_retry_used = 0, job.retries, False
+        begun = self._clock.monotonic()
+        while True:
+            attempt += 1
+            started = self._clock.now()
+            t0 = self._clock.monotonic()
+            status: int | None = None
+            retry_after: float | None = None
+            unsent = False
+            try:
+                response = self._client.request(
+                    job.method,
+                    self.url(job),
+                    headers=self.headers(job, slot, key, attempt),
+                    json=job.body if job.body is not None else None,
+                    timeout=job.timeout,
+                    follow_redirects=False,
+                )
+                status = response.status_code
+                kind = classify(status)
+                error = None if kind == "success" else f"HTTP {status}"
+                if kind == "transient":
+                    retry_after = parse_retry_after(
+                        response.headers.get("Retry-After"), self._clock.now()
+                    )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as failure:
+                kind, unsent = "transient", True
+                error = f"connection failed: {failure or type(failure).__name__}"
+            except httpx.TimeoutException:
+                kind, error = "transient", f"timed out after {job.timeout:g}s"
+            except httpx.HTTPError as failure:
+                kind, error = "transient", f"{type(failure).__name__}: {failure}"
+            duration = self._clock.monotonic() - t0
+
+            outcome: Outcome = {"success": "success", "busy": "busy"}.get(kind, "failed")  # type: ignore[assignment]
+            self._store.record_run(
+                RunRecord(
+                    job=job.name,
+                    slot=slot,
+                    key=key,
+                    attempt=attempt,
+                    started=started,
+                    outcome=outcome,
+                    duration=duration,
+                    status=status,
+                    error=error,
+                )
+            )
+            log_fields: dict[str, Any] = {
+                **fields,
+                "attempt": attempt,
+                "status": status,
+                "duration_ms": round(duration * 1000, 1),
+            }
+            if kind in ("success", "busy"):
+                self._log.info("fired" if kind == "success" else "busy (409)", **log_fields)
+                return self._result(job, slot, key, outcome, attempt, status, None, begun)
+
+            delay: float | None = None
+            if kind == "transient" and unsent and not connect_retry_used:
+                connect_retry_used, delay = True, CONNECT_RETRY_DELAY_SECONDS
+            elif kind == "transient" and retries_left > 0:
+                retries_left -= 1
+                delay = self._backoff(attempt)
+                if retry_after is not None:
+                    delay = max(delay, retry_after)
+            reason = None
+            if (
+                delay is not None
+                and deadline is not None
+                and self._clock.now() + timedelta(seconds=delay) >= deadline
+            ):
+                reason = f"not retried: the next slot ({format_slot(deadline)}) comes first"
+                delay = None
+            if delay is None:
+                final = error if reason is None else f"{error}; {reason}"
+                self._log.error("failed", **log_fields, error=final, endpoint=job.endpoint)
+                self._reporter.report(
+                    JobFailed(f"{job.name}: {final}"),
+                    {
+                        "job": job.name,
+                        "endpoint": job.endpoint,
+                        "status": status,
+                        "attempt": attempt,
+                        "slot": fields["slot"],
+                    },
+                )
+                return self._result(job, slot, key, "failed", attempt, status, final, begun)
+            self._log.warning("retrying", **log_fields, error=error, retry_in=round(delay, 3))
+            if self._sleep(delay):
+                final = f"{error}; not retried: shutting down"
+                self._log.error("failed", **log_fields, error=final)
+                return self._result(job, slot, key, "failed", attempt, status, final, begun)
+
+    def _backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: 1s, 2s, 4s ... capped at 60s, each times 0.5-1."""
+        ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+        return ceiling * self._rng.uniform(0.5, 1.0)
+
+    def _result(
+        self,
+        job: Job,
+        slot: datetime,
+        key: str,
+        outcome: Outcome,
+        attempts: int,
+        status: int | None,
+        error: str | None,
+        begun: float,
+    ) -> CallResult:
+        return CallResult(
+            job=job.name,
+            slot=slot,
+            key=key,
+            outcome=outcome,
+            attempts=attempts,
+            status=status,
+            error=error,
+            duration=self._clock.monotonic() - begun,
+        )
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def shutdown(self, grace_seconds: float) -> list[str]:
+        """Stop retrying, wait up to `grace_seconds` for calls in flight; names left running."""
+        self._stopping.set()
+        with self._lock:
+            self._pending.clear()
+            futures = list(self._futures)
+            running = sorted(self._in_flight)
+        if running:
+            self._log.info("waiting for jobs to finish", jobs=running, grace_seconds=grace_seconds)
+        deadline = self._clock.monotonic() + grace_seconds
+        for future in futures:
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                future.result(timeout=remaining)
+            except Exception:  # outcome already recorded and logged by the call
+                continue
+        left = sorted(self.in_flight())
+        if left:
+            self._log.warning("abandoning calls still in flight after the grace period", jobs=left)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+        return left

@@ -1,0 +1,196 @@
+"""The loop in virtual time: precise wake-ups, catch-up, overlap hand-off, reload."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import structlog
+
+from schedule_grammar import parse
+from services.scheduler.clock import CATCHUP_ALL_CAP, Scheduler, decide, format_slot
+from services.scheduler.config import Job
+from services.scheduler.state import MemoryStateStore
+from tests.support import RecordingFirer, VirtualClock
+
+T0 = datetime(2026, 11, 22, 10, 0, 7, 250_000, tzinfo=UTC)
+
+
+def job(name: str = "j", schedule: str = "every 15m", **fields: object) -> Job:
+    return Job(name=name, schedule=parse(schedule), endpoint="/x", **fields)  # type: ignore[arg-type]
+
+
+def make(*jobs: Job, tick: float = 30.0, start: datetime = T0, reload=None):  # type: ignore[no-untyped-def]
+    clock = VirtualClock(start)
+    firer = RecordingFirer()
+    store = MemoryStateStore()
+    scheduler = Scheduler(
+        jobs=jobs,
+        firer=firer,
+        store=store,
+        clock=clock,
+        log=structlog.get_logger(),
+        tick_seconds=tick,
+        reload=reload,
+    )
+    scheduler.start(clock.now())
+    return scheduler, clock, firer, store
+
+
+def run_for(scheduler: Scheduler, clock: VirtualClock, seconds: float) -> None:
+    """Drive the loop exactly as run() does, in virtual time."""
+    end = clock.monotonic() + seconds
+    while clock.monotonic() < end:
+        scheduler.fire_due(clock.now())
+        clock.wait(min(scheduler.seconds_until_next(clock.now()), end - clock.monotonic()))
+    scheduler.fire_due(clock.now())
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+class TestPrecision:
+    def test_it_sleeps_exactly_until_the_earliest_slot(self) -> None:
+        scheduler, clock, _, _ = make(job(schedule="every 15s"), tick=30)
+        assert scheduler.seconds_until_next(clock.now()) == pytest.approx(7.75)
+
+    def test_it_wakes_at_least_every_tick_for_housekeeping(self) -> None:
+        scheduler, clock, _, _ = make(job(schedule="daily 03:00"), tick=30)
+        assert scheduler.seconds_until_next(clock.now()) == 30
+
+    def test_each_slot_is_handed_on_at_its_nominal_time(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="every 15m"))
+        run_for(scheduler, clock, 3600)
+        assert firer.slots("j") == [utc(2026, 11, 22, 10, 15), utc(2026, 11, 22, 10, 30),
+                                    utc(2026, 11, 22, 10, 45), utc(2026, 11, 22, 11, 0)]  # fmt: skip
+        # the loop never slept past a slot: every wait ended on a slot or a tick
+        assert max(clock.waits) <= 30
+
+    def test_a_deadline_is_the_next_slot(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="every 15m"))
+        run_for(scheduler, clock, 900)
+        assert firer.fired[0][2] == utc(2026, 11, 22, 10, 30)
+
+    def test_several_jobs_interleave_in_time_order(self) -> None:
+        scheduler, clock, firer, _ = make(job("a", "every 10s"), job("b", "every 15s"))
+        run_for(scheduler, clock, 30)
+        order = [(slot.second, name) for name, slot, _ in firer.fired]
+        assert [second for second, _ in order] == [10, 15, 20, 30, 30]
+        assert sorted(order) == [(10, "a"), (15, "b"), (20, "a"), (30, "a"), (30, "b")]
+
+
+class TestFirstStart:
+    def test_nothing_fires_at_once(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="every 1h"))
+        scheduler.fire_due(clock.now())
+        assert firer.fired == []
+
+    def test_run_on_start_fires_once_at_start_then_follows_the_schedule(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="every 1h", run_on_start=True))
+        run_for(scheduler, clock, 3600)
+        assert firer.slots("j") == [T0.replace(microsecond=250_000), utc(2026, 11, 22, 11)]
+
+    def test_disabled_jobs_never_fire(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="every 1m", enabled=False))
+        run_for(scheduler, clock, 600)
+        assert firer.fired == []
+
+    def test_a_one_time_job_fires_once_and_is_then_unplanned(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="at 2026-11-22T10:05"))
+        run_for(scheduler, clock, 3600)
+        assert firer.slots("j") == [utc(2026, 11, 22, 10, 5)]
+        assert "j" not in scheduler.planned()
+
+
+class TestPausedJobs:
+    def test_a_paused_job_lets_its_slots_pass_without_firing(self) -> None:
+        scheduler, clock, firer, store = make(job(schedule="every 1m"))
+        store.set_paused("j", True)
+        run_for(scheduler, clock, 300)
+        assert firer.fired == []
+        store.set_paused("j", False)
+        run_for(scheduler, clock, 60)
+        assert len(firer.fired) == 1
+
+
+class TestCatchUp:
+    def test_latest_fires_the_latest_missed_slot_within_grace_and_records_the_rest(self) -> None:
+        j = job(schedule="every 1m", misfire_grace=300.0)
+        decision = decide(j, utc(2026, 1, 1, 10, 0), utc(2026, 1, 1, 10, 4, 30))
+        assert decision.fire == [utc(2026, 1, 1, 10, 4)]
+        assert decision.missed == [utc(2026, 1, 1, 10, m) for m in range(4)]
+        assert decision.next_slot == utc(2026, 1, 1, 10, 5)
+
+    def test_latest_fires_nothing_when_the_latest_slot_is_beyond_grace(self) -> None:
+        j = job(schedule="daily 03:00", misfire_grace=300.0)
+        decision = decide(j, utc(2026, 1, 1, 3), utc(2026, 1, 1, 9))
+        assert decision.fire == [] and decision.missed == [utc(2026, 1, 1, 3)]
+
+    def test_none_records_missed_slots_and_fires_nothing(self) -> None:
+        j = job(schedule="every 1m", catchup="none")
+        decision = decide(j, utc(2026, 1, 1, 10, 0), utc(2026, 1, 1, 10, 2, 1))
+        assert decision.fire == [] and len(decision.missed) == 3
+
+    def test_none_still_fires_an_on_time_slot(self) -> None:
+        j = job(schedule="every 1m", catchup="none")
+        assert decide(j, utc(2026, 1, 1, 10), utc(2026, 1, 1, 10, 0, 0, 3000)).fire == [
+            utc(2026, 1, 1, 10)
+        ]
+
+    def test_all_replays_in_order_capped(self) -> None:
+        j = job(schedule="every 1m", catchup="all")
+        decision = decide(j, utc(2026, 1, 1, 0, 0), utc(2026, 1, 1, 3, 0))
+        assert len(decision.fire) == CATCHUP_ALL_CAP
+        assert decision.fire == sorted(decision.fire)
+        assert decision.fire[-1] == utc(2026, 1, 1, 3, 0)
+        assert len(decision.missed) == 181 - CATCHUP_ALL_CAP
+
+    def test_a_forward_clock_jump_is_treated_as_missed_slots(self) -> None:
+        scheduler, clock, firer, store = make(job(schedule="every 1m"))
+        run_for(scheduler, clock, 60)
+        clock.set(clock.now() + timedelta(minutes=10))
+        run_for(scheduler, clock, 1)
+        assert firer.slots("j")[-1] == utc(2026, 11, 22, 10, 11)
+        missed = [r for r in store.runs("j") if r.outcome == "missed"]
+        assert missed[0].count == 9
+
+    def test_a_backward_clock_step_never_refires_a_slot(self) -> None:
+        scheduler, clock, firer, _ = make(job(schedule="every 1m"))
+        run_for(scheduler, clock, 180)
+        clock.set(clock.now() - timedelta(minutes=5))
+        run_for(scheduler, clock, 600)
+        slots = firer.slots("j")
+        assert len(slots) == len(set(slots))
+        assert slots == sorted(slots)
+
+
+class TestReload:
+    def test_added_removed_and_changed_jobs_take_effect(self) -> None:
+        table = [job("a", "every 1m"), job("b", "every 1m")]
+        scheduler, clock, firer, _ = make(*table, reload=lambda: tuple(table))
+        run_for(scheduler, clock, 60)
+        table[:] = [job("a", "every 2m"), job("c", "every 1m")]
+        scheduler.request_reload()
+        scheduler._do_reload()
+        firer.fired.clear()
+        run_for(scheduler, clock, 120)
+        assert {name for name, _, _ in firer.fired} == {"a", "c"}
+        assert all(slot.minute % 2 == 0 for slot in firer.slots("a"))
+
+    def test_an_invalid_table_is_rejected_and_the_old_one_kept(self) -> None:
+        def broken() -> tuple[Job, ...]:
+            raise ValueError("bad file")
+
+        scheduler, clock, firer, _ = make(job("a", "every 1m"), reload=broken)
+        scheduler._do_reload()
+        run_for(scheduler, clock, 60)
+        assert firer.slots("a")
+
+
+def test_slots_are_formatted_as_rfc3339_utc_with_milliseconds() -> None:
+    assert format_slot(utc(2026, 11, 22, 3)) == "2026-11-22T03:00:00.000Z"
+    assert (
+        format_slot(datetime(2026, 11, 22, 11, 0, 0, 123_999, tzinfo=UTC))
+        == "2026-11-22T11:00:00.123Z"
+    )

@@ -1,0 +1,173 @@
+"""Test helpers: a recording HTTP target on loopback, a virtual clock, a fake firer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # seconds before answering
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: datetime
+    done: datetime
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers.items():
+            if key.lower() == name.lower():
+                return value
+        return None
+
+    @property
+    def scheduled_for(self) -> datetime:
+        value = self.header("X-Scheduled-For")
+        assert value is not None
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+class Target:
+    """A real HTTP server on 127.0.0.1 that records every request and answers as told.
+
+    `script[path]` is a list of replies used in turn (the last one repeats)."""
+
+    def __init__(self) -> None:
+        self.arrivals: list[Arrival] = []
+        self.script: dict[str, list[Reply]] = {}
+        self.active = 0
+        self.max_active: dict[str, int] = {}  # most concurrent requests seen per path
+        self._path_active: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        target = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self) -> None:
+                target._handle(self)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+            def log_message(self, format: str, *args: object) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        at = datetime.now(UTC)
+        length = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(length) if length else b""
+        path = request.path
+        with self._lock:
+            n = self._counts.get(path, 0)
+            self._counts[path] = n + 1
+            replies = self.script.get(path.split("?")[0], [Reply()])
+            reply = replies[min(n, len(replies) - 1)]
+            self.active += 1
+            self._path_active[path] = self._path_active.get(path, 0) + 1
+            self.max_active[path] = max(self.max_active.get(path, 0), self._path_active[path])
+        try:
+            if reply.delay:
+                time.sleep(reply.delay)
+            data = json.dumps({"status": reply.status}).encode()
+            request.send_response(reply.status)
+            for name, value in reply.headers.items():
+                request.send_header(name, value)
+            request.send_header("Content-Type", "application/json")
+            request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            request.wfile.write(data)
+        finally:
+            with self._lock:
+                self.active -= 1
+                self._path_active[path] -= 1
+                self.arrivals.append(
+                    Arrival(
+                        at, datetime.now(UTC), request.command, path, dict(request.headers), body
+                    )
+                )
+
+    def calls(self, path: str | None = None) -> list[Arrival]:
+        with self._lock:
+            return [a for a in self.arrivals if path is None or a.path == path]
+
+    def wait_for(self, predicate: Callable[[list[Arrival]], bool], timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.calls()):
+                return True
+            time.sleep(0.05)
+        return predicate(self.calls())
+
+
+class VirtualClock:
+    """Time that moves only when told: `wait` advances it by the timeout."""
+
+    def __init__(self, start: datetime) -> None:
+        self._now = start
+        self._mono = 1000.0
+        self.waits: list[float] = []
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        from datetime import timedelta
+
+        self._now += timedelta(seconds=seconds)
+        self._mono += seconds
+
+    def set(self, instant: datetime) -> None:
+        """Step the wall clock (forward or back); monotonic time is unaffected."""
+        self._now = instant
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        self.advance(timeout)
+        return False
+
+    def wake(self) -> None:
+        return None
+
+
+class RecordingFirer:
+    """Collects what the scheduler hands on."""
+
+    def __init__(self) -> None:
+        self.fired: list[tuple[str, datetime, datetime | None]] = []
+
+    def submit(self, job: object, slot: datetime, *, deadline: datetime | None) -> None:
+        self.fired.append((job.name, slot, deadline))  # type: ignore[attr-defined]
+
+    def slots(self, name: str) -> list[datetime]:
+        return [slot for job, slot, _ in self.fired if job == name]
