@@ -358,9 +358,10 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             continue
         if variable.startswith(JOB_OVERRIDE_PREFIX):
             continue  # checked with the job table
+        # The value is not shown: a misspelt secret's name is no reason to print the secret.
         raise ConfigError(
-            f"unknown variable {variable}={_shown(variable, environ[variable])}"
-            f"{_suggest(variable, KNOWN_VARIABLES)}"
+            f"unknown variable {variable}{_suggest(variable, KNOWN_VARIABLES)}; "
+            "unset it or fix its name (every SCHEDULER_* variable is checked against typos)"
         )
     values = {alias: environ[alias] for alias in SETTING_NAMES if alias in environ}
     try:
