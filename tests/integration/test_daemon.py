@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections.abc import Callable
 from datetime import timedelta
@@ -34,7 +35,7 @@ class TestFiring:
         slots = [call.scheduled_for for call in calls]
         assert all(slot.microsecond == 0 for slot in slots), "slots lie on whole seconds"
         assert slots == sorted(set(slots)), "no slot twice, in order"
-        assert all(b - a == timedelta(seconds=1) for a, b in zip(slots, slots[1:], strict=False))
+        assert all(b - a == timedelta(seconds=1) for a, b in itertools.pairwise(slots))
         for call in calls:
             assert call.at >= call.scheduled_for, "never fired early"
             assert call.method == "POST"

@@ -183,7 +183,7 @@ class TestEnvOverrides:
 
 class TestAuth:
     def test_without_a_token_it_refuses_unless_local_dev_mode(self) -> None:
-        with pytest.raises(ConfigError, match="set SCHEDULER_API_TOKEN.*LOCAL_DEV_MODE=true"):
+        with pytest.raises(ConfigError, match=r"set SCHEDULER_API_TOKEN.*LOCAL_DEV_MODE=true"):
             require_auth(load_config({}))
         require_auth(load_config({"LOCAL_DEV_MODE": "true"}))
 
