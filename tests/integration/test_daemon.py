@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import signal
 from collections.abc import Callable
 from datetime import timedelta
@@ -231,3 +232,29 @@ class TestCommands:
         helptext = run_cli("--help", env=base_env()).stdout
         for command in ("run", "check", "next", "fire", "demo"):
             assert command in helptext
+
+
+class TestErrorReporting:
+    def test_terminal_failures_reach_posthog_and_are_flushed_at_shutdown(
+        self, target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+    ) -> None:
+        posthog = Target()  # a loopback stand-in for the PostHog ingestion host
+        try:
+            target.script["/broken"] = [Reply(404)]
+            proc = daemon(
+                API_URL=target.url, SCHEDULER_API_TOKEN=TOKEN, POSTHOG_API_KEY="phc_integration",
+                POSTHOG_HOST=posthog.url, SCHEDULER_JOBS_FILE=str(jobs_file(every_second("/broken"))),
+            )  # fmt: skip
+            assert target.wait_for(lambda calls: len(calls) >= 1)
+            assert proc.stop() == 0
+            batches = [call for call in posthog.calls() if call.method == "POST"]
+            assert batches, "nothing reached the PostHog host"
+            payloads = [json.loads(call.body) for call in batches]
+            assert {payload.get("api_key") for payload in payloads} == {"phc_integration"}
+            events = [e for p in payloads for e in p["batch"] if e["event"] == "$exception"]
+            assert events and events[0]["properties"]["job"] == "tick"
+            assert events[0]["properties"]["status"] == 404
+            assert events[0]["properties"]["endpoint"] == "/broken"
+            assert "phc_integration" not in proc.log_path.read_text()
+        finally:
+            posthog.close()
