@@ -139,7 +139,7 @@ def cmd_fire(config: Config, name: str, env: Mapping[str, str]) -> int:
     job = config.job(name)
     log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
     clock = SystemClock()
-    store = open_store("memory://", max_runs=10, max_age=timedelta(days=1))
+    store = open_store("memory://", max_runs=10, max_age=timedelta(days=1), log=log)
     reporter = make_reporter(
         _secret(config.settings.posthog_api_key), config.settings.posthog_host, log
     )
@@ -211,6 +211,7 @@ def serve(
         settings.state_url,
         max_runs=settings.history_max_runs,
         max_age=timedelta(seconds=settings.history_max_age),
+        log=log,
     )
     reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
     if config.api_token is None:

@@ -79,8 +79,12 @@ class Decision:
     next_slot: datetime | None
 
 
-def decide(job: Job, first_due: datetime, now: datetime) -> Decision:
-    """Apply the catch-up policy to every slot of `job` from `first_due` up to `now`."""
+def decide(job: Job, first_due: datetime, now: datetime, *, restart: bool = False) -> Decision:
+    """Apply the catch-up policy to every slot of `job` from `first_due` up to `now`.
+
+    `restart`: the slots fell due while no process was running, so even a single one is a
+    missed slot (`catchup = "none"` never fires it).
+    """
     due = [first_due]
     following = job.schedule.next_after(first_due)
     while following is not None and following <= now and len(due) < _COUNT_CAP:
@@ -95,7 +99,7 @@ def decide(job: Job, first_due: datetime, now: datetime) -> Decision:
     if job.catchup == "all":
         cut = max(0, len(due) - CATCHUP_ALL_CAP)
         return Decision(due[cut:], due[:cut], more, following)
-    if len(due) == 1 and now - latest <= grace:
+    if len(due) == 1 and now - latest <= grace and not (restart and job.catchup == "none"):
         return Decision([latest], [], False, following)  # the ordinary case: on time
     if job.catchup == "latest" and now - latest <= grace:
         return Decision([latest], due[:-1], more, following)
@@ -169,7 +173,14 @@ class Scheduler:
         self._log.info("scheduler stopped planning")
 
     def start(self, now: datetime) -> None:
-        """Plan every enabled job from `now` (first start: nothing fires at once)."""
+        """Plan every enabled job: after its last handled slot when the store remembers one
+        (catching up under its policy), else from `now` (first start: nothing fires at once)."""
+        for record in self._store.recover_interrupted(now):
+            self._log.warning(
+                "interrupted: the previous process stopped during this call; not called again",
+                job=record.job,
+                slot=_iso(record.slot),
+            )
         for job in self._jobs.values():
             self._plan_first(job, now)
 
@@ -199,7 +210,17 @@ class Scheduler:
             start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
             self._log.info("run on start", job=job.name, slot=_iso(start_slot))
             self._fire(job, start_slot, job.schedule.next_after(now))
-        self._plan(job, job.schedule.next_after(now))
+        last = self._store.job_state(job.name).last_slot
+        if last is None or job.run_on_start:
+            self._plan(job, job.schedule.next_after(now))
+            return
+        # Continue after the last handled slot. A wall clock now behind it plans the slot
+        # after it anyway: a slot already fired is never fired again.
+        first_due = job.schedule.next_after(last)
+        if first_due is not None and first_due <= now:
+            self._handle(job, first_due, now, restart=True)
+        else:
+            self._plan(job, first_due)
 
     def _plan(self, job: Job, slot: datetime | None) -> None:
         with self._lock:
@@ -210,10 +231,13 @@ class Scheduler:
             self._planned[job.name] = slot
         heapq.heappush(self._heap, (slot, next(self._counter), job.name))
 
-    def _handle(self, job: Job, first_due: datetime, now: datetime) -> None:
-        decision = decide(job, first_due, now)
+    def _handle(
+        self, job: Job, first_due: datetime, now: datetime, *, restart: bool = False
+    ) -> None:
+        decision = decide(job, first_due, now, restart=restart)
         if self._store.job_state(job.name).paused:
             self._log.debug("paused; slot passes", job=job.name, slot=_iso(first_due))
+            self._store.advance(job.name, (decision.fire or decision.missed)[-1])
         else:
             if decision.missed:
                 self._record_missed(job, decision, now)
@@ -227,12 +251,13 @@ class Scheduler:
         self._plan(job, decision.next_slot)
 
     def _fire(self, job: Job, slot: datetime, next_slot: datetime | None) -> None:
-        self._store.mark_started(job.name, slot)
+        self._store.mark_started(job.name, slot, idempotency_key(job.name, slot))
         self._firer.submit(job, slot, deadline=next_slot)
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed
         count = len(missed)
+        self._store.advance(job.name, missed[-1])
         self._store.record_run(
             RunRecord(
                 job=job.name,
@@ -292,6 +317,11 @@ class Scheduler:
         self._log.info(
             "job table reloaded", added=added, removed=removed, changed=changed, jobs=len(new)
         )
+
+
+def idempotency_key(job: str, slot: datetime) -> str:
+    """`<job>@<slot epoch ms>`: the same on every retry, after a restart and on every replica."""
+    return f"{job}@{round(slot.timestamp() * 1000)}"
 
 
 def _iso(instant: datetime) -> str:

@@ -31,6 +31,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schedule_grammar import Interval, Schedule, ScheduleError, parse, seconds_to_schedule
 from schedule_grammar._zones import lookup_zone
 
+from .state import sqlite_path
+
 
 class ConfigError(ValueError):
     """A setting, variable or job field that cannot be used. The CLI exits 2 on it."""
@@ -141,6 +143,8 @@ class Settings(BaseSettings):
         scheme = value.partition("://")[0].lower()
         if scheme not in ("sqlite", "memory", "redis", "rediss") or "://" not in value:
             raise ValueError("expected sqlite:///path/state.db, memory:// or redis://host:port/db")
+        if scheme == "sqlite":
+            sqlite_path(value)
         return value
 
 

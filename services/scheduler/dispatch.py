@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
 from . import __version__
-from .clock import Clock, format_slot
+from .clock import Clock, format_slot, idempotency_key
 from .config import Job
 from .state import Outcome, RunRecord, StateStore
 from .telemetry import ErrorReporter, JobFailed
@@ -56,11 +56,6 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return min(max(0.0, (when - now).total_seconds()), RETRY_AFTER_CAP_SECONDS)
-
-
-def idempotency_key(job: str, slot: datetime) -> str:
-    """`<job>@<slot epoch ms>`: the same on every retry and on every replica."""
-    return f"{job}@{round(slot.timestamp() * 1000)}"
 
 
 def manual_key(job: str) -> str:
@@ -170,6 +165,7 @@ class Dispatcher:
             self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
             raise
         finally:
+            self._store.mark_finished(job.name, key)
             with self._lock:
                 self._in_flight[job.name] -= 1
                 if not self._in_flight[job.name]:
@@ -180,6 +176,7 @@ class Dispatcher:
                         self._start(q_job, q_slot, idempotency_key(q_job.name, q_slot), q_deadline)
 
     def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
+        self._store.mark_finished(job.name, key)
         self._store.record_run(
             RunRecord(
                 job=job.name,
@@ -352,6 +349,8 @@ class Dispatcher:
         """Stop retrying, wait up to `grace_seconds` for calls in flight; names left running."""
         self._stopping.set()
         with self._lock:
+            for job, slot, _ in self._pending.values():
+                self._skipped(job, slot, idempotency_key(job.name, slot), "shutting down")
             self._pending.clear()
             futures = list(self._futures)
             running = sorted(self._in_flight)

@@ -1,12 +1,24 @@
-"""What cronclock remembers: per-job state and run history, behind the StateStore protocol."""
+"""What cronclock remembers: per-job state and run history, behind the StateStore protocol.
+
+Two stores: SQLite (the embedded default, durable across restarts) and memory (tests, demos).
+Both keep job state in memory and answer reads from there; SQLite also writes every change
+through to disk, so a restart continues where the last process stopped.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Literal, Protocol
+
+from structlog.typing import FilteringBoundLogger
 
 Outcome = Literal["success", "busy", "failed", "skipped_overlap", "missed", "interrupted"]
 OUTCOMES: tuple[Outcome, ...] = (
@@ -37,7 +49,7 @@ class RunRecord:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JobState:
-    last_slot: datetime | None = None  # the latest slot handed to dispatch (fired or started)
+    last_slot: datetime | None = None  # the latest slot handled: fired, skipped or missed
     last_outcome: Outcome | None = None
     last_status: int | None = None
     last_run: datetime | None = None
@@ -50,8 +62,18 @@ class StateStore(Protocol):
 
     def job_state(self, job: str) -> JobState: ...
 
-    def mark_started(self, job: str, slot: datetime) -> None:
-        """Record that `slot` is handed to dispatch, before its call (at-most-once delivery)."""
+    def advance(self, job: str, slot: datetime) -> None:
+        """Record that every slot up to `slot` is handled (fired, skipped or missed)."""
+
+    def mark_started(self, job: str, slot: datetime, key: str) -> None:
+        """Record that `slot` is handed to dispatch, before its call: at most once per slot."""
+
+    def mark_finished(self, job: str, key: str) -> None:
+        """The call for `key` is over (whatever its outcome)."""
+
+    def recover_interrupted(self, now: datetime) -> list[RunRecord]:
+        """Slots started by a process that died mid-call: recorded `interrupted`, returned."""
+        ...
 
     def record_run(self, record: RunRecord) -> None: ...
 
@@ -61,7 +83,24 @@ class StateStore(Protocol):
 
     def set_paused(self, job: str, paused: bool) -> None: ...
 
+    def problem(self) -> str | None:
+        """Why the store is degraded (e.g. disk full), or None when healthy."""
+        ...
+
     def close(self) -> None: ...
+
+
+def apply_outcome(state: JobState, record: RunRecord) -> JobState:
+    """The job state after a run record: skipped and missed slots do not count as runs."""
+    if record.outcome in ("skipped_overlap", "missed"):
+        return state
+    return replace(
+        state,
+        last_outcome=record.outcome,
+        last_status=record.status,
+        last_run=record.started,
+        last_success=record.started if record.outcome == "success" else state.last_success,
+    )
 
 
 class MemoryStateStore:
@@ -71,6 +110,7 @@ class MemoryStateStore:
         self._lock = threading.Lock()
         self._jobs: dict[str, JobState] = {}
         self._runs: dict[str, deque[RunRecord]] = {}
+        self._in_flight: dict[str, tuple[str, datetime, datetime]] = {}  # key -> job, slot, since
         self._max_runs = max_runs
         self._max_age = max_age
 
@@ -78,11 +118,40 @@ class MemoryStateStore:
         with self._lock:
             return self._jobs.get(job, JobState())
 
-    def mark_started(self, job: str, slot: datetime) -> None:
+    def job_states(self) -> dict[str, JobState]:
         with self._lock:
-            state = self._jobs.get(job, JobState())
-            if state.last_slot is None or slot > state.last_slot:
-                self._jobs[job] = replace(state, last_slot=slot)
+            return dict(self._jobs)
+
+    def put(self, job: str, state: JobState) -> None:
+        with self._lock:
+            self._jobs[job] = state
+
+    def advance(self, job: str, slot: datetime) -> None:
+        with self._lock:
+            self._advance(job, slot)
+
+    def _advance(self, job: str, slot: datetime) -> JobState:
+        state = self._jobs.get(job, JobState())
+        if state.last_slot is None or slot > state.last_slot:
+            state = self._jobs[job] = replace(state, last_slot=slot)
+        return state
+
+    def mark_started(self, job: str, slot: datetime, key: str) -> None:
+        with self._lock:
+            self._advance(job, slot)
+            self._in_flight[key] = (job, slot, datetime.now(UTC))
+
+    def mark_finished(self, job: str, key: str) -> None:
+        with self._lock:
+            self._in_flight.pop(key, None)
+
+    def recover_interrupted(self, now: datetime) -> list[RunRecord]:
+        with self._lock:
+            left, self._in_flight = self._in_flight, {}
+        records = [interrupted(job, slot, key, now) for key, (job, slot, _) in left.items()]
+        for record in records:
+            self.record_run(record)
+        return records
 
     def record_run(self, record: RunRecord) -> None:
         with self._lock:
@@ -102,26 +171,402 @@ class MemoryStateStore:
         with self._lock:
             self._jobs[job] = replace(self._jobs.get(job, JobState()), paused=paused)
 
+    def problem(self) -> str | None:
+        return None
+
     def close(self) -> None:
         return None
 
 
-def apply_outcome(state: JobState, record: RunRecord) -> JobState:
-    """The job state after a run record: skipped and missed slots do not count as runs."""
-    if record.outcome in ("skipped_overlap", "missed"):
-        return state
-    return replace(
-        state,
-        last_outcome=record.outcome,
-        last_status=record.status,
-        last_run=record.started,
-        last_success=record.started if record.outcome == "success" else state.last_success,
+def interrupted(job: str, slot: datetime, key: str, now: datetime) -> RunRecord:
+    return RunRecord(
+        job=job,
+        slot=slot,
+        key=key,
+        attempt=0,
+        started=now,
+        outcome="interrupted",
+        error="the process stopped during this call; not called again (at most once per slot)",
     )
 
 
-def open_store(url: str, *, max_runs: int, max_age: timedelta) -> StateStore:
+# -------------------------------------------------------------------------------------------
+# SQLite
+
+SCHEMA_VERSION = 1
+# MIGRATIONS[n] takes a database from user_version n to n + 1.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        name TEXT PRIMARY KEY,
+        last_slot INTEGER,
+        last_outcome TEXT,
+        last_status INTEGER,
+        last_run INTEGER,
+        last_success INTEGER,
+        paused INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE in_flight (
+        key TEXT PRIMARY KEY,
+        job TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        since INTEGER NOT NULL
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        started INTEGER NOT NULL,
+        duration REAL,
+        status INTEGER,
+        outcome TEXT NOT NULL,
+        error TEXT,
+        count INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX runs_by_job ON runs (job, id);
+    CREATE INDEX runs_by_start ON runs (started);
+    """,
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_PROBLEM_LOG_INTERVAL = 60.0  # seconds between repeated "state not written" errors
+
+
+def _us(instant: datetime | None) -> int | None:
+    return None if instant is None else (instant - _EPOCH) // timedelta(microseconds=1)
+
+
+def _dt(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+class UnusableStateFile(Exception):
+    """The state file is corrupt or from a newer cronclock."""
+
+
+class SqliteStateStore:
+    """The embedded default: SQLite in WAL mode, writes serialised, reads from memory.
+
+    Every write goes to disk before the method returns. If the disk refuses (read-only, full),
+    the store keeps working in memory, logs the error at most once a minute, reports it through
+    `problem()`, and writes the full job state again as soon as the disk accepts writes.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        log: FilteringBoundLogger,
+        max_runs: int = 1000,
+        max_age: timedelta = timedelta(days=30),
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = path
+        self._log = log
+        self._monotonic = monotonic
+        self._memory = MemoryStateStore(max_runs=max_runs, max_age=max_age)
+        self._max_runs = max_runs
+        self._max_age = max_age
+        self._lock = threading.Lock()
+        self._problem: str | None = None
+        self._last_problem_log = -_PROBLEM_LOG_INTERVAL
+        self._dirty = False  # job state changed while the disk refused writes
+        self._writes = 0
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = self._open()
+        except UnusableStateFile as error:
+            moved = self._move_aside()
+            self._log.error(
+                "state file unusable; moved aside, starting with fresh state",
+                state_file=str(path),
+                moved_to=str(moved),
+                error=str(error),
+            )
+            self._db = self._open_or_degrade()
+        except sqlite3.Error as error:
+            self._degrade(f"cannot open {path}: {error}")
+        except OSError as error:
+            self._degrade(f"cannot open {path}: {error.strerror or error}")
+        if self._db is not None:
+            self._load()
+
+    # -- opening ----------------------------------------------------------------------------
+
+    def _open_or_degrade(self) -> sqlite3.Connection | None:
+        try:
+            return self._open()
+        except (sqlite3.Error, OSError, UnusableStateFile) as error:
+            self._degrade(f"cannot open {self.path}: {error}")
+            return None
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout = 5000")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UnusableStateFile(
+                    f"schema version {version} is newer than this cronclock's {SCHEMA_VERSION}"
+                )
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise UnusableStateFile(f"integrity check failed: {check}")
+            db.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a committed write survives a killed process (the case
+            # at-most-once delivery guards against); only an OS crash may lose the last ones.
+            db.execute("PRAGMA synchronous = NORMAL")
+            for step in range(version, SCHEMA_VERSION):
+                db.executescript(
+                    f"BEGIN; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;"
+                )
+        except sqlite3.OperationalError:
+            db.close()
+            raise  # cannot open, locked, read-only: not the file's fault, never moved aside
+        except sqlite3.DatabaseError as error:
+            db.close()
+            raise UnusableStateFile(str(error)) from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        self.path.replace(target)
+        for suffix in ("-wal", "-shm"):
+            sidecar = self.path.with_name(self.path.name + suffix)
+            if sidecar.exists():
+                sidecar.replace(target.with_name(target.name + suffix))
+        return target
+
+    def _load(self) -> None:
+        assert self._db is not None
+        for name, last_slot, outcome, status, last_run, last_success, paused in self._db.execute(
+            "SELECT name, last_slot, last_outcome, last_status, last_run, last_success, paused "
+            "FROM jobs"
+        ):
+            self._memory.put(
+                name,
+                JobState(
+                    last_slot=_dt(last_slot),
+                    last_outcome=outcome,
+                    last_status=status,
+                    last_run=_dt(last_run),
+                    last_success=_dt(last_success),
+                    paused=bool(paused),
+                ),
+            )
+
+    # -- the write path ---------------------------------------------------------------------
+
+    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        """Run statements in one transaction; on failure keep going in memory."""
+        with self._lock:
+            if self._db is None:
+                self._dirty = True
+                self._complain()
+                return
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                if self._dirty:
+                    self._write_all_jobs()
+                for sql, params in statements:
+                    self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except sqlite3.Error as error:
+                self._rollback()
+                self._dirty = True
+                self._degrade(f"cannot write {self.path}: {error}")
+                return
+            if self._problem is not None:
+                self._log.info("state file writable again", state_file=str(self.path))
+            self._problem, self._dirty = None, False
+            self._writes += 1
+
+    def _rollback(self) -> None:
+        assert self._db is not None
+        with contextlib.suppress(sqlite3.Error):  # no transaction was open
+            self._db.execute("ROLLBACK")
+
+    def _degrade(self, problem: str) -> None:
+        self._problem = problem
+        self._complain()
+
+    def _complain(self) -> None:
+        now = self._monotonic()
+        if now - self._last_problem_log >= _PROBLEM_LOG_INTERVAL:
+            self._last_problem_log = now
+            self._log.error(
+                "state not written to disk; firing continues with in-memory state",
+                state_file=str(self.path),
+                error=self._problem,
+            )
+
+    def _write_all_jobs(self) -> None:
+        assert self._db is not None
+        for name, state in self._memory.job_states().items():
+            self._db.execute(*_upsert(name, state))
+
+    def _job_write(self, job: str) -> tuple[str, tuple[object, ...]]:
+        return _upsert(job, self._memory.job_state(job))
+
+    # -- StateStore -------------------------------------------------------------------------
+
+    def job_state(self, job: str) -> JobState:
+        return self._memory.job_state(job)
+
+    def advance(self, job: str, slot: datetime) -> None:
+        self._memory.advance(job, slot)
+        self._write([self._job_write(job)])
+
+    def mark_started(self, job: str, slot: datetime, key: str) -> None:
+        self._memory.mark_started(job, slot, key)
+        self._write(
+            [
+                self._job_write(job),
+                (
+                    "INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
+                    (key, job, _us(slot), _us(datetime.now(UTC))),
+                ),
+            ]
+        )
+
+    def mark_finished(self, job: str, key: str) -> None:
+        self._memory.mark_finished(job, key)
+        self._write([("DELETE FROM in_flight WHERE key = ?", (key,))])
+
+    def recover_interrupted(self, now: datetime) -> list[RunRecord]:
+        with self._lock:
+            rows = (
+                self._db.execute("SELECT key, job, slot FROM in_flight ORDER BY slot").fetchall()
+                if self._db is not None
+                else []
+            )
+        records = [interrupted(job, _dt(slot) or now, key, now) for key, job, slot in rows]
+        for record in records:
+            self.record_run(record)
+            self._memory.advance(record.job, record.slot)
+        if rows:
+            self._write([("DELETE FROM in_flight", ())])
+        return records
+
+    def record_run(self, record: RunRecord) -> None:
+        self._memory.record_run(record)
+        statements: list[tuple[str, tuple[object, ...]]] = [
+            (
+                "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
+                "error, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.job,
+                    _us(record.slot),
+                    record.key,
+                    record.attempt,
+                    _us(record.started),
+                    record.duration,
+                    record.status,
+                    record.outcome,
+                    record.error,
+                    record.count,
+                ),
+            ),
+            self._job_write(record.job),
+            # Keep at most max_runs per job: an indexed delete below the job's newest N.
+            (
+                "DELETE FROM runs WHERE job = ? AND id <= (SELECT id FROM runs WHERE job = ? "
+                "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (record.job, record.job, self._max_runs),
+            ),
+        ]
+        # The age bound scans by start time; every 100th write is often enough.
+        if self._writes % 100 == 0:
+            statements.append(
+                ("DELETE FROM runs WHERE started < ?", (_us(record.started - self._max_age),))
+            )
+        self._write(statements)
+
+    def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
+        with self._lock:
+            if self._db is None or self._problem is not None:
+                return self._memory.runs(job, limit)
+            rows = self._db.execute(
+                "SELECT slot, key, attempt, started, duration, status, outcome, error, count "
+                "FROM runs WHERE job = ? ORDER BY id DESC LIMIT ?",
+                (job, limit),
+            ).fetchall()
+        return [
+            RunRecord(
+                job=job,
+                slot=_dt(slot) or _EPOCH,
+                key=key,
+                attempt=attempt,
+                started=_dt(started) or _EPOCH,
+                duration=duration,
+                status=status,
+                outcome=outcome,
+                error=error,
+                count=count,
+            )
+            for slot, key, attempt, started, duration, status, outcome, error, count in rows
+        ]
+
+    def set_paused(self, job: str, paused: bool) -> None:
+        self._memory.set_paused(job, paused)
+        self._write([self._job_write(job)])
+
+    def problem(self) -> str | None:
+        return self._problem
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                try:
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as error:
+                    self._log.warning("state checkpoint failed", error=str(error))
+                self._db.close()
+                self._db = None
+
+
+def _upsert(name: str, state: JobState) -> tuple[str, tuple[object, ...]]:
+    return (
+        "INSERT INTO jobs (name, last_slot, last_outcome, last_status, last_run, last_success, "
+        "paused) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
+        "last_slot = excluded.last_slot, last_outcome = excluded.last_outcome, "
+        "last_status = excluded.last_status, last_run = excluded.last_run, "
+        "last_success = excluded.last_success, paused = excluded.paused",
+        (
+            name,
+            _us(state.last_slot),
+            state.last_outcome,
+            state.last_status,
+            _us(state.last_run),
+            _us(state.last_success),
+            int(state.paused),
+        ),
+    )
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of a sqlite:/// URL: sqlite:///./x.db is relative, sqlite:////var/x.db absolute."""
+    rest = url.partition("://")[2]
+    if not rest.startswith("/") or rest.endswith("/"):
+        raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return Path(rest[1:])
+
+
+def open_store(
+    url: str, *, max_runs: int, max_age: timedelta, log: FilteringBoundLogger
+) -> StateStore:
     """The store a SCHEDULER_STATE_URL names."""
     scheme = url.partition("://")[0].lower()
     if scheme == "memory":
         return MemoryStateStore(max_runs=max_runs, max_age=max_age)
-    raise NotImplementedError(f"state store {scheme!r} is not available in this build")
+    if scheme == "sqlite":
+        return SqliteStateStore(sqlite_path(url), log=log, max_runs=max_runs, max_age=max_age)
+    raise ValueError(f"state store {scheme!r} is not available in this build")

@@ -1,0 +1,207 @@
+"""The SQLite store: durability, bounds, migrations, corrupt files and a disk that refuses."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from services.scheduler.state import (
+    SCHEMA_VERSION,
+    JobState,
+    MemoryStateStore,
+    RunRecord,
+    SqliteStateStore,
+    open_store,
+    sqlite_path,
+)
+
+T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
+
+
+def record(
+    job: str = "j", minutes: int = 0, outcome: str = "success", **fields: object
+) -> RunRecord:
+    values: dict[str, object] = {"job": job, "slot": T + timedelta(minutes=minutes), "key": f"{job}@{minutes}",
+                                 "attempt": 1, "started": T + timedelta(minutes=minutes), "outcome": outcome}  # fmt: skip
+    values.update(fields)
+    return RunRecord(**values)  # type: ignore[arg-type]
+
+
+def store(path: Path, **kwargs: object) -> SqliteStateStore:
+    return SqliteStateStore(path, log=structlog.get_logger(), **kwargs)  # type: ignore[arg-type]
+
+
+class TestDurability:
+    def test_job_state_and_history_survive_a_reopen(self, tmp_path: Path) -> None:
+        db = store(tmp_path / "state.db")
+        db.mark_started("j", T, "j@1")
+        db.record_run(record(status=200, duration=0.25))
+        db.mark_finished("j", "j@1")
+        db.set_paused("j", True)
+        db.close()
+        again = store(tmp_path / "state.db")
+        state = again.job_state("j")
+        assert state == JobState(
+            last_slot=T,
+            last_outcome="success",
+            last_status=200,
+            last_run=T,
+            last_success=T,
+            paused=True,
+        )
+        (run,) = again.runs("j")
+        assert (run.slot, run.status, run.duration, run.outcome) == (T, 200, 0.25, "success")
+        assert again.recover_interrupted(T) == []
+
+    def test_it_uses_wal_and_records_its_schema_version(self, tmp_path: Path) -> None:
+        store(tmp_path / "state.db").close()
+        raw = sqlite3.connect(tmp_path / "state.db")
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+    def test_the_directory_is_created(self, tmp_path: Path) -> None:
+        store(tmp_path / "deep" / "er" / "state.db").close()
+        assert (tmp_path / "deep" / "er" / "state.db").exists()
+
+    def test_a_started_slot_that_never_finished_is_recovered_as_interrupted(
+        self, tmp_path: Path
+    ) -> None:
+        db = store(tmp_path / "state.db")
+        db.mark_started("j", T, "j@1000")
+        db.close()  # the process died mid-call: no mark_finished
+        again = store(tmp_path / "state.db")
+        (interrupted,) = again.recover_interrupted(T + timedelta(minutes=1))
+        assert (interrupted.job, interrupted.slot, interrupted.key, interrupted.outcome) == (
+            "j",
+            T,
+            "j@1000",
+            "interrupted",
+        )
+        assert again.job_state("j").last_slot == T
+        assert again.job_state("j").last_outcome == "interrupted"
+        assert again.recover_interrupted(T) == [], "recorded once"
+
+    def test_last_slot_only_moves_forward(self, tmp_path: Path) -> None:
+        db = store(tmp_path / "state.db")
+        db.advance("j", T + timedelta(hours=1))
+        db.advance("j", T)
+        assert db.job_state("j").last_slot == T + timedelta(hours=1)
+
+
+class TestBounds:
+    def test_history_keeps_at_most_max_runs_per_job(self, tmp_path: Path) -> None:
+        db = store(tmp_path / "state.db", max_runs=5)
+        for minute in range(40):
+            db.record_run(record("a", minute))
+            db.record_run(record("b", minute))
+        raw = sqlite3.connect(tmp_path / "state.db")
+        counts = dict(raw.execute("SELECT job, COUNT(*) FROM runs GROUP BY job").fetchall())
+        assert counts == {"a": 5, "b": 5}
+        assert [r.slot.minute for r in db.runs("a")] == [39, 38, 37, 36, 35]
+
+    def test_history_older_than_max_age_is_dropped(self, tmp_path: Path) -> None:
+        db = store(tmp_path / "state.db", max_age=timedelta(hours=1))
+        for minute in range(0, 300, 2):  # 150 writes over five hours
+            db.record_run(record("a", minute))
+        runs = db.runs("a", limit=1000)
+        # Pruned by age every 100 writes: the first hours are gone, the last hour is kept.
+        assert all(r.started >= T + timedelta(minutes=100) for r in runs)
+        assert all(
+            T + timedelta(minutes=m) in {r.started for r in runs} for m in range(240, 300, 2)
+        )
+
+
+class TestUnusableFiles:
+    def test_a_corrupt_file_is_moved_aside_and_named(self, tmp_path: Path) -> None:
+        path = tmp_path / "state.db"
+        path.write_bytes(b"this is not a database" * 100)
+        with capture_logs() as logs:
+            db = store(path)
+        moved = list(tmp_path.glob("state.db.corrupt-*"))
+        assert len(moved) == 1 and moved[0].read_bytes().startswith(b"this is not")
+        (event,) = [e for e in logs if e["log_level"] == "error"]
+        assert event["state_file"] == str(path) and event["moved_to"] == str(moved[0])
+        db.record_run(record())
+        assert db.problem() is None and db.runs("j")
+
+    def test_a_file_from_a_newer_schema_is_moved_aside(self, tmp_path: Path) -> None:
+        path = tmp_path / "state.db"
+        raw = sqlite3.connect(path)
+        raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        raw.close()
+        with capture_logs() as logs:
+            store(path)
+        assert list(tmp_path.glob("state.db.corrupt-*"))
+        assert "newer than this cronclock" in logs[0]["error"]
+
+    def test_an_older_schema_is_migrated_in_place(self, tmp_path: Path) -> None:
+        path = tmp_path / "state.db"
+        sqlite3.connect(path).close()  # version 0: an empty database
+        store(path).close()
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert not list(tmp_path.glob("state.db.corrupt-*"))
+
+
+class TestADiskThatRefuses:
+    def test_it_keeps_working_in_memory_logs_once_a_minute_and_heals(self, tmp_path: Path) -> None:
+        clock = {"now": 0.0}
+        db = store(tmp_path / "state.db", monotonic=lambda: clock["now"])
+        db.advance("j", T)
+        writable = db._db
+        # A real SQLite refusal: the same file opened read-only.
+        db._db = sqlite3.connect(
+            f"file:{tmp_path / 'state.db'}?mode=ro",
+            uri=True,
+            check_same_thread=False,
+            isolation_level=None,
+        )
+        with capture_logs() as logs:
+            db.advance("j", T + timedelta(minutes=1))
+            db.set_paused("j", True)
+            clock["now"] = 30.0
+            db.advance("j", T + timedelta(minutes=2))
+            clock["now"] = 61.0
+            db.advance("j", T + timedelta(minutes=3))
+        assert db.job_state("j") == JobState(last_slot=T + timedelta(minutes=3), paused=True)
+        assert "readonly" in (db.problem() or "")
+        complaints = [e for e in logs if e["event"].startswith("state not written")]
+        assert len(complaints) == 2, "once at first, once after a minute"
+        db._db = writable
+        db.record_run(record(minutes=4))
+        assert db.problem() is None
+        db.close()
+        again = store(tmp_path / "state.db")
+        assert again.job_state("j").paused is True
+        assert again.job_state("j").last_slot == T + timedelta(minutes=3)
+
+    def test_an_unopenable_path_starts_degraded_in_memory(self, tmp_path: Path) -> None:
+        blocker = tmp_path / "file"
+        blocker.write_text("a file where a directory should be")
+        db = store(blocker / "state.db")
+        assert db.problem() is not None and "cannot open" in db.problem()  # type: ignore[operator]
+        db.mark_started("j", T, "k")
+        assert db.job_state("j").last_slot == T
+
+
+class TestUrls:
+    @pytest.mark.parametrize(
+        ("url", "path"),
+        [("sqlite:///./.cronclock/state.db", ".cronclock/state.db"), ("sqlite:////var/lib/cronclock/state.db", "/var/lib/cronclock/state.db"), ("sqlite:///state.db", "state.db")],
+    )  # fmt: skip
+    def test_sqlite_urls(self, url: str, path: str) -> None:
+        assert sqlite_path(url) == Path(path)
+
+    def test_memory_and_sqlite_stores_are_opened_by_url(self, tmp_path: Path) -> None:
+        log = structlog.get_logger()
+        assert isinstance(
+            open_store("memory://", max_runs=1, max_age=timedelta(1), log=log), MemoryStateStore
+        )
+        sqlite_store = open_store(
+            f"sqlite:///{tmp_path}/s.db", max_runs=1, max_age=timedelta(1), log=log
+        )
+        assert isinstance(sqlite_store, SqliteStateStore)
