@@ -166,8 +166,9 @@ class RecordingFirer:
     def __init__(self) -> None:
         self.fired: list[tuple[str, datetime, datetime | None]] = []
 
-    def submit(self, job: object, slot: datetime, *, deadline: datetime | None) -> None:
-        self.fired.append((job.name, slot, deadline))  # type: ignore[attr-defined]
+    def submit(self, job: object, slots: list[datetime], *, deadline: datetime | None) -> None:
+        for slot in slots:
+            self.fired.append((job.name, slot, deadline))  # type: ignore[attr-defined]
 
     def slots(self, name: str) -> list[datetime]:
         return [slot for job, slot, _ in self.fired if job == name]

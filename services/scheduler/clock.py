@@ -11,7 +11,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -66,7 +66,8 @@ class SystemClock:
 class Firer(Protocol):
     """Where due slots go (the dispatcher)."""
 
-    def submit(self, job: Job, slot: datetime, *, deadline: datetime | None) -> None: ...
+    def submit(self, job: Job, slots: Sequence[datetime], *, deadline: datetime | None) -> None:
+        """Fire `slots` of `job` in order; `deadline` is the job's next planned slot."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,7 +210,7 @@ class Scheduler:
             # A slot of its own, at the start instant, so its Idempotency-Key is unique.
             start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
             self._log.info("run on start", job=job.name, slot=_iso(start_slot))
-            self._fire(job, start_slot, job.schedule.next_after(now))
+            self._fire(job, [start_slot], job.schedule.next_after(now))
         last = self._store.job_state(job.name).last_slot
         if last is None or job.run_on_start:
             self._plan(job, job.schedule.next_after(now))
@@ -241,18 +242,25 @@ class Scheduler:
         else:
             if decision.missed:
                 self._record_missed(job, decision, now)
+            caught_up = restart or bool(decision.missed)
             for slot in decision.fire:
                 lateness = (now - slot).total_seconds()
-                if lateness > LATE_WARNING_SECONDS:
+                if caught_up or lateness > LATE_WARNING_SECONDS:
                     self._log.warning(
-                        "late fire", job=job.name, slot=_iso(slot), late_seconds=round(lateness, 3)
+                        "catch-up fire" if caught_up else "late fire",
+                        job=job.name,
+                        slot=_iso(slot),
+                        late_seconds=round(lateness, 3),
+                        catchup=job.catchup,
                     )
-                self._fire(job, slot, decision.next_slot)
+            if decision.fire:
+                self._fire(job, decision.fire, decision.next_slot)
         self._plan(job, decision.next_slot)
 
-    def _fire(self, job: Job, slot: datetime, next_slot: datetime | None) -> None:
-        self._store.mark_started(job.name, slot, idempotency_key(job.name, slot))
-        self._firer.submit(job, slot, deadline=next_slot)
+    def _fire(self, job: Job, slots: list[datetime], next_slot: datetime | None) -> None:
+        for slot in slots:
+            self._store.mark_started(job.name, slot, idempotency_key(job.name, slot))
+        self._firer.submit(job, slots, deadline=next_slot)
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed

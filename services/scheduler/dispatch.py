@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -113,67 +113,83 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
-        self._pending: dict[str, tuple[Job, datetime, datetime | None]] = {}
+        # job -> the batch queued behind its run in flight (overlap = "queue")
+        self._pending: dict[str, tuple[Job, list[tuple[datetime, str]], datetime | None]] = {}
         self._futures: set[Future[CallResult]] = set()
 
     # -- submission -----------------------------------------------------------------------
 
-    def submit(self, job: Job, slot: datetime, *, deadline: datetime | None) -> None:
-        """Fire `slot` of `job` on the pool, subject to the job's overlap policy."""
-        key = idempotency_key(job.name, slot)
+    def submit(self, job: Job, slots: Sequence[datetime], *, deadline: datetime | None) -> None:
+        """Fire `slots` of `job` (one, or several replayed in order) on the pool, one task,
+        subject to the job's overlap policy. `deadline` is the job's next planned slot."""
+        batch = [(slot, idempotency_key(job.name, slot)) for slot in slots]
         with self._lock:
             busy = self._in_flight.get(job.name, 0) > 0
             if busy and job.overlap == "skip":
-                self._skipped(job, slot, key, "a previous run is still in flight")
+                for slot, key in batch:
+                    self._skipped(job, slot, key, "a previous run is still in flight")
                 return
             if busy and job.overlap == "queue":
                 displaced = self._pending.get(job.name)
-                self._pending[job.name] = (job, slot, deadline)
-                if displaced is not None:
-                    old_key = idempotency_key(job.name, displaced[1])
-                    self._skipped(job, displaced[1], old_key, "replaced by a newer queued slot")
+                self._pending[job.name] = (job, batch, deadline)
+                for slot, key in displaced[1] if displaced else ():
+                    self._skipped(job, slot, key, "replaced by a newer queued slot")
                 self._log.info(
-                    "queued behind the run in flight", job=job.name, slot=format_slot(slot)
+                    "queued behind the run in flight", job=job.name, slot=format_slot(batch[-1][0])
                 )
                 return
-            self._start(job, slot, key, deadline)
+            self._start(job, batch, deadline)
 
     def trigger(self, job: Job) -> tuple[str, Future[CallResult]] | None:
         """Fire `job` now with a manual key; None when it is in flight and overlap is not allow."""
-        slot = self._clock.now()
         key = manual_key(job.name)
         with self._lock:
             if self._in_flight.get(job.name, 0) > 0 and job.overlap != "allow":
                 return None
-            return key, self._start(job, slot, key, None)
+            return key, self._start(job, [(self._clock.now(), key)], None)
 
     def _start(
-        self, job: Job, slot: datetime, key: str, deadline: datetime | None
+        self, job: Job, batch: list[tuple[datetime, str]], deadline: datetime | None
     ) -> Future[CallResult]:
         # Called with self._lock held.
         self._in_flight[job.name] = self._in_flight.get(job.name, 0) + 1
-        future = self._pool.submit(self._run, job, slot, key, deadline)
+        future = self._pool.submit(self._run, job, batch, deadline)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
         return future
 
-    def _run(self, job: Job, slot: datetime, key: str, deadline: datetime | None) -> CallResult:
+    def _run(
+        self, job: Job, batch: list[tuple[datetime, str]], deadline: datetime | None
+    ) -> CallResult:
+        done = 0
         try:
-            return self.call(job, slot, key=key, deadline=deadline)
-        except Exception as error:  # a bug must not kill the pool thread silently
-            self._log.exception("dispatch crashed", job=job.name, slot=format_slot(slot))
-            self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
-            raise
+            result: CallResult | None = None
+            for index, (slot, key) in enumerate(batch):
+                if index and self._stopping.is_set():
+                    break
+                # A replayed slot's retries must not run into the slot replayed after it.
+                until = batch[index + 1][0] if index + 1 < len(batch) else deadline
+                try:
+                    result = self.call(job, slot, key=key, deadline=until)
+                except Exception as error:  # a bug must not kill the pool thread silently
+                    self._log.exception("dispatch crashed", job=job.name, slot=format_slot(slot))
+                    self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
+                    raise
+                finally:
+                    self._store.mark_finished(job.name, key)
+                    done += 1
+            assert result is not None
+            return result
         finally:
-            self._store.mark_finished(job.name, key)
+            for slot, key in batch[done:]:
+                self._skipped(job, slot, key, "shutting down")
             with self._lock:
                 self._in_flight[job.name] -= 1
                 if not self._in_flight[job.name]:
                     del self._in_flight[job.name]
                     queued = self._pending.pop(job.name, None)
                     if queued is not None and not self._stopping.is_set():
-                        q_job, q_slot, q_deadline = queued
-                        self._start(q_job, q_slot, idempotency_key(q_job.name, q_slot), q_deadline)
+                        self._start(*queued)
 
     def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
         self._store.mark_finished(job.name, key)
@@ -191,6 +207,10 @@ class Dispatcher:
         self._log.warning("skipped: overlap", job=job.name, slot=format_slot(slot), reason=reason)
 
     # -- state for readers ----------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:
@@ -349,8 +369,9 @@ class Dispatcher:
         """Stop retrying, wait up to `grace_seconds` for calls in flight; names left running."""
         self._stopping.set()
         with self._lock:
-            for job, slot, _ in self._pending.values():
-                self._skipped(job, slot, idempotency_key(job.name, slot), "shutting down")
+            for job, batch, _ in self._pending.values():
+                for slot, key in batch:
+                    self._skipped(job, slot, key, "shutting down")
             self._pending.clear()
             futures = list(self._futures)
             running = sorted(self._in_flight)

@@ -277,8 +277,8 @@ class TestOverlap:
     def test_skip_records_skipped_overlap_while_in_flight(self) -> None:
         h, release = self._blocking()
         j = job(overlap="skip")
-        h.dispatcher.submit(j, SLOT, deadline=None)
-        h.dispatcher.submit(j, SLOT + timedelta(minutes=15), deadline=None)
+        h.dispatcher.submit(j, [SLOT], deadline=None)
+        h.dispatcher.submit(j, [SLOT + timedelta(minutes=15)], deadline=None)
         release.set()
         self._settle(h)
         assert len(h.requests) == 1
@@ -289,7 +289,7 @@ class TestOverlap:
         h, release = self._blocking()
         j = job(overlap="queue")
         for minutes in (0, 15, 30):
-            h.dispatcher.submit(j, SLOT + timedelta(minutes=minutes), deadline=None)
+            h.dispatcher.submit(j, [SLOT + timedelta(minutes=minutes)], deadline=None)
         release.set()
         deadline = datetime.now(UTC) + timedelta(seconds=5)
         while len(h.requests) < 2 and datetime.now(UTC) < deadline:
@@ -304,8 +304,8 @@ class TestOverlap:
     def test_allow_runs_concurrently(self) -> None:
         h, release = self._blocking()
         j = job(overlap="allow")
-        h.dispatcher.submit(j, SLOT, deadline=None)
-        h.dispatcher.submit(j, SLOT + timedelta(minutes=15), deadline=None)
+        h.dispatcher.submit(j, [SLOT], deadline=None)
+        h.dispatcher.submit(j, [SLOT + timedelta(minutes=15)], deadline=None)
         deadline = datetime.now(UTC) + timedelta(seconds=5)
         while len(h.requests) < 2 and datetime.now(UTC) < deadline:
             threading.Event().wait(0.01)
@@ -313,6 +313,41 @@ class TestOverlap:
         release.set()
         self._settle(h)
         assert len(h.requests) == 2
+
+    def test_replayed_slots_run_one_after_another_in_order(self) -> None:
+        h = Harness(responses(httpx.Response(200)))
+        slots = [SLOT + timedelta(minutes=m) for m in (0, 15, 30)]
+        h.dispatcher.submit(job(overlap="skip"), slots, deadline=SLOT + timedelta(minutes=45))
+        deadline = datetime.now(UTC) + timedelta(seconds=5)
+        while len(h.store.runs("data-refresh")) < 3 and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.01)
+        self._settle(h)
+        assert [r.headers["X-Scheduled-For"][11:16] for r in h.requests] == [
+            "03:00",
+            "03:15",
+            "03:30",
+        ]
+        assert [r.outcome for r in h.store.runs("data-refresh")] == ["success"] * 3
+
+    def test_replays_not_started_at_shutdown_are_recorded_not_lost_silently(self) -> None:
+        h, release = self._blocking()
+        slots = [SLOT + timedelta(minutes=m) for m in (0, 15, 30)]
+        h.dispatcher.submit(job(), slots, deadline=None)
+        deadline = datetime.now(UTC) + timedelta(seconds=5)
+        while not h.requests and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.01)
+        stopper = threading.Thread(target=h.dispatcher.shutdown, args=(5,))
+        stopper.start()  # SIGTERM arrives while the first replay is in flight
+        while not h.dispatcher.stopping and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.01)
+        release.set()
+        stopper.join(5)
+        outcomes = sorted((r.slot.minute, r.outcome, r.error) for r in h.store.runs("data-refresh"))
+        assert outcomes == [
+            (0, "success", None),
+            (15, "skipped_overlap", "shutting down"),
+            (30, "skipped_overlap", "shutting down"),
+        ]
 
     def test_a_manual_trigger_gets_its_own_key_and_is_refused_while_in_flight(self) -> None:
         h, release = self._blocking()
