@@ -17,7 +17,7 @@ from structlog.typing import FilteringBoundLogger
 from schedule_grammar import next_fires
 
 from . import __version__
-from .clock import Clock, Scheduler, SystemClock, format_slot
+from .clock import DEFAULT_LEAD_SECONDS, Clock, Scheduler, SystemClock, format_slot
 from .config import (
     Config,
     ConfigError,
@@ -233,6 +233,7 @@ def serve(
         log=log,
         tick_seconds=settings.tick_seconds,
         reload=reload,
+        lead_seconds=DEFAULT_LEAD_SECONDS,
     )
     loop = threading.Thread(target=scheduler.run, name="clock", daemon=True)
 

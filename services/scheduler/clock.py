@@ -23,7 +23,9 @@ from .state import RunRecord, StateStore
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
 _COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at least"
-LATE_WARNING_SECONDS = 1.0
+# The loop hands slots to dispatch this far ahead; dispatch builds the request, the state is
+# written, and the call goes out at the slot's instant (bench/README.md shows why).
+DEFAULT_LEAD_SECONDS = 0.05
 
 
 class Clock(Protocol):
@@ -120,6 +122,7 @@ class Scheduler:
         log: FilteringBoundLogger,
         tick_seconds: float,
         reload: Callable[[], tuple[Job, ...]] | None = None,
+        lead_seconds: float = 0.0,
     ) -> None:
         self._jobs = {job.name: job for job in jobs}
         self._firer = firer
@@ -128,9 +131,11 @@ class Scheduler:
         self._log = log
         self._tick = tick_seconds
         self._reload = reload
+        self._lead = timedelta(seconds=lead_seconds)
         self._heap: list[tuple[datetime, int, str]] = []
         self._planned: dict[str, datetime] = {}
         self._counter = itertools.count()
+        self._handoffs: list[tuple[Job, list[datetime], datetime | None]] = []
         self._stopping = threading.Event()
         self._reload_requested = threading.Event()
         self._lock = threading.Lock()  # guards _jobs/_planned for readers in other threads
@@ -163,6 +168,12 @@ class Scheduler:
 
     def run(self) -> None:
         self.start(self._clock.now())
+        upcoming = min(self._planned.values(), default=None)
+        self._log.info(
+            "scheduler ready",
+            planned=len(self._planned),
+            next_slot=_iso(upcoming) if upcoming else None,
+        )
         while not self._stopping.is_set():
             self.heartbeat = self._clock.monotonic()
             if self._reload_requested.is_set():
@@ -184,22 +195,24 @@ class Scheduler:
             )
         for job in self._jobs.values():
             self._plan_first(job, now)
+        self._hand_on()
 
     def seconds_until_next(self, now: datetime) -> float:
         """How long the loop may sleep: until the earliest slot, at most a tick."""
         self._drop_stale()
         if not self._heap:
             return self._tick
-        return max(0.0, min(self._tick, (self._heap[0][0] - now).total_seconds()))
+        return max(0.0, min(self._tick, (self._heap[0][0] - self._lead - now).total_seconds()))
 
     def fire_due(self, now: datetime) -> None:
-        """Hand every slot due at `now` to the firer, and plan each job's next slot."""
-        while self._heap and self._heap[0][0] <= now:
+        """Hand every slot due by `now` (plus the lead) to the firer; plan each job's next."""
+        while self._heap and self._heap[0][0] <= now + self._lead:
             slot, _, name = heapq.heappop(self._heap)
             job = self._jobs.get(name)
             if job is None or self._planned.get(name) != slot:
                 continue  # removed or replanned by a reload
             self._handle(job, slot, now)
+        self._hand_on()
 
     # -- internals ------------------------------------------------------------------------
 
@@ -242,15 +255,13 @@ class Scheduler:
         else:
             if decision.missed:
                 self._record_missed(job, decision, now)
-            caught_up = restart or bool(decision.missed)
-            for slot in decision.fire:
-                lateness = (now - slot).total_seconds()
-                if caught_up or lateness > LATE_WARNING_SECONDS:
+            if restart or decision.missed:
+                for slot in decision.fire:
                     self._log.warning(
-                        "catch-up fire" if caught_up else "late fire",
+                        "catch-up fire",
                         job=job.name,
                         slot=_iso(slot),
-                        late_seconds=round(lateness, 3),
+                        late_seconds=round((now - slot).total_seconds(), 3),
                         catchup=job.catchup,
                     )
             if decision.fire:
@@ -258,9 +269,20 @@ class Scheduler:
         self._plan(job, decision.next_slot)
 
     def _fire(self, job: Job, slots: list[datetime], next_slot: datetime | None) -> None:
-        for slot in slots:
-            self._store.mark_started(job.name, slot, idempotency_key(job.name, slot))
-        self._firer.submit(job, slots, deadline=next_slot)
+        self._handoffs.append((job, slots, next_slot))
+
+    def _hand_on(self) -> None:
+        """Record every slot of this beat as started (one durable write), then submit them."""
+        handoffs, self._handoffs = self._handoffs, []
+        if not handoffs:
+            return
+        self._store.mark_started(
+            (job.name, slot, idempotency_key(job.name, slot))
+            for job, slots, _ in handoffs
+            for slot in slots
+        )
+        for job, slots, next_slot in handoffs:
+            self._firer.submit(job, slots, deadline=next_slot)
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -65,8 +65,9 @@ class StateStore(Protocol):
     def advance(self, job: str, slot: datetime) -> None:
         """Record that every slot up to `slot` is handled (fired, skipped or missed)."""
 
-    def mark_started(self, job: str, slot: datetime, key: str) -> None:
-        """Record that `slot` is handed to dispatch, before its call: at most once per slot."""
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> None:
+        """Record (job, slot, key) handed to dispatch, durably, before their calls: at most
+        once per slot. One call for everything handed on in one beat."""
 
     def mark_finished(self, job: str, key: str) -> None:
         """The call for `key` is over (whatever its outcome)."""
@@ -136,10 +137,11 @@ class MemoryStateStore:
             state = self._jobs[job] = replace(state, last_slot=slot)
         return state
 
-    def mark_started(self, job: str, slot: datetime, key: str) -> None:
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> None:
         with self._lock:
-            self._advance(job, slot)
-            self._in_flight[key] = (job, slot, datetime.now(UTC))
+            for job, slot, key in slots:
+                self._advance(job, slot)
+                self._in_flight[key] = (job, slot, datetime.now(UTC))
 
     def mark_finished(self, job: str, key: str) -> None:
         with self._lock:
@@ -232,7 +234,13 @@ MIGRATIONS: tuple[str, ...] = (
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_PROBLEM_LOG_INTERVAL = 60.0  # seconds between repeated "state not written" errors
+_PROBLEM_LOG_INTERVAL = 60.0
+# History and finished-call writes wait this long to share a commit. A process killed in that
+# window loses their rows (a finished call is then recorded `interrupted`, never re-fired).
+COALESCE_SECONDS = 0.25  # seconds between repeated "state not written" errors
+
+
+Statement = tuple[str, tuple[object, ...]]
 
 
 def _us(instant: datetime | None) -> int | None:
@@ -274,7 +282,11 @@ class SqliteStateStore:
         self._problem: str | None = None
         self._last_problem_log = -_PROBLEM_LOG_INTERVAL
         self._dirty = False  # job state changed while the disk refused writes
-        self._writes = 0
+        self._records = 0
+        self._queue: list[tuple[list[Statement], threading.Event | None]] = []
+        self._queue_changed = threading.Condition()
+        self._committing = False
+        self._closed = False
         self._db: sqlite3.Connection | None = None
         try:
             self._db = self._open()
@@ -293,6 +305,10 @@ class SqliteStateStore:
             self._degrade(f"cannot open {path}: {error.strerror or error}")
         if self._db is not None:
             self._load()
+        self._writer = threading.Thread(
+            target=self._drain_forever, name="state-writer", daemon=True
+        )
+        self._writer.start()
 
     # -- opening ----------------------------------------------------------------------------
 
@@ -364,8 +380,56 @@ class SqliteStateStore:
             )
 
     # -- the write path ---------------------------------------------------------------------
+    #
+    # One writer thread commits whatever is queued in one transaction, so a hundred slots
+    # handed on at one instant cost one commit, and the threads that make calls never wait
+    # for the disk. Only mark_started and set_paused wait for their commit: a slot must be
+    # on disk before its call, and a pause before it is acknowledged.
 
-    def _write(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+    def _write(self, statements: list[Statement], *, wait: bool = False) -> None:
+        done = threading.Event() if wait else None
+        with self._queue_changed:
+            if self._closed:
+                self._commit(statements)  # after close: write through, in the caller
+                return
+            self._queue.append((statements, done))
+            self._queue_changed.notify_all()
+        if done is not None:
+            done.wait()
+
+    def _drain_forever(self) -> None:
+        while True:
+            with self._queue_changed:
+                while not self._queue and not self._closed:
+                    self._queue_changed.wait()
+                if not self._queue:
+                    return
+                # Gather what comes within the coalescing window into one transaction, so a
+                # burst of calls is not slowed by a commit per call; a waiter cuts it short.
+                until = time.monotonic() + COALESCE_SECONDS
+                while (
+                    not self._closed
+                    and not any(done is not None for _, done in self._queue)
+                    and (left := until - time.monotonic()) > 0
+                ):
+                    self._queue_changed.wait(left)
+                batch, self._queue = self._queue, []
+                self._committing = True
+            self._commit([statement for statements, _ in batch for statement in statements])
+            with self._queue_changed:
+                self._committing = False
+                self._queue_changed.notify_all()
+            for _, done in batch:
+                if done is not None:
+                    done.set()
+
+    def flush(self) -> None:
+        """Wait until everything queued is committed (or refused)."""
+        with self._queue_changed:
+            while self._queue or self._committing:
+                self._queue_changed.wait()
+
+    def _commit(self, statements: list[Statement]) -> None:
         """Run statements in one transaction; on failure keep going in memory."""
         with self._lock:
             if self._db is None:
@@ -387,7 +451,6 @@ class SqliteStateStore:
             if self._problem is not None:
                 self._log.info("state file writable again", state_file=str(self.path))
             self._problem, self._dirty = None, False
-            self._writes += 1
 
     def _rollback(self) -> None:
         assert self._db is not None
@@ -413,7 +476,7 @@ class SqliteStateStore:
         for name, state in self._memory.job_states().items():
             self._db.execute(*_upsert(name, state))
 
-    def _job_write(self, job: str) -> tuple[str, tuple[object, ...]]:
+    def _job_write(self, job: str) -> Statement:
         return _upsert(job, self._memory.job_state(job))
 
     # -- StateStore -------------------------------------------------------------------------
@@ -425,23 +488,24 @@ class SqliteStateStore:
         self._memory.advance(job, slot)
         self._write([self._job_write(job)])
 
-    def mark_started(self, job: str, slot: datetime, key: str) -> None:
-        self._memory.mark_started(job, slot, key)
-        self._write(
-            [
-                self._job_write(job),
-                (
-                    "INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
-                    (key, job, _us(slot), _us(datetime.now(UTC))),
-                ),
-            ]
-        )
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> None:
+        handed = list(slots)
+        self._memory.mark_started(handed)
+        since = _us(datetime.now(UTC))
+        statements = [self._job_write(job) for job in dict.fromkeys(job for job, _, _ in handed)]
+        statements += [
+            ("INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
+             (key, job, _us(slot), since))
+            for job, slot, key in handed
+        ]  # fmt: skip
+        self._write(statements, wait=True)
 
     def mark_finished(self, job: str, key: str) -> None:
         self._memory.mark_finished(job, key)
         self._write([("DELETE FROM in_flight WHERE key = ?", (key,))])
 
     def recover_interrupted(self, now: datetime) -> list[RunRecord]:
+        self.flush()
         with self._lock:
             rows = (
                 self._db.execute("SELECT key, job, slot FROM in_flight ORDER BY slot").fetchall()
@@ -458,7 +522,7 @@ class SqliteStateStore:
 
     def record_run(self, record: RunRecord) -> None:
         self._memory.record_run(record)
-        statements: list[tuple[str, tuple[object, ...]]] = [
+        statements: list[Statement] = [
             (
                 "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
                 "error, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -476,21 +540,26 @@ class SqliteStateStore:
                 ),
             ),
             self._job_write(record.job),
-            # Keep at most max_runs per job: an indexed delete below the job's newest N.
-            (
-                "DELETE FROM runs WHERE job = ? AND id <= (SELECT id FROM runs WHERE job = ? "
-                "ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (record.job, record.job, self._max_runs),
-            ),
         ]
-        # The age bound scans by start time; every 100th write is often enough.
-        if self._writes % 100 == 0:
-            statements.append(
-                ("DELETE FROM runs WHERE started < ?", (_us(record.started - self._max_age),))
-            )
+        # History bounds, amortised: every 100th record (and at close) trims each job to its
+        # newest max_runs and drops what is older than max_age.
+        self._records += 1
+        if self._records % 100 == 0:
+            statements += self._prune(record.started)
         self._write(statements)
 
+    def _prune(self, now: datetime) -> list[Statement]:
+        return [
+            ("DELETE FROM runs WHERE started < ?", (_us(now - self._max_age),)),
+            (
+                "DELETE FROM runs WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+                "(PARTITION BY job ORDER BY id DESC) AS n FROM runs) WHERE n > ?)",
+                (self._max_runs,),
+            ),
+        ]
+
     def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
+        self.flush()
         with self._lock:
             if self._db is None or self._problem is not None:
                 return self._memory.runs(job, limit)
@@ -517,12 +586,17 @@ class SqliteStateStore:
 
     def set_paused(self, job: str, paused: bool) -> None:
         self._memory.set_paused(job, paused)
-        self._write([self._job_write(job)])
+        self._write([self._job_write(job)], wait=True)
 
     def problem(self) -> str | None:
         return self._problem
 
     def close(self) -> None:
+        self._write(self._prune(datetime.now(UTC)))
+        with self._queue_changed:
+            self._closed = True
+            self._queue_changed.notify_all()
+        self._writer.join()
         with self._lock:
             if self._db is not None:
                 try:
@@ -533,7 +607,7 @@ class SqliteStateStore:
                 self._db = None
 
 
-def _upsert(name: str, state: JobState) -> tuple[str, tuple[object, ...]]:
+def _upsert(name: str, state: JobState) -> Statement:
     return (
         "INSERT INTO jobs (name, last_slot, last_outcome, last_status, last_run, last_success, "
         "paused) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "

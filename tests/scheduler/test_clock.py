@@ -80,6 +80,19 @@ class TestPrecision:
         assert sorted(order) == [(10, "a"), (15, "b"), (20, "a"), (30, "a"), (30, "b")]
 
 
+class TestLead:
+    def test_slots_are_handed_on_the_lead_ahead_of_their_instant(self) -> None:
+        clock = VirtualClock(T0)
+        firer = RecordingFirer()
+        scheduler = Scheduler(jobs=[job(schedule="every 15s")], firer=firer, store=MemoryStateStore(),
+                              clock=clock, log=structlog.get_logger(), tick_seconds=30, lead_seconds=0.05)  # fmt: skip
+        scheduler.start(clock.now())
+        assert scheduler.seconds_until_next(clock.now()) == pytest.approx(7.70)
+        clock.advance(7.70)
+        scheduler.fire_due(clock.now())
+        assert firer.slots("j") == [utc(2026, 11, 22, 10, 0, 15)], "handed on with its own slot"
+
+
 class TestFirstStart:
     def test_nothing_fires_at_once(self) -> None:
         scheduler, clock, firer, _ = make(job(schedule="every 1h"))

@@ -58,6 +58,7 @@ class Harness:
         self.clock = VirtualClock(SLOT)
         self.store = MemoryStateStore()
         self.reporter = FakeReporter()
+        self.pauses: list[float] = []
 
         def record(request: httpx.Request) -> httpx.Response:
             self.requests.append(request)
@@ -78,7 +79,13 @@ class Harness:
             max_concurrency=concurrency,
             client=httpx.Client(transport=httpx.MockTransport(record)),
             sleep=sleep,
+            pause=self.pause,
         )
+
+    def pause(self, seconds: float) -> None:
+        """Waiting for a slot in virtual time."""
+        self.pauses.append(seconds)
+        self.clock.advance(seconds)
 
     def call(self, j: Job, deadline: datetime | None = None):  # type: ignore[no-untyped-def]
         return self.dispatcher.call(j, SLOT, key=idempotency_key(j.name, SLOT), deadline=deadline)
@@ -259,6 +266,25 @@ class TestRetries:
         h = Harness(handler)
         result = h.call(job(retries=1, timeout=2.5))
         assert result.attempts == 2 and result.error == "timed out after 2.5s"
+
+
+class TestSendingAtTheSlot:
+    def test_a_slot_handed_on_ahead_of_time_is_sent_at_its_instant(self) -> None:
+        h = Harness(responses(httpx.Response(200)))
+        early = SLOT + timedelta(milliseconds=40)
+        h.dispatcher.call(job(), early, key="k", deadline=None)
+        assert h.pauses == [0.04]
+        assert h.store.runs("data-refresh")[0].started == early
+
+    def test_a_slot_already_due_is_sent_at_once(self) -> None:
+        h = Harness(responses(httpx.Response(200)))
+        h.call(job())
+        assert h.pauses == []
+
+    def test_retries_do_not_wait_for_the_slot_again(self) -> None:
+        h = Harness(responses(httpx.Response(503), httpx.Response(200)))
+        h.dispatcher.call(job(retries=1), SLOT + timedelta(seconds=1), key="k", deadline=None)
+        assert h.pauses == [1.0] and len(h.sleeps) == 1
 
 
 class TestOverlap:

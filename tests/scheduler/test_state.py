@@ -39,7 +39,7 @@ def store(path: Path, **kwargs: object) -> SqliteStateStore:
 class TestDurability:
     def test_job_state_and_history_survive_a_reopen(self, tmp_path: Path) -> None:
         db = store(tmp_path / "state.db")
-        db.mark_started("j", T, "j@1")
+        db.mark_started([("j", T, "j@1")])
         db.record_run(record(status=200, duration=0.25))
         db.mark_finished("j", "j@1")
         db.set_paused("j", True)
@@ -72,7 +72,7 @@ class TestDurability:
         self, tmp_path: Path
     ) -> None:
         db = store(tmp_path / "state.db")
-        db.mark_started("j", T, "j@1000")
+        db.mark_started([("j", T, "j@1000")])
         db.close()  # the process died mid-call: no mark_finished
         again = store(tmp_path / "state.db")
         (interrupted,) = again.recover_interrupted(T + timedelta(minutes=1))
@@ -93,16 +93,42 @@ class TestDurability:
         assert db.job_state("j").last_slot == T + timedelta(hours=1)
 
 
+class TestTheWriter:
+    def test_writes_from_many_threads_all_land_and_mark_started_is_durable_at_return(
+        self, tmp_path: Path
+    ) -> None:
+        import threading
+
+        db = store(tmp_path / "state.db")
+
+        def work(job: str) -> None:
+            for minute in range(50):
+                db.record_run(record(job, minute))
+
+        threads = [threading.Thread(target=work, args=(f"j{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        db.mark_started([("x", T, "x@1")])
+        raw = sqlite3.connect(tmp_path / "state.db")
+        assert raw.execute("SELECT key FROM in_flight").fetchall() == [("x@1",)]
+        for thread in threads:
+            thread.join()
+        db.close()
+        assert raw.execute("SELECT COUNT(*) FROM runs").fetchone() == (400,)
+
+
 class TestBounds:
     def test_history_keeps_at_most_max_runs_per_job(self, tmp_path: Path) -> None:
         db = store(tmp_path / "state.db", max_runs=5)
         for minute in range(40):
             db.record_run(record("a", minute))
             db.record_run(record("b", minute))
+        db.close()
         raw = sqlite3.connect(tmp_path / "state.db")
         counts = dict(raw.execute("SELECT job, COUNT(*) FROM runs GROUP BY job").fetchall())
         assert counts == {"a": 5, "b": 5}
-        assert [r.slot.minute for r in db.runs("a")] == [39, 38, 37, 36, 35]
+        again = store(tmp_path / "state.db", max_runs=5)
+        assert [r.slot.minute for r in again.runs("a")] == [39, 38, 37, 36, 35]
 
     def test_history_older_than_max_age_is_dropped(self, tmp_path: Path) -> None:
         db = store(tmp_path / "state.db", max_age=timedelta(hours=1))
@@ -127,6 +153,7 @@ class TestUnusableFiles:
         (event,) = [e for e in logs if e["log_level"] == "error"]
         assert event["state_file"] == str(path) and event["moved_to"] == str(moved[0])
         db.record_run(record())
+        db.flush()
         assert db.problem() is None and db.runs("j")
 
     def test_a_file_from_a_newer_schema_is_moved_aside(self, tmp_path: Path) -> None:
@@ -152,6 +179,7 @@ class TestADiskThatRefuses:
         clock = {"now": 0.0}
         db = store(tmp_path / "state.db", monotonic=lambda: clock["now"])
         db.advance("j", T)
+        db.flush()
         writable = db._db
         # A real SQLite refusal: the same file opened read-only.
         db._db = sqlite3.connect(
@@ -163,16 +191,20 @@ class TestADiskThatRefuses:
         with capture_logs() as logs:
             db.advance("j", T + timedelta(minutes=1))
             db.set_paused("j", True)
+            db.flush()
             clock["now"] = 30.0
             db.advance("j", T + timedelta(minutes=2))
+            db.flush()
             clock["now"] = 61.0
             db.advance("j", T + timedelta(minutes=3))
+            db.flush()
         assert db.job_state("j") == JobState(last_slot=T + timedelta(minutes=3), paused=True)
         assert "readonly" in (db.problem() or "")
         complaints = [e for e in logs if e["event"].startswith("state not written")]
         assert len(complaints) == 2, "once at first, once after a minute"
         db._db = writable
         db.record_run(record(minutes=4))
+        db.flush()
         assert db.problem() is None
         db.close()
         again = store(tmp_path / "state.db")
@@ -184,7 +216,7 @@ class TestADiskThatRefuses:
         blocker.write_text("a file where a directory should be")
         db = store(blocker / "state.db")
         assert db.problem() is not None and "cannot open" in db.problem()  # type: ignore[operator]
-        db.mark_started("j", T, "k")
+        db.mark_started([("j", T, "k")])
         assert db.job_state("j").last_slot == T
 
 

@@ -1,0 +1,248 @@
+"""Firing lateness, burst dispatch, idle cost, memory and start-up: cronclock beside APScheduler.
+
+Run: python bench/lateness.py [--duration 20] [--idle 60] [--only NAME]
+Needs the bench extra (pip install -e '.[bench]') for the APScheduler 3.x peer.
+
+Both schedulers run as their own processes against one loopback target (bench/_target.py)
+that stamps each request's arrival; lateness = arrival - X-Scheduled-For. Same jobs, same
+thread count (8), same HTTP client (httpx, keep-alive). cronclock runs with its default
+SQLite state store and, where named, with memory:// for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from _target import BenchTarget, percentiles
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 8
+WARMUP = 2.0  # seconds of slots ignored after start
+
+
+@dataclass
+class Result:
+    label: str
+    stats: dict[str, float]
+    extra: str = ""
+
+
+def _jobs_file(directory: Path, jobs: int, schedule: str) -> Path:
+    path = directory / "jobs.toml"
+    lines = ["include_builtin = false"]
+    for index in range(jobs):
+        lines += [f'[jobs."job-{index}"]', f'schedule = "{schedule}"', 'endpoint = "/bench"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _wait_for_line(path: Path, needle: str, timeout: float = 60) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and needle in path.read_text():
+            return time.monotonic()
+        time.sleep(0.002)
+    raise RuntimeError(f"{needle!r} never appeared in {path}:\n{path.read_text()[-2000:]}")
+
+
+class Cronclock:
+    def __init__(self, target: BenchTarget, jobs: int, schedule: str, state: str) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="cronclock-bench-"))
+        self.log = self.dir / "daemon.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
+        env.update(
+            API_URL=target.url,
+            SCHEDULER_API_TOKEN="bench",
+            SCHEDULER_JOBS_FILE=str(_jobs_file(self.dir, jobs, schedule)),
+            SCHEDULER_STATE_URL=(
+                f"sqlite:///{self.dir}/state.db" if state == "sqlite" else "memory://"
+            ),
+            SCHEDULER_ADMIN_BIND="off",
+            SCHEDULER_MAX_CONCURRENCY=str(THREADS),
+            SCHEDULER_LOG_FORMAT="json",
+        )
+        self.began = time.monotonic()
+        with self.log.open("w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "services.scheduler", "run"],
+                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        self.ready = _wait_for_line(self.log, '"scheduler ready"') - self.began
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(60)
+
+
+class Apscheduler:
+    def __init__(
+        self, target: BenchTarget, jobs: int, cadence: int, duration: float, idle: bool = False
+    ) -> None:
+        args = [sys.executable, str(ROOT / "bench" / "peers" / "apscheduler_run.py"), target.url,
+                str(jobs), str(cadence), str(THREADS), str(duration)] + (["--idle"] if idle else [])  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        self.process.wait(120)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def lateness(target: BenchTarget, since: float) -> list[float]:
+    return [a.at - a.scheduled for a in list(target.arrivals) if a.scheduled >= since]
+
+
+def steady(target: BenchTarget, jobs: int, duration: float, who: str) -> Result:
+    """`jobs` jobs every second for `duration` seconds."""
+    target.reset()
+    if who == "apscheduler":
+        peer = Apscheduler(target, jobs, 1, duration + WARMUP)
+        since = time.time() + WARMUP
+        peer.stop()
+    else:
+        daemon = Cronclock(target, jobs, "every 1s", who.removeprefix("cronclock-"))
+        since = time.time() + WARMUP
+        time.sleep(duration + WARMUP)
+        daemon.stop()
+    return Result(f"{jobs} jobs every 1s: {who}", percentiles(lateness(target, since)))
+
+
+def burst(target: BenchTarget, duration: float, who: str) -> Result:
+    """1,000 jobs due at the same instant, every 10 s: how late the whole burst lands."""
+    target.reset()
+    if who == "apscheduler":
+        peer = Apscheduler(target, 1000, 10, duration + WARMUP)
+        since = time.time() + WARMUP
+        peer.stop()
+    else:
+        daemon = Cronclock(target, 1000, "every 10s", "sqlite")
+        since = time.time() + WARMUP
+        time.sleep(duration + WARMUP)
+        daemon.stop()
+    late = lateness(target, since)
+    bursts: dict[float, list[float]] = {}
+    for arrival in target.arrivals:
+        if arrival.scheduled >= since:
+            bursts.setdefault(arrival.scheduled, []).append(arrival.at - arrival.scheduled)
+    complete = [max(values) for values in bursts.values() if len(values) == 1000]
+    extra = (
+        f"bursts complete={len(complete)}/{len(bursts)}, last call of a burst (median)={statistics.median(complete) * 1000:.0f} ms"
+        if complete
+        else "no complete burst"
+    )
+    return Result(f"1000 jobs at one instant: {who}", percentiles(late), extra)
+
+
+def idle(target: BenchTarget, seconds: float, who: str) -> Result:
+    """1,000 hourly jobs, none due: CPU seconds over `seconds`, and resident memory."""
+    minute = (datetime.now(UTC).minute + 30) % 60
+    if who == "apscheduler":
+        peer = Apscheduler(target, 1000, 3600, seconds + 5, idle=True)
+        pid = peer.process.pid
+        time.sleep(2)
+        before = cpu_seconds(pid)
+        time.sleep(seconds)
+        used, rss = cpu_seconds(pid) - before, rss_mb(pid)
+        peer.stop()
+        ready = float("nan")
+    else:
+        daemon = Cronclock(target, 1000, f"every 1h offset {minute}m", "sqlite")
+        pid, ready = daemon.process.pid, daemon.ready
+        time.sleep(2)
+        before = cpu_seconds(pid)
+        time.sleep(seconds)
+        used, rss = cpu_seconds(pid) - before, rss_mb(pid)
+        daemon.stop()
+    return Result(
+        f"idle, 1000 hourly jobs, {seconds:g}s: {who}",
+        {"cpu_s": used, "rss_mb": rss, "ready_s": ready},
+    )
+
+
+def startup(target: BenchTarget, repeats: int = 5) -> Result:
+    """Spawn to 'scheduler ready' with the 8 built-in-sized table and with 1,000 jobs."""
+    small, large = [], []
+    for _ in range(repeats):
+        daemon = Cronclock(target, 8, "every 1h", "sqlite")
+        small.append(daemon.ready)
+        daemon.stop()
+        daemon = Cronclock(target, 1000, "every 1h", "sqlite")
+        large.append(daemon.ready)
+        daemon.stop()
+    return Result(
+        "start-up to ready (median)",
+        {"8 jobs s": statistics.median(small), "1000 jobs s": statistics.median(large)},
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per steady scenario")
+    parser.add_argument("--idle", type=float, default=60.0, help="seconds of the idle scenario")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per steady scenario")
+    parser.add_argument("--only", choices=["steady", "burst", "idle", "startup"], default=None)
+    args = parser.parse_args()
+    target = BenchTarget()
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
+          f"threads={THREADS}; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", flush=True)  # fmt: skip
+    results: list[Result] = []
+
+    def show(result: Result) -> None:
+        stats = "  ".join(
+            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.stats.items()
+        )
+        print(f"{result.label:<48} {stats}  {result.extra}", flush=True)
+        results.append(result)
+
+    if args.only in (None, "steady"):
+        for jobs in (10, 100):
+            runs: dict[str, list[dict[str, float]]] = {}
+            for _ in range(args.repeats):  # interleaved, so drift hits every peer alike
+                for who in ("cronclock-sqlite", "cronclock-memory", "apscheduler"):
+                    runs.setdefault(who, []).append(steady(target, jobs, args.duration, who).stats)
+            for who, stats in runs.items():
+                show(Result(
+                    f"{jobs} jobs every 1s: {who}",
+                    {key: statistics.median(s[key] for s in stats) for key in ("n", "p50", "p99", "max")},
+                    f"(median of {len(stats)} runs; p99s: {', '.join(f'{s['p99']:.1f}' for s in stats)})",
+                ))  # fmt: skip
+    if args.only in (None, "burst"):
+        for who in ("cronclock", "apscheduler"):
+            show(burst(target, 25.0, who))
+    if args.only in (None, "idle"):
+        for who in ("cronclock", "apscheduler"):
+            show(idle(target, args.idle, who))
+    if args.only in (None, "startup"):
+        show(startup(target))
+    (ROOT / "bench" / "last-lateness.json").write_text(
+        json.dumps([{"label": r.label, **r.stats, "extra": r.extra} for r in results], indent=1)
+    )
+    target.stop()
+
+
+if __name__ == "__main__":
+    main()
