@@ -228,7 +228,7 @@ def main() -> None:
                 show(Result(
                     f"{jobs} jobs every 1s: {who}",
                     {key: statistics.median(s[key] for s in stats) for key in ("n", "p50", "p99", "max")},
-                    f"(median of {len(stats)} runs; p99s: {', '.join(f'{s['p99']:.1f}' for s in stats)})",
+                    f"(median of {len(stats)} runs; p99s: " + ", ".join(f"{s['p99']:.1f}" for s in stats) + ")",
                 ))  # fmt: skip
     if args.only in (None, "burst"):
         for who in ("cronclock", "apscheduler"):

@@ -39,7 +39,7 @@ def one_run(store: StateStore, fires: int) -> tuple[float, float]:
                 outcome="success",
                 duration=0.002,
                 status=200,
-            )  # fmt: skip
+            )
         )
         store.mark_finished(f"job-{index % 10}", key)
     caller = time.perf_counter() - began
