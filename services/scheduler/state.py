@@ -286,6 +286,7 @@ class SqliteStateStore:
         self._queue: list[tuple[list[Statement], threading.Event | None]] = []
         self._queue_changed = threading.Condition()
         self._committing = False
+        self._flushers = 0  # threads waiting in flush(): the writer commits at once
         self._closed = False
         self._db: sqlite3.Connection | None = None
         try:
@@ -393,7 +394,10 @@ class SqliteStateStore:
                 self._commit(statements)  # after close: write through, in the caller
                 return
             self._queue.append((statements, done))
-            self._queue_changed.notify_all()
+            # Wake the writer for the first item or for a waiter; others ride along in the
+            # transaction it is gathering (waking it per call would cost the calls CPU).
+            if done is not None or len(self._queue) == 1:
+                self._queue_changed.notify_all()
         if done is not None:
             done.wait()
 
@@ -409,6 +413,7 @@ class SqliteStateStore:
                 until = time.monotonic() + COALESCE_SECONDS
                 while (
                     not self._closed
+                    and not self._flushers
                     and not any(done is not None for _, done in self._queue)
                     and (left := until - time.monotonic()) > 0
                 ):
@@ -426,8 +431,13 @@ class SqliteStateStore:
     def flush(self) -> None:
         """Wait until everything queued is committed (or refused)."""
         with self._queue_changed:
-            while self._queue or self._committing:
-                self._queue_changed.wait()
+            self._flushers += 1
+            self._queue_changed.notify_all()
+            try:
+                while self._queue or self._committing:
+                    self._queue_changed.wait()
+            finally:
+                self._flushers -= 1
 
     def _commit(self, statements: list[Statement]) -> None:
         """Run statements in one transaction; on failure keep going in memory."""
