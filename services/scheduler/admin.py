@@ -1,0 +1,309 @@
+"""The admin API: health, metrics, the job table with its history, and controls.
+
+FastAPI, served by uvicorn on a background thread. Handlers only read state and hand work to
+the dispatcher; none of them can block the clock loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from structlog.typing import FilteringBoundLogger
+
+from . import __version__
+from .clock import Clock, Scheduler, format_slot
+from .config import Job
+from .dispatch import Dispatcher
+from .state import RunRecord, StateStore
+from .telemetry import Metrics
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdminContext:
+    """What the admin API reads and acts on."""
+
+    scheduler: Scheduler
+    dispatcher: Dispatcher
+    store: StateStore
+    metrics: Metrics
+    clock: Clock
+    admin_token: SecretStr | None
+    local_dev_mode: bool
+    tick_seconds: float
+
+
+# -- response models ------------------------------------------------------------------------
+
+
+class LastRun(BaseModel):
+    at: str | None
+    outcome: str | None
+    status: int | None
+
+
+class JobView(BaseModel):
+    name: str
+    schedule: str
+    timezone: str
+    method: str
+    endpoint: str
+    enabled: bool
+    overlap: str
+    catchup: str
+    next_run: str | None
+    next_run_local: str | None
+    last_run: LastRun
+    last_success: str | None
+    paused: bool
+    in_flight: int
+
+
+class RunView(BaseModel):
+    slot: str
+    key: str
+    attempt: int
+    started: str
+    duration_seconds: float | None
+    status: int | None
+    outcome: str
+    error: str | None
+    count: int
+
+
+class Health(BaseModel):
+    status: str
+    reason: str | None = None
+    heartbeat_age_seconds: float
+    version: str
+
+
+class Triggered(BaseModel):
+    job: str
+    idempotency_key: str
+
+
+class Paused(BaseModel):
+    job: str
+    paused: bool
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _iso(instant: datetime | None) -> str | None:
+    return format_slot(instant) if instant is not None else None
+
+
+# -- the app --------------------------------------------------------------------------------
+
+JobName = Annotated[str, Path(min_length=1, max_length=200, description="the job's name")]
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "missing or wrong admin token"},
+    404: {"model": ErrorBody, "description": "no such job"},
+}
+
+
+def create_app(ctx: AdminContext) -> FastAPI:
+    app = FastAPI(
+        title="cronclock admin API",
+        version=__version__,
+        description="Health, metrics, the job table, run history and controls of one cronclock.",
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(error.detail)}, status_code=error.status_code, headers=error.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+            for item in error.errors()
+        )
+        return JSONResponse({"error": f"bad parameters: {problems}"}, status_code=422)
+
+    def authorized(request: Request) -> None:
+        expected = ctx.admin_token.get_secret_value() if ctx.admin_token else None
+        if expected is None:
+            if ctx.local_dev_mode:
+                return
+            raise HTTPException(
+                401, "the admin API needs SCHEDULER_ADMIN_TOKEN to be set on the daemon"
+            )
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), expected.encode()
+        ):
+            raise HTTPException(
+                401,
+                "missing or wrong admin token: send Authorization: Bearer <SCHEDULER_ADMIN_TOKEN>",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    auth = [Depends(authorized)]
+
+    def job_or_404(name: str) -> Job:
+        job = ctx.scheduler.jobs().get(name)
+        if job is None:
+            raise HTTPException(404, f"no job named {name!r}")
+        return job
+
+    def view(job: Job, planned: dict[str, datetime], in_flight: dict[str, int]) -> JobView:
+        state = ctx.store.job_state(job.name)
+        upcoming = planned.get(job.name)
+        return JobView(
+            name=job.name,
+            schedule=str(job.schedule),
+            timezone=job.schedule.timezone,
+            method=job.method,
+            endpoint=job.endpoint,
+            enabled=job.enabled,
+            overlap=job.overlap,
+            catchup=job.catchup,
+            next_run=_iso(upcoming),
+            next_run_local=(
+                upcoming.astimezone(job.schedule.tzinfo).isoformat() if upcoming else None
+            ),
+            last_run=LastRun(
+                at=_iso(state.last_run), outcome=state.last_outcome, status=state.last_status
+            ),
+            last_success=_iso(state.last_success),
+            paused=state.paused,
+            in_flight=in_flight.get(job.name, 0),
+        )
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    def healthz() -> JSONResponse:
+        """200 while the clock loop's heartbeat is fresh and the state store healthy."""
+        age = ctx.clock.monotonic() - ctx.scheduler.heartbeat
+        reason = None
+        if ctx.scheduler.stopping:
+            reason = "shutting down"
+        elif age > 2 * ctx.tick_seconds + 5:
+            reason = f"the clock loop has not run for {age:.0f}s"
+        elif (problem := ctx.store.problem()) is not None:
+            reason = f"state store: {problem}"
+        body = Health(
+            status="ok" if reason is None else "unhealthy",
+            reason=reason,
+            heartbeat_age_seconds=round(age, 3),
+            version=__version__,
+        )
+        return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        """Prometheus exposition."""
+        ctx.metrics.in_flight.set(sum(ctx.dispatcher.in_flight().values()))
+        return PlainTextResponse(
+            generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    @app.get("/api/jobs", dependencies=auth, responses=ERRORS)
+    def list_jobs() -> list[JobView]:
+        """Every job with its schedule, next run (UTC and local), last run and state."""
+        planned, in_flight = ctx.scheduler.planned(), ctx.dispatcher.in_flight()
+        return [view(job, planned, in_flight) for job in ctx.scheduler.jobs().values()]
+
+    @app.get("/api/jobs/{name}", dependencies=auth, responses=ERRORS)
+    def get_job(name: JobName) -> JobView:
+        return view(job_or_404(name), ctx.scheduler.planned(), ctx.dispatcher.in_flight())
+
+    @app.get("/api/jobs/{name}/runs", dependencies=auth, responses=ERRORS)
+    def job_runs(
+        name: JobName, limit: Annotated[int, Query(ge=1, le=1000)] = 50
+    ) -> list[RunView]:
+        """The job's latest runs, newest first."""
+        job_or_404(name)
+        return [_run_view(record) for record in ctx.store.runs(name, limit)]
+
+    @app.post(
+        "/api/jobs/{name}/trigger",
+        dependencies=auth,
+        status_code=202,
+        responses={**ERRORS, 409: {"model": ErrorBody, "description": "already in flight"}},
+    )
+    def trigger(name: JobName) -> Triggered:
+        """Fire the job now, with a manual Idempotency-Key; answers at once."""
+        job = job_or_404(name)
+        started = ctx.dispatcher.trigger(job)
+        if started is None:
+            raise HTTPException(
+                409, f"job {name!r} is in flight and its overlap policy is {job.overlap!r}"
+            )
+        return Triggered(job=name, idempotency_key=started[0])
+
+    @app.post("/api/jobs/{name}/pause", dependencies=auth, responses=ERRORS)
+    def pause(name: JobName) -> Paused:
+        """Let the job's slots pass without firing until resumed (kept across restarts)."""
+        job_or_404(name)
+        ctx.store.set_paused(name, True)
+        return Paused(job=name, paused=True)
+
+    @app.post("/api/jobs/{name}/resume", dependencies=auth, responses=ERRORS)
+    def resume(name: JobName) -> Paused:
+        job_or_404(name)
+        ctx.store.set_paused(name, False)
+        return Paused(job=name, paused=False)
+
+    return app
+
+
+def _run_view(record: RunRecord) -> RunView:
+    return RunView(
+        slot=format_slot(record.slot),
+        key=record.key,
+        attempt=record.attempt,
+        started=format_slot(record.started),
+        duration_seconds=record.duration,
+        status=record.status,
+        outcome=record.outcome,
+        error=record.error,
+        count=record.count,
+    )
+
+
+class AdminServer:
+    """uvicorn on a background thread."""
+
+    def __init__(self, app: FastAPI, bind: str, log: FilteringBoundLogger) -> None:
+        host, _, port = bind.rpartition(":")
+        self._host = host.strip("[]")
+        self._log = log
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                app, host=self._host, port=int(port), log_level="warning", access_log=False,
+                lifespan="off",
+            )
+        )  # fmt: skip
+        self._thread = threading.Thread(target=self._server.run, name="admin", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start serving; the URL it listens on. Raises OSError when it cannot listen."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError("cannot listen (address in use or not available)")
+            time.sleep(0.01)
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)

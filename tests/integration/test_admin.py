@@ -1,0 +1,100 @@
+"""The admin API of the real daemon, over real HTTP, acting on a real loopback target."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import Daemon, base_env, run_cli
+from tests.support import Target
+
+ADMIN = "admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]) -> tuple[Daemon, str, dict[str, str]]:
+    port = free_port()
+    env = {"API_URL": target.url, "SCHEDULER_API_TOKEN": "t", "SCHEDULER_ADMIN_TOKEN": ADMIN,
+           "SCHEDULER_ADMIN_BIND": f"127.0.0.1:{port}",
+           "SCHEDULER_JOBS_FILE": str(jobs_file('[jobs.tick]\nschedule = "every 1s"\nendpoint = "/tick"\n'
+                                               '[jobs.hourly]\nschedule = "every 1h"\nendpoint = "/hourly"\n'))}  # fmt: skip
+    proc = daemon(**env)
+    assert proc.wait_for_log("admin API listening"), proc.log_path.read_text()
+    return proc, f"http://127.0.0.1:{port}", env
+
+
+def test_pause_resume_and_trigger_over_http(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]) -> None:
+    proc, url, _ = start(target, jobs_file, daemon)
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert target.wait_for(lambda calls: len(calls) >= 1)
+    assert admin.post("/api/jobs/tick/pause").json() == {"job": "tick", "paused": True}
+    paused_at = len(target.calls("/tick"))
+    # while paused: the hourly job can still be triggered by hand
+    triggered = admin.post("/api/jobs/hourly/trigger")
+    assert triggered.status_code == 202
+    assert target.wait_for(lambda calls: any(c.path == "/hourly" for c in calls))
+    (hourly,) = target.calls("/hourly")
+    assert hourly.header("Idempotency-Key") == triggered.json()["idempotency_key"]
+    time.sleep(2.5)  # let two slots pass while paused
+    assert len(target.calls("/tick")) <= paused_at + 1, "at most the slot already in flight"
+    assert admin.get("/api/jobs/tick").json()["paused"] is True
+    assert admin.post("/api/jobs/tick/resume").json()["paused"] is False
+    assert target.wait_for(lambda calls: len([c for c in calls if c.path == "/tick"]) > paused_at + 1)
+    runs = admin.get("/api/jobs/hourly/runs").json()
+    assert runs[0]["outcome"] == "success" and runs[0]["key"].startswith("hourly@manual-")
+    health = httpx.get(f"{url}/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
+    lateness = {s.name: s.value for s in families["cronclock_job_lateness_seconds"].samples}
+    assert lateness["cronclock_job_lateness_seconds_count"] >= 2
+    assert proc.stop() == 0
+
+
+def test_the_cli_talks_to_the_running_daemon(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]) -> None:
+    proc, _, env = start(target, jobs_file, daemon)
+    cli_env = base_env(**env)
+    status = run_cli("status", env=cli_env)
+    assert status.returncode == 0, status.stderr
+    header, *rows = status.stdout.splitlines()
+    assert header.split()[:3] == ["JOB", "SCHEDULE", "NEXT"]
+    assert rows[0].startswith("tick ") and rows[1].startswith("hourly ")
+    assert run_cli("pause", "hourly", env=cli_env).stdout.strip() == "hourly: paused"
+    assert "yes" in run_cli("status", env=cli_env).stdout.splitlines()[2]
+    assert run_cli("resume", "hourly", env=cli_env).stdout.strip() == "hourly: resumed"
+    triggered = run_cli("trigger", "hourly", env=cli_env)
+    assert triggered.stdout.startswith("hourly: triggered, Idempotency-Key hourly@manual-")
+    assert target.wait_for(lambda calls: any(c.path == "/hourly" for c in calls))
+    unknown = run_cli("pause", "nope", env=cli_env)
+    assert unknown.returncode == 1 and "no job named 'nope'" in unknown.stderr
+    wrong = run_cli("status", env={**cli_env, "SCHEDULER_ADMIN_TOKEN": "wrong"})
+    assert wrong.returncode == 1 and "admin token" in wrong.stderr
+    assert proc.stop() == 0
+
+
+def test_the_cli_says_when_no_daemon_listens() -> None:
+    result = run_cli("status", env=base_env(SCHEDULER_ADMIN_BIND=f"127.0.0.1:{free_port()}", SCHEDULER_ADMIN_TOKEN=ADMIN))
+    assert result.returncode == 1
+    assert "cannot reach the admin API" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_admin_address_in_use_is_a_clear_start_failure(target: Target, jobs_file: Callable[[str], Path]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = base_env(API_URL=target.url, SCHEDULER_API_TOKEN="t", SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}",
+                       SCHEDULER_JOBS_FILE=str(jobs_file('[jobs.t]\nschedule = "every 1h"\nendpoint = "/t"\n')))  # fmt: skip
+        result = run_cli("run", env=env, timeout=30)
+    assert result.returncode == 2
+    assert f"SCHEDULER_ADMIN_BIND='127.0.0.1:{port}'" in result.stderr
+    assert "Traceback" not in result.stderr
