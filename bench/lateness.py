@@ -58,7 +58,14 @@ def _wait_for_line(path: Path, needle: str, timeout: float = 60) -> float:
 
 
 class Cronclock:
-    def __init__(self, target: BenchTarget, jobs: int, schedule: str, state: str) -> None:
+    def __init__(
+        self,
+        target: BenchTarget,
+        jobs: int,
+        schedule: str,
+        state: str,
+        admin_port: int | None = None,
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="cronclock-bench-"))
         self.log = self.dir / "daemon.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
@@ -69,7 +76,8 @@ class Cronclock:
             SCHEDULER_STATE_URL=(
                 f"sqlite:///{self.dir}/state.db" if state == "sqlite" else "memory://"
             ),
-            SCHEDULER_ADMIN_BIND="off",
+            SCHEDULER_ADMIN_BIND=f"127.0.0.1:{admin_port}" if admin_port else "off",
+            SCHEDULER_ADMIN_TOKEN="bench-admin",
             SCHEDULER_MAX_CONCURRENCY=str(THREADS),
             SCHEDULER_LOG_FORMAT="json",
         )
@@ -183,6 +191,32 @@ def idle(target: BenchTarget, seconds: float, who: str) -> Result:
     )
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def admin_load(target: BenchTarget, duration: float, loaded: bool) -> tuple[dict[str, float], str]:
+    """10 jobs every 1 s with the admin API on, idle or under 200 requests per second."""
+    target.reset()
+    port = free_port()
+    daemon = Cronclock(target, 10, "every 1s", "sqlite", admin_port=port)
+    since = time.time() + WARMUP
+    load = None
+    if loaded:
+        load = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "peers" / "admin_load.py"), f"http://127.0.0.1:{port}",
+             "bench-admin", "200", str(duration + WARMUP)], stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    time.sleep(duration + WARMUP)
+    achieved = load.communicate(timeout=60)[0].strip() if load else ""
+    daemon.stop()
+    return percentiles(lateness(target, since)), achieved
+
+
 def startup(target: BenchTarget, repeats: int = 5) -> Result:
     """Spawn to 'scheduler ready' with the 8 built-in-sized table and with 1,000 jobs."""
     small, large = [], []
@@ -204,7 +238,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per steady scenario")
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of the idle scenario")
     parser.add_argument("--repeats", type=int, default=3, help="runs per steady scenario")
-    parser.add_argument("--only", choices=["steady", "burst", "idle", "startup"], default=None)
+    parser.add_argument(
+        "--only", choices=["steady", "burst", "idle", "admin", "startup"], default=None
+    )
     args = parser.parse_args()
     target = BenchTarget()
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
@@ -236,6 +272,32 @@ def main() -> None:
     if args.only in (None, "idle"):
         for who in ("cronclock", "apscheduler"):
             show(idle(target, args.idle, who))
+    if args.only in (None, "admin"):
+        runs_by: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        notes = []
+        for _ in range(args.repeats):
+            for loaded in (False, True):
+                stats, achieved = admin_load(target, args.duration, loaded)
+                runs_by[loaded].append(stats)
+                if achieved:
+                    notes.append(achieved)
+        for loaded, stats in runs_by.items():
+            show(Result(
+                f"10 jobs/1s, admin API {'under 200 req/s' if loaded else 'idle'}",
+                {key: statistics.median(s[key] for s in stats) for key in ("n", "p50", "p99", "max")},
+                "p99s: " + ", ".join(f"{s['p99']:.1f}" for s in stats) + ("; load: " + "; ".join(notes) if loaded else ""),
+            ))  # fmt: skip
+        ready = []
+        for _ in range(5):
+            daemon = Cronclock(target, 8, "every 1h", "sqlite", admin_port=free_port())
+            ready.append(daemon.ready)
+            daemon.stop()
+        show(
+            Result(
+                "start-up to ready with the admin API on (median of 5)",
+                {"8 jobs s": statistics.median(ready)},
+            )
+        )
     if args.only in (None, "startup"):
         show(startup(target))
     (ROOT / "bench" / "last-lateness.json").write_text(

@@ -11,26 +11,30 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
+import httpx
 from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
 from schedule_grammar import next_fires
 
 from . import __version__
+from .admin import AdminContext, AdminServer, create_app
 from .clock import DEFAULT_LEAD_SECONDS, Clock, Scheduler, SystemClock, format_slot
 from .config import (
     Config,
     ConfigError,
     Job,
+    Settings,
     format_seconds,
     load_config,
     load_jobs,
+    load_settings,
     require_auth,
 )
 from .demo import DemoTarget, demo_config
 from .dispatch import Dispatcher, manual_key
 from .state import open_store
-from .telemetry import configure_logging, make_reporter
+from .telemetry import Metrics, configure_logging, make_reporter
 
 EXIT_CONFIG = 2
 
@@ -49,6 +53,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return cmd_fire(load_config(env), args.job, env)
         if command == "demo":
             return cmd_demo(args.duration)
+        if command in ("status", "pause", "resume", "trigger"):
+            return cmd_admin(load_settings(env), command, getattr(args, "job", None))
         return cmd_run(env)
     except ConfigError as error:
         print(f"cronclock: config error: {error}", file=sys.stderr)
@@ -72,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     nxt.add_argument("-n", "--count", type=int, default=5, help="fires per job (default 5)")
     fire = sub.add_parser("fire", help="fire one job once, now, and print the outcome")
     fire.add_argument("job")
+    sub.add_parser("status", help="print the job table of the running daemon (admin API)")
+    for action, text in (("pause", "pause a job"), ("resume", "resume a job"),
+                         ("trigger", "fire a job now")):  # fmt: skip
+        sub.add_parser(action, help=f"{text} in the running daemon (admin API)").add_argument("job")
     demo = sub.add_parser("demo", help="run against a built-in demo application on loopback")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     return parser
@@ -129,6 +139,69 @@ def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(),
             file=out,
         )
+
+
+# -- status / pause / resume / trigger: the admin API of a running daemon ----------------------
+
+
+def admin_url(settings: Settings) -> str:
+    """Where the running daemon's admin API answers, from SCHEDULER_ADMIN_BIND."""
+    if settings.admin_bind == "off":
+        raise ConfigError("SCHEDULER_ADMIN_BIND='off': the daemon serves no admin API to talk to")
+    host, _, port = settings.admin_bind.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host).strip("[]")
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
+    base = admin_url(settings)
+    headers = {}
+    if settings.admin_token is not None:
+        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
+    try:
+        with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+            if command == "status":
+                response = client.get("/api/jobs")
+            else:
+                response = client.post(f"/api/jobs/{job}/{command}")
+    except httpx.HTTPError as error:
+        print(
+            f"cronclock: cannot reach the admin API at {base} ({error}); is the daemon running "
+            "with this SCHEDULER_ADMIN_BIND?",
+            file=sys.stderr,
+        )
+        return 1
+    if response.status_code >= 400:
+        try:
+            message = response.json().get("error", response.text)
+        except ValueError:
+            message = response.text
+        print(
+            f"cronclock: {command} failed (HTTP {response.status_code}): {message}", file=sys.stderr
+        )
+        return 1
+    body = response.json()
+    if command == "status":
+        rows = [("JOB", "SCHEDULE", "NEXT (UTC)", "LAST", "STATUS", "PAUSED", "IN FLIGHT")]
+        for item in body:
+            last = item["last_run"]
+            rows.append(
+                (
+                    item["name"],
+                    item["schedule"],
+                    item["next_run"] or "-",
+                    last["outcome"] or "-",
+                    str(last["status"] or "-"),
+                    "yes" if item["paused"] else "no",
+                    str(item["in_flight"]),
+                )
+            )
+        _table(rows, sys.stdout)
+    elif command == "trigger":
+        print(f"{body['job']}: triggered, Idempotency-Key {body['idempotency_key']}")
+    else:
+        print(f"{body['job']}: {'paused' if body['paused'] else 'resumed'}")
+    return 0
 
 
 # -- fire -----------------------------------------------------------------------------------
@@ -216,6 +289,7 @@ def serve(
     reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
+    metrics = Metrics()
     dispatcher = Dispatcher(
         api_url=settings.api_url,
         token=config.api_token,
@@ -224,6 +298,7 @@ def serve(
         log=log,
         reporter=reporter,
         max_concurrency=settings.max_concurrency,
+        metrics=metrics,
     )
     scheduler = Scheduler(
         jobs=[job for job in config.jobs],
@@ -234,7 +309,35 @@ def serve(
         tick_seconds=settings.tick_seconds,
         reload=reload,
         lead_seconds=DEFAULT_LEAD_SECONDS,
+        metrics=metrics,
     )
+    admin: AdminServer | None = None
+    if settings.admin_bind != "off":
+        context = AdminContext(
+            scheduler=scheduler,
+            dispatcher=dispatcher,
+            store=store,
+            metrics=metrics,
+            clock=clock,
+            admin_token=settings.admin_token,
+            local_dev_mode=settings.local_dev_mode,
+            tick_seconds=settings.tick_seconds,
+        )
+        admin = AdminServer(create_app(context), settings.admin_bind, log)
+        try:
+            url = admin.start()
+        except OSError as error:
+            dispatcher.shutdown(0)
+            store.close()
+            raise ConfigError(
+                f"SCHEDULER_ADMIN_BIND={settings.admin_bind!r}: {error}; choose another "
+                "address or set it to 'off'"
+            ) from None
+        if settings.admin_token is None and not settings.local_dev_mode:
+            log.warning(
+                "admin API without SCHEDULER_ADMIN_TOKEN: only /healthz and /metrics answer"
+            )
+        log.info("admin API listening", url=url)
     loop = threading.Thread(target=scheduler.run, name="clock", daemon=True)
 
     def on_stop(signum: int, frame: object) -> None:
@@ -266,6 +369,8 @@ def serve(
         if stop_after is not None and clock.monotonic() - started >= stop_after:
             scheduler.stop()
     left = dispatcher.shutdown(settings.shutdown_grace_seconds)
+    if admin is not None:
+        admin.stop()
     store.close()
     reporter.close()
     log.info("cronclock stopped", abandoned=left)

@@ -225,9 +225,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
         return view(job_or_404(name), ctx.scheduler.planned(), ctx.dispatcher.in_flight())
 
     @app.get("/api/jobs/{name}/runs", dependencies=auth, responses=ERRORS)
-    def job_runs(
-        name: JobName, limit: Annotated[int, Query(ge=1, le=1000)] = 50
-    ) -> list[RunView]:
+    def job_runs(name: JobName, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[RunView]:
         """The job's latest runs, newest first."""
         job_or_404(name)
         return [_run_view(record) for record in ctx.store.runs(name, limit)]

@@ -20,6 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from .config import Job
 from .state import RunRecord, StateStore
+from .telemetry import Metrics
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
 _COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at least"
@@ -123,6 +124,7 @@ class Scheduler:
         tick_seconds: float,
         reload: Callable[[], tuple[Job, ...]] | None = None,
         lead_seconds: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._jobs = {job.name: job for job in jobs}
         self._firer = firer
@@ -132,6 +134,7 @@ class Scheduler:
         self._tick = tick_seconds
         self._reload = reload
         self._lead = timedelta(seconds=lead_seconds)
+        self._metrics = metrics if metrics is not None else Metrics()
         self._heap: list[tuple[datetime, int, str]] = []
         self._planned: dict[str, datetime] = {}
         self._counter = itertools.count()
@@ -188,6 +191,7 @@ class Scheduler:
         """Plan every enabled job: after its last handled slot when the store remembers one
         (catching up under its policy), else from `now` (first start: nothing fires at once)."""
         for record in self._store.recover_interrupted(now):
+            self._metrics.outcome(record.job, "interrupted")
             self._log.warning(
                 "interrupted: the previous process stopped during this call; not called again",
                 job=record.job,
@@ -237,6 +241,7 @@ class Scheduler:
             self._plan(job, first_due)
 
     def _plan(self, job: Job, slot: datetime | None) -> None:
+        self._metrics.planned(job.name, slot)
         with self._lock:
             if slot is None:
                 self._planned.pop(job.name, None)
@@ -287,6 +292,7 @@ class Scheduler:
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed
         count = len(missed)
+        self._metrics.outcome(job.name, "missed", count)
         self._store.advance(job.name, missed[-1])
         self._store.record_run(
             RunRecord(
@@ -335,6 +341,7 @@ class Scheduler:
             old, self._jobs = self._jobs, new
             for name in set(self._planned) - set(new):
                 del self._planned[name]
+                self._metrics.planned(name, None)
         added = sorted(set(new) - set(old))
         removed = sorted(set(old) - set(new))
         changed = sorted(name for name in set(new) & set(old) if new[name] != old[name])

@@ -21,7 +21,7 @@ from . import __version__
 from .clock import Clock, format_slot, idempotency_key
 from .config import Job
 from .state import Outcome, RunRecord, StateStore
-from .telemetry import ErrorReporter, JobFailed
+from .telemetry import ErrorReporter, JobFailed, Metrics
 
 OutcomeClass = Literal["success", "busy", "transient", "permanent"]
 
@@ -98,6 +98,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         fencing_token: Callable[[], int | None] = lambda: None,
         pause: Callable[[float], None] = time.sleep,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -115,6 +116,7 @@ class Dispatcher:
         self._base = httpx.URL(api_url.rstrip("/"))
         self._urls: dict[str, httpx.URL] = {}
         self._pause = pause
+        self._metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
@@ -197,6 +199,7 @@ class Dispatcher:
                         self._start(*queued)
 
     def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
+        self._metrics.outcome(job.name, "skipped_overlap")
         self._store.mark_finished(job.name, key)
         self._store.record_run(
             RunRecord(
@@ -247,13 +250,16 @@ class Dispatcher:
             url = self._urls[job.endpoint] = httpx.URL(str(self._base) + job.endpoint)
         return url
 
-    def _await_slot(self, job: Job, slot: datetime) -> None:
+    def _await_slot(self, job: Job, slot: datetime, key: str) -> None:
         """Send at the slot, not before: the loop hands slots on a little ahead of time so the
         request is built and the state written when the instant comes."""
         ahead = (slot - self._clock.now()).total_seconds()
         if ahead > 0:
             self._pause(ahead)
-        elif -ahead > LATE_WARNING_SECONDS:
+            ahead = (slot - self._clock.now()).total_seconds()
+        if "@manual-" not in key:
+            self._metrics.lateness.observe(max(0.0, -ahead))
+        if -ahead > LATE_WARNING_SECONDS:
             self._log.warning(
                 "late fire", job=job.name, slot=format_slot(slot), late_seconds=round(-ahead, 3)
             )
@@ -273,7 +279,7 @@ class Dispatcher:
                 timeout=job.timeout,
             )
             if attempt == 1:
-                self._await_slot(job, slot)
+                self._await_slot(job, slot, key)
             started = self._clock.now()
             t0 = self._clock.monotonic()
             status: int | None = None
@@ -374,6 +380,10 @@ class Dispatcher:
         error: str | None,
         begun: float,
     ) -> CallResult:
+        self._metrics.outcome(job.name, outcome)
+        self._metrics.duration.labels(job=job.name).observe(self._clock.monotonic() - begun)
+        if outcome == "success":
+            self._metrics.last_success.labels(job=job.name).set(self._clock.now().timestamp())
         return CallResult(
             job=job.name,
             slot=slot,

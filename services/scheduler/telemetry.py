@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from datetime import datetime
 from typing import Any, Protocol, TextIO
 
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from structlog.typing import FilteringBoundLogger
 
 from . import __version__
@@ -100,3 +103,85 @@ def make_reporter(api_key: str | None, host: str, log: FilteringBoundLogger) -> 
     if not api_key:
         return NullReporter()
     return PostHogReporter(api_key, host, log)
+
+
+LATENESS_BUCKETS = (
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+DURATION_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    900.0,
+)
+
+
+class Metrics:
+    """The Prometheus metrics of DESIGN.md section 7, on a registry of their own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.runs = Counter(
+            "cronclock_job_runs", "Slots by final outcome (a missed record counts each slot).",
+            ["job", "outcome"], registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "cronclock_job_duration_seconds", "Time from first attempt to final outcome.",
+            ["job"], buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.lateness = Histogram(
+            "cronclock_job_lateness_seconds", "Send time minus the slot's nominal time.",
+            buckets=LATENESS_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.next_run = Gauge(
+            "cronclock_job_next_run_timestamp_seconds", "The job's next planned slot (Unix time).",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self.last_success = Gauge(
+            "cronclock_job_last_success_timestamp_seconds", "When the job last succeeded.",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("cronclock_jobs_in_flight", "Calls in flight now.", registry=r)
+        self.is_leader = Gauge(
+            "cronclock_is_leader",
+            "1 when this replica plans and fires; 0 on a standby.",
+            registry=r,
+        )
+        self.is_leader.set(1)
+
+    def outcome(self, job: str, outcome: str, count: int = 1) -> None:
+        self.runs.labels(job=job, outcome=outcome).inc(count)
+
+    def planned(self, job: str, slot: datetime | None) -> None:
+        if slot is None:
+            with contextlib.suppress(KeyError):
+                self.next_run.remove(job)
+        else:
+            self.next_run.labels(job=job).set(slot.timestamp())

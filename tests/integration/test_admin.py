@@ -22,7 +22,9 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def start(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]) -> tuple[Daemon, str, dict[str, str]]:
+def start(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> tuple[Daemon, str, dict[str, str]]:
     port = free_port()
     env = {"API_URL": target.url, "SCHEDULER_API_TOKEN": "t", "SCHEDULER_ADMIN_TOKEN": ADMIN,
            "SCHEDULER_ADMIN_BIND": f"127.0.0.1:{port}",
@@ -33,7 +35,9 @@ def start(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[...
     return proc, f"http://127.0.0.1:{port}", env
 
 
-def test_pause_resume_and_trigger_over_http(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]) -> None:
+def test_pause_resume_and_trigger_over_http(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
     proc, url, _ = start(target, jobs_file, daemon)
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"})
     assert target.wait_for(lambda calls: len(calls) >= 1)
@@ -49,7 +53,9 @@ def test_pause_resume_and_trigger_over_http(target: Target, jobs_file: Callable[
     assert len(target.calls("/tick")) <= paused_at + 1, "at most the slot already in flight"
     assert admin.get("/api/jobs/tick").json()["paused"] is True
     assert admin.post("/api/jobs/tick/resume").json()["paused"] is False
-    assert target.wait_for(lambda calls: len([c for c in calls if c.path == "/tick"]) > paused_at + 1)
+    assert target.wait_for(
+        lambda calls: len([c for c in calls if c.path == "/tick"]) > paused_at + 1
+    )
     runs = admin.get("/api/jobs/hourly/runs").json()
     assert runs[0]["outcome"] == "success" and runs[0]["key"].startswith("hourly@manual-")
     health = httpx.get(f"{url}/healthz")
@@ -60,7 +66,9 @@ def test_pause_resume_and_trigger_over_http(target: Target, jobs_file: Callable[
     assert proc.stop() == 0
 
 
-def test_the_cli_talks_to_the_running_daemon(target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]) -> None:
+def test_the_cli_talks_to_the_running_daemon(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
     proc, _, env = start(target, jobs_file, daemon)
     cli_env = base_env(**env)
     status = run_cli("status", env=cli_env)
@@ -82,12 +90,17 @@ def test_the_cli_talks_to_the_running_daemon(target: Target, jobs_file: Callable
 
 
 def test_the_cli_says_when_no_daemon_listens() -> None:
-    result = run_cli("status", env=base_env(SCHEDULER_ADMIN_BIND=f"127.0.0.1:{free_port()}", SCHEDULER_ADMIN_TOKEN=ADMIN))
+    result = run_cli(
+        "status",
+        env=base_env(SCHEDULER_ADMIN_BIND=f"127.0.0.1:{free_port()}", SCHEDULER_ADMIN_TOKEN=ADMIN),
+    )
     assert result.returncode == 1
     assert "cannot reach the admin API" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_an_admin_address_in_use_is_a_clear_start_failure(target: Target, jobs_file: Callable[[str], Path]) -> None:
+def test_an_admin_address_in_use_is_a_clear_start_failure(
+    target: Target, jobs_file: Callable[[str], Path]
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

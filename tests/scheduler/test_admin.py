@@ -43,7 +43,12 @@ class World:
         log = structlog.get_logger()
         self.jobs = [
             Job(name="data-refresh", schedule=parse("every 15m"), endpoint="/api/sync/trigger"),
-            Job(name="nightly", schedule=parse("daily 03:00 in Asia/Makassar"), endpoint="/api/n", method="GET"),
+            Job(
+                name="nightly",
+                schedule=parse("daily 03:00 in Asia/Makassar"),
+                endpoint="/api/n",
+                method="GET",
+            ),
             Job(name="both", schedule=parse("every 1h"), endpoint="/api/b", overlap="allow"),
         ]
         self.dispatcher = Dispatcher(
@@ -114,7 +119,9 @@ class TestAuth:
         assert TestClient(world.app).get(path).status_code == 401
         wrong = TestClient(world.app, headers={"Authorization": "Bearer nope"}).get(path)
         assert wrong.status_code == 401
-        assert wrong.json() == {"error": "missing or wrong admin token: send Authorization: Bearer <SCHEDULER_ADMIN_TOKEN>"}
+        assert wrong.json() == {
+            "error": "missing or wrong admin token: send Authorization: Bearer <SCHEDULER_ADMIN_TOKEN>"
+        }
         assert wrong.headers["WWW-Authenticate"] == "Bearer"
 
     @pytest.mark.parametrize("action", ["trigger", "pause", "resume"])
@@ -141,7 +148,9 @@ class TestAuth:
 
 
 class TestJobs:
-    def test_the_table_lists_every_job_with_next_run_in_utc_and_local_time(self, world: World) -> None:
+    def test_the_table_lists_every_job_with_next_run_in_utc_and_local_time(
+        self, world: World
+    ) -> None:
         jobs = {job["name"]: job for job in world.client.get("/api/jobs").json()}
         assert list(jobs) == ["data-refresh", "nightly", "both"]
         nightly = jobs["nightly"]
@@ -153,7 +162,10 @@ class TestJobs:
         assert (nightly["paused"], nightly["in_flight"], nightly["method"]) == (False, 0, "GET")
 
     def test_one_job(self, world: World) -> None:
-        assert world.client.get("/api/jobs/data-refresh").json()["next_run"] == "2026-11-22T10:15:00.000Z"
+        assert (
+            world.client.get("/api/jobs/data-refresh").json()["next_run"]
+            == "2026-11-22T10:15:00.000Z"
+        )
 
     def test_an_unknown_job_is_404(self, world: World) -> None:
         for method, path in [("GET", "/api/jobs/nope"), ("GET", "/api/jobs/nope/runs"),
@@ -195,7 +207,9 @@ class TestActions:
         assert world.client.post("/api/jobs/data-refresh/trigger").status_code == 202
         second = world.client.post("/api/jobs/data-refresh/trigger")
         assert second.status_code == 409
-        assert second.json() == {"error": "job 'data-refresh' is in flight and its overlap policy is 'skip'"}
+        assert second.json() == {
+            "error": "job 'data-refresh' is in flight and its overlap policy is 'skip'"
+        }
 
     def test_trigger_while_in_flight_under_allow_is_accepted(self, world: World) -> None:
         world.release.clear()
@@ -203,10 +217,16 @@ class TestActions:
         assert world.client.post("/api/jobs/both/trigger").status_code == 202
 
     def test_pause_and_resume(self, world: World) -> None:
-        assert world.client.post("/api/jobs/nightly/pause").json() == {"job": "nightly", "paused": True}
+        assert world.client.post("/api/jobs/nightly/pause").json() == {
+            "job": "nightly",
+            "paused": True,
+        }
         assert world.store.job_state("nightly").paused is True
         assert world.client.get("/api/jobs/nightly").json()["paused"] is True
-        assert world.client.post("/api/jobs/nightly/resume").json() == {"job": "nightly", "paused": False}
+        assert world.client.post("/api/jobs/nightly/resume").json() == {
+            "job": "nightly",
+            "paused": False,
+        }
         assert world.store.job_state("nightly").paused is False
 
 
@@ -220,9 +240,16 @@ class TestMetrics:
                      "cronclock_job_next_run_timestamp_seconds", "cronclock_job_last_success_timestamp_seconds",
                      "cronclock_jobs_in_flight", "cronclock_is_leader"]:  # fmt: skip
             assert name in families, name
-        runs = {(s.labels["job"], s.labels["outcome"]): s.value for s in families["cronclock_job_runs"].samples if s.name.endswith("_total")}
+        runs = {
+            (s.labels["job"], s.labels["outcome"]): s.value
+            for s in families["cronclock_job_runs"].samples
+            if s.name.endswith("_total")
+        }
         assert runs[("nightly", "success")] == 1
-        next_runs = {s.labels["job"]: s.value for s in families["cronclock_job_next_run_timestamp_seconds"].samples}
+        next_runs = {
+            s.labels["job"]: s.value
+            for s in families["cronclock_job_next_run_timestamp_seconds"].samples
+        }
         assert next_runs["nightly"] == datetime(2026, 11, 22, 19, tzinfo=UTC).timestamp()
         assert families["cronclock_is_leader"].samples[0].value == 1
 
