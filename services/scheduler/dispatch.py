@@ -120,6 +120,7 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
+        self._firing = 0  # batches handed on whose first call has not been sent yet
         # job -> the batch queued behind its run in flight (overlap = "queue")
         self._pending: dict[str, tuple[Job, list[tuple[datetime, str]], datetime | None]] = {}
         self._futures: set[Future[CallResult]] = set()
@@ -160,6 +161,7 @@ class Dispatcher:
     ) -> Future[CallResult]:
         # Called with self._lock held.
         self._in_flight[job.name] = self._in_flight.get(job.name, 0) + 1
+        self._firing += 1
         future = self._pool.submit(self._run, job, batch, deadline)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
@@ -169,6 +171,14 @@ class Dispatcher:
         self, job: Job, batch: list[tuple[datetime, str]], deadline: datetime | None
     ) -> CallResult:
         done = 0
+        sent = threading.Event()
+
+        def first_sent() -> None:
+            if not sent.is_set():
+                sent.set()
+                with self._lock:
+                    self._firing -= 1
+
         try:
             result: CallResult | None = None
             for index, (slot, key) in enumerate(batch):
@@ -177,7 +187,7 @@ class Dispatcher:
                 # A replayed slot's retries must not run into the slot replayed after it.
                 until = batch[index + 1][0] if index + 1 < len(batch) else deadline
                 try:
-                    result = self.call(job, slot, key=key, deadline=until)
+                    result = self.call(job, slot, key=key, deadline=until, on_sent=first_sent)
                 except Exception as error:  # a bug must not kill the pool thread silently
                     self._log.exception("dispatch crashed", job=job.name, slot=format_slot(slot))
                     self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
@@ -188,6 +198,7 @@ class Dispatcher:
             assert result is not None
             return result
         finally:
+            first_sent()
             for slot, key in batch[done:]:
                 self._skipped(job, slot, key, "shutting down")
             with self._lock:
@@ -219,6 +230,12 @@ class Dispatcher:
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
+
+    @property
+    def firing(self) -> bool:
+        """True while calls handed on are waiting for their instant or being sent: the admin
+        API holds its requests back then, so they do not compete with firing for the GIL."""
+        return self._firing > 0
 
     def in_flight(self) -> dict[str, int]:
         with self._lock:
@@ -264,7 +281,15 @@ class Dispatcher:
                 "late fire", job=job.name, slot=format_slot(slot), late_seconds=round(-ahead, 3)
             )
 
-    def call(self, job: Job, slot: datetime, *, key: str, deadline: datetime | None) -> CallResult:
+    def call(
+        self,
+        job: Job,
+        slot: datetime,
+        *,
+        key: str,
+        deadline: datetime | None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> CallResult:
         """Call the job's endpoint for `slot`, retrying transient failures; record every attempt."""
         fields = {"job": job.name, "slot": format_slot(slot)}
         attempt, retries_left, connect_retry_used = 0, job.retries, False
@@ -303,6 +328,8 @@ class Dispatcher:
             except httpx.HTTPError as failure:
                 kind, error = "transient", f"{type(failure).__name__}: {failure}"
             duration = self._clock.monotonic() - t0
+            if on_sent is not None:
+                on_sent()
 
             outcome: Outcome = {"success": "success", "busy": "busy"}.get(kind, "failed")  # type: ignore[assignment]
             self._store.record_run(

@@ -258,3 +258,16 @@ def test_the_openapi_schema_is_served(world: World) -> None:
     schema = TestClient(world.app).get("/openapi.json").json()
     assert {"/healthz", "/metrics", "/api/jobs", "/api/jobs/{name}", "/api/jobs/{name}/runs",
             "/api/jobs/{name}/trigger", "/api/jobs/{name}/pause", "/api/jobs/{name}/resume"} <= set(schema["paths"])  # fmt: skip
+
+
+def test_admin_requests_wait_while_calls_are_being_sent(world: World) -> None:
+    """Firing comes first: a request arriving while a slot is armed is answered after its call."""
+    job = world.jobs[0]
+    world.dispatcher.submit(
+        job, [T0 + timedelta(seconds=0.3)], deadline=None
+    )  # armed, sends in 0.3 s
+    assert world.dispatcher.firing
+    response = TestClient(world.app).get("/healthz")
+    assert response.status_code == 200
+    assert len(world.requests) == 1, "the armed call went out before the admin request was served"
+    assert not world.dispatcher.firing
