@@ -66,6 +66,25 @@ def manual_key(job: str) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Sent:
+    """One attempt: how it went on the wire."""
+
+    kind: OutcomeClass
+    status: int | None
+    error: str | None
+    retry_after: float | None
+    unsent: bool  # failed before anything was sent (connection refused, connect timeout)
+    started: datetime
+    duration: float
+
+    @property
+    def outcome(self) -> Outcome:
+        if self.kind == "success":
+            return "success"
+        return "busy" if self.kind == "busy" else "failed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class CallResult:
     """The final outcome of one slot (after retries)."""
 
@@ -291,7 +310,6 @@ class Dispatcher:
         on_sent: Callable[[], None] | None = None,
     ) -> CallResult:
         """Call the job's endpoint for `slot`, retrying transient failures; record every attempt."""
-        fields = {"job": job.name, "slot": format_slot(slot)}
         attempt, retries_left, connect_retry_used = 0, job.retries, False
         begun = self._clock.monotonic()
         while True:
@@ -305,91 +323,94 @@ class Dispatcher:
             )
             if attempt == 1:
                 self._await_slot(job, slot, key)
-            started = self._clock.now()
-            t0 = self._clock.monotonic()
-            status: int | None = None
-            retry_after: float | None = None
-            unsent = False
-            try:
-                response = self._client.send(request, follow_redirects=False)
-                response.close()
-                status = response.status_code
-                kind = classify(status)
-                error = None if kind == "success" else f"HTTP {status}"
-                if kind == "transient":
-                    retry_after = parse_retry_after(
-                        response.headers.get("Retry-After"), self._clock.now()
-                    )
-            except (httpx.ConnectError, httpx.ConnectTimeout) as failure:
-                kind, unsent = "transient", True
-                error = f"connection failed: {failure or type(failure).__name__}"
-            except httpx.TimeoutException:
-                kind, error = "transient", f"timed out after {job.timeout:g}s"
-            except httpx.HTTPError as failure:
-                kind, error = "transient", f"{type(failure).__name__}: {failure}"
-            duration = self._clock.monotonic() - t0
+            sent = self._send(job, request)
             if on_sent is not None:
                 on_sent()
-
-            outcome: Outcome = {"success": "success", "busy": "busy"}.get(kind, "failed")  # type: ignore[assignment]
             self._store.record_run(
                 RunRecord(
                     job=job.name,
                     slot=slot,
                     key=key,
                     attempt=attempt,
-                    started=started,
-                    outcome=outcome,
-                    duration=duration,
-                    status=status,
-                    error=error,
+                    started=sent.started,
+                    outcome=sent.outcome,
+                    duration=sent.duration,
+                    status=sent.status,
+                    error=sent.error,
                 )
             )
-            log_fields: dict[str, Any] = {
-                **fields,
+            fields: dict[str, Any] = {
+                "job": job.name,
+                "slot": format_slot(slot),
                 "attempt": attempt,
-                "status": status,
-                "duration_ms": round(duration * 1000, 1),
+                "status": sent.status,
+                "duration_ms": round(sent.duration * 1000, 1),
             }
-            if kind in ("success", "busy"):
-                self._log.info("fired" if kind == "success" else "busy (409)", **log_fields)
-                return self._result(job, slot, key, outcome, attempt, status, None, begun)
+            if sent.kind in ("success", "busy"):
+                self._log.info("fired" if sent.kind == "success" else "busy (409)", **fields)
+                return self._result(job, slot, key, sent.outcome, attempt, sent.status, None, begun)
 
+            # Transient or permanent failure: retry, or give up and report.
             delay: float | None = None
-            if kind == "transient" and unsent and not connect_retry_used:
+            if sent.kind == "transient" and sent.unsent and not connect_retry_used:
                 connect_retry_used, delay = True, CONNECT_RETRY_DELAY_SECONDS
-            elif kind == "transient" and retries_left > 0:
+            elif sent.kind == "transient" and retries_left > 0:
                 retries_left -= 1
-                delay = self._backoff(attempt)
-                if retry_after is not None:
-                    delay = max(delay, retry_after)
-            reason = None
+                delay = max(self._backoff(attempt), sent.retry_after or 0.0)
+            error = sent.error
             if (
                 delay is not None
                 and deadline is not None
                 and self._clock.now() + timedelta(seconds=delay) >= deadline
             ):
-                reason = f"not retried: the next slot ({format_slot(deadline)}) comes first"
+                error = f"{error}; not retried: the next slot ({format_slot(deadline)}) comes first"
                 delay = None
             if delay is None:
-                final = error if reason is None else f"{error}; {reason}"
-                self._log.error("failed", **log_fields, error=final, endpoint=job.endpoint)
+                self._log.error("failed", **fields, error=error, endpoint=job.endpoint)
                 self._reporter.report(
-                    JobFailed(f"{job.name}: {final}"),
-                    {
-                        "job": job.name,
-                        "endpoint": job.endpoint,
-                        "status": status,
-                        "attempt": attempt,
-                        "slot": fields["slot"],
-                    },
+                    JobFailed(f"{job.name}: {error}"),
+                    {key_: fields[key_] for key_ in ("job", "status", "attempt", "slot")}
+                    | {"endpoint": job.endpoint},
                 )
-                return self._result(job, slot, key, "failed", attempt, status, final, begun)
-            self._log.warning("retrying", **log_fields, error=error, retry_in=round(delay, 3))
+                return self._result(job, slot, key, "failed", attempt, sent.status, error, begun)
+            self._log.warning("retrying", **fields, error=error, retry_in=round(delay, 3))
             if self._sleep(delay):
-                final = f"{error}; not retried: shutting down"
-                self._log.error("failed", **log_fields, error=final)
-                return self._result(job, slot, key, "failed", attempt, status, final, begun)
+                error = f"{error}; not retried: shutting down"
+                self._log.error("failed", **fields, error=error)
+                return self._result(job, slot, key, "failed", attempt, sent.status, error, begun)
+
+    def _send(self, job: Job, request: httpx.Request) -> Sent:
+        """One attempt on the wire, classified; never raises for HTTP or network trouble."""
+        started, t0 = self._clock.now(), self._clock.monotonic()
+        status: int | None = None
+        retry_after: float | None = None
+        unsent = False
+        try:
+            response = self._client.send(request, follow_redirects=False)
+            response.close()
+            status = response.status_code
+            kind = classify(status)
+            error = None if kind == "success" else f"HTTP {status}"
+            if kind == "transient":
+                retry_after = parse_retry_after(
+                    response.headers.get("Retry-After"), self._clock.now()
+                )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as failure:
+            kind, unsent = "transient", True  # nothing reached the application
+            error = f"connection failed: {failure or type(failure).__name__}"
+        except httpx.TimeoutException:
+            kind, error = "transient", f"timed out after {job.timeout:g}s"
+        except httpx.HTTPError as failure:
+            kind, error = "transient", f"{type(failure).__name__}: {failure}"
+        return Sent(
+            kind=kind,
+            status=status,
+            error=error,
+            retry_after=retry_after,
+            unsent=unsent,
+            started=started,
+            duration=self._clock.monotonic() - t0,
+        )
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: 1s, 2s, 4s ... capped at 60s, each times 0.5-1."""
