@@ -132,7 +132,7 @@ def cmd_next(config: Config, only: str | None, count: int, out: TextIO) -> int:
     return 0
 
 
-def _table(rows: list[tuple[str, ...]], out: TextIO) -> None:
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(

@@ -19,12 +19,19 @@ from .config import Config, Job, Settings
 
 # Second-level cadences so a newcomer sees every behaviour within half a minute.
 DEMO_TABLE = (
-    ("demo-tick", "every 2s", "/demo/tick", {}),
-    ("demo-slow", "every 3s", "/demo/slow", {"timeout": 10.0}),  # takes 4s: overlaps skipped
-    ("demo-flaky", "every 5s", "/demo/flaky", {"retries": 2}),  # 503 then 200: one retry
-    ("demo-busy", "every 7s", "/demo/busy", {}),  # the app's lock is held: 409
-    ("demo-cron", "cron */10 * * * * *", "/demo/tick", {}),  # 6-field cron: every 10s
-)
+    Job(name="demo-tick", schedule=parse("every 2s"), endpoint="/demo/tick", source="demo"),
+    # takes 4 s, due every 3 s: overlapping slots are skipped
+    Job(name="demo-slow", schedule=parse("every 3s"), endpoint="/demo/slow", timeout=10.0,
+        source="demo"),
+    # 503 with Retry-After: 1, then 200: one retry
+    Job(name="demo-flaky", schedule=parse("every 5s"), endpoint="/demo/flaky", retries=2,
+        source="demo"),
+    # the application's own lock is held: 409, recorded as busy
+    Job(name="demo-busy", schedule=parse("every 7s"), endpoint="/demo/busy", source="demo"),
+    # a 6-field cron: every 10 s
+    Job(name="demo-cron", schedule=parse("cron */10 * * * * *"), endpoint="/demo/tick",
+        source="demo"),
+)  # fmt: skip
 
 
 def demo_config(api_url: str, token: str) -> Config:
@@ -39,11 +46,7 @@ def demo_config(api_url: str, token: str) -> Config:
             "SCHEDULER_MAX_CONCURRENCY": "4",
         }
     )
-    jobs = tuple(
-        Job(name=name, schedule=parse(text), endpoint=endpoint, source="demo", **extra)  # type: ignore[arg-type]
-        for name, text, endpoint, extra in DEMO_TABLE
-    )
-    return Config(settings=settings, jobs=jobs, api_token=SecretStr(token))
+    return Config(settings=settings, jobs=DEMO_TABLE, api_token=SecretStr(token))
 
 
 class DemoTarget:

@@ -414,7 +414,7 @@ class Dispatcher:
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: 1s, 2s, 4s ... capped at 60s, each times 0.5-1."""
-        ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1))
+        ceiling = min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2.0 ** (attempt - 1))
         return ceiling * self._rng.uniform(0.5, 1.0)
 
     def _result(
