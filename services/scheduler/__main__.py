@@ -15,7 +15,7 @@ import httpx
 from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
-from schedule_grammar import next_fires
+from schedule_grammar import dst_warnings, next_fires
 
 from . import __version__
 from .admin import AdminContext, AdminServer, create_app
@@ -112,6 +112,16 @@ def cmd_check(config: Config, out: TextIO) -> int:
             )
         )
     _table(rows, out)
+    warnings = [
+        (job.name, warning.message)
+        for job in config.jobs
+        if job.enabled
+        for warning in dst_warnings(job.schedule, now)
+    ]
+    if warnings:
+        print("\nDST effects in the next 365 days:", file=out)
+        for name, message in warnings:
+            print(f"  {name}: {message}", file=out)
     return 0
 
 
@@ -129,6 +139,8 @@ def cmd_next(config: Config, only: str | None, count: int, out: TextIO) -> int:
             local = fire.local.strftime("%Y-%m-%d %H:%M:%S %Z")
             flag = f"  DST: {fire.dst_note}" if fire.dst_note else ""
             print(f"  {format_slot(fire.at)}  {local}{flag}", file=out)
+        for warning in dst_warnings(job.schedule, now):
+            print(f"  DST ahead: {warning.message}", file=out)
     return 0
 
 

@@ -23,6 +23,8 @@ from pydantic import BaseModel, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from structlog.typing import FilteringBoundLogger
 
+from schedule_grammar import dst_warnings
+
 from . import __version__
 from .clock import Clock, Scheduler, format_slot
 from .config import Job
@@ -69,6 +71,7 @@ class JobView(BaseModel):
     last_success: str | None
     paused: bool
     in_flight: int
+    dst_warning: str | None
 
 
 class RunView(BaseModel):
@@ -197,6 +200,9 @@ def create_app(ctx: AdminContext) -> FastAPI:
             last_success=_iso(state.last_success),
             paused=state.paused,
             in_flight=in_flight.get(job.name, 0),
+            dst_warning=next(
+                (w.message for w in dst_warnings(job.schedule, ctx.clock.now())), None
+            ),
         )
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})

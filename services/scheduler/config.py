@@ -189,6 +189,8 @@ JOB_FIELDS = (
     "misfire_grace",
     "spread",
     "run_on_start",
+    "dst_gap",
+    "dst_repeat",
 )
 # Headers cronclock sets on every call; a job may not set them itself.
 RESERVED_HEADERS = frozenset(
@@ -224,8 +226,10 @@ class JobSpec(BaseModel):
     misfire_grace: Duration = Field(300.0, ge=0)
     spread: bool = False
     run_on_start: bool = False
+    dst_gap: Literal["shift", "skip"] | None = None
+    dst_repeat: Literal["first", "last", "both"] | None = None
 
-    @field_validator("method", "overlap", "catchup", mode="before")
+    @field_validator("method", "overlap", "catchup", "dst_gap", "dst_repeat", mode="before")
     @classmethod
     def _case(cls, value: object, info: Any) -> object:
         if not isinstance(value, str):
@@ -602,7 +606,12 @@ def _build_job(
     zone = spec.timezone or settings.timezone
     schedule_source = sources.get("schedule", "built-in")
     try:
-        schedule = parse(spec.schedule, timezone=zone)
+        schedule = parse(
+            spec.schedule,
+            timezone=zone,
+            dst_gap=spec.dst_gap or "shift",
+            dst_repeat=spec.dst_repeat or "first",
+        )
     except ScheduleError as error:
         where = sources.get("timezone", "") if "time zone" in str(error) else schedule_source
         raise ConfigError(f"{where or schedule_source}: job {name!r}: {error}") from None

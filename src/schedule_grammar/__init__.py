@@ -1,12 +1,13 @@
 """The cronclock schedule language: text in, next fire times out. No I/O, no clock reads."""
 
 from ._errors import ScheduleError
-from ._fires import Fire, dst_note, next_fires
+from ._fires import DstWarning, Fire, dst_note, dst_warnings, next_fires
 from ._parser import parse, seconds_to_schedule
 from ._schedules import Cron, Interval, Once, Schedule, WallClock, iter_fires
 
 __all__ = [
     "Cron",
+    "DstWarning",
     "Fire",
     "Interval",
     "Once",
@@ -14,6 +15,7 @@ __all__ = [
     "ScheduleError",
     "WallClock",
     "dst_note",
+    "dst_warnings",
     "iter_fires",
     "next_fires",
     "parse",

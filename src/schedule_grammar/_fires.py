@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
-from ._schedules import Cron, Schedule, iter_fires
-from ._zones import gap_ending_at, is_ambiguous, wall_of
+from ._schedules import Schedule, _WallSequence, iter_fires
+from ._zones import gap_ending_at, is_ambiguous, lookup_zone, wall_of
+
+_SECOND = timedelta(seconds=1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,17 +58,108 @@ def dst_note(schedule: Schedule, instant: datetime) -> str | None:
         nominal = schedule.nominal_in(*gap)
         if nominal is not None:
             return (
-                f"{nominal:%H:%M} does not exist on {nominal:%Y-%m-%d} in {zone} (clocks go "
-                f"forward at {gap[0]:%H:%M}); fires at {gap[1]:%H:%M}"
+                f"{nominal:%H:%M} does not exist on {nominal:%Y-%m-%d} in {zone}; "
+                f"fires at {gap[1]:%H:%M} (dst_gap=shift)"
             )
     wall = wall_of(instant, tz)
     if is_ambiguous(wall, tz):
         local = instant.astimezone(tz)
         copy = "second" if local.fold else "first"
         offset = _format_offset(local)
-        if isinstance(schedule, Cron) and not schedule.wall_clock_times:
+        if not schedule.dst_policy_applies:
             rule = f"fires in both copies; this is the {copy} (UTC{offset})"
+        elif schedule.dst_repeat == "both":
+            rule = f"fires twice; this is the {copy} (UTC{offset}) (dst_repeat=both)"
         else:
-            rule = f"fires once, at the first (UTC{offset})"
-        return f"{wall:%H:%M} occurs twice on {wall:%Y-%m-%d} in {zone} (clocks go back); {rule}"
+            rule = f"fires once, at the {copy} (UTC{offset}) (dst_repeat={schedule.dst_repeat})"
+        return f"{wall:%H:%M} occurs twice on {wall:%Y-%m-%d} in {zone}; {rule}"
     return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DstWarning:
+    """A DST transition ahead that moves, skips or doubles some of a schedule's fires."""
+
+    transition: datetime  # the instant the clocks change, UTC
+    message: str
+
+
+def dst_warnings(schedule: Schedule, after: datetime, days: int = 365) -> list[DstWarning]:
+    """Every DST effect on `schedule` in the `days` after `after`, in words for an operator."""
+    tz = schedule.tzinfo
+    if tz is UTC or not isinstance(schedule, _WallSequence):
+        return []
+    start = after.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+    warnings = []
+    for transition in _transitions(schedule.timezone, start.date(), days):
+        if not after < transition <= after + timedelta(days=days):
+            continue
+        before = (transition - _SECOND).astimezone(tz)
+        at = transition.astimezone(tz)
+        last_wall = before.replace(tzinfo=None, fold=0) + _SECOND
+        first_wall = at.replace(tzinfo=None, fold=0)
+        gap = first_wall > last_wall  # clocks go forward: [last_wall, first_wall) is missing
+        low, high = (last_wall, first_wall) if gap else (first_wall, last_wall)
+        names = _nominals(schedule, low, high)
+        if not names:
+            continue
+        times = ", ".join(f"{n:%H:%M}" for n in names)
+        day = f"{names[0]:%Y-%m-%d}"
+        if gap:
+            verb = "do not exist" if len(names) > 1 else "does not exist"
+            if not schedule.dst_policy_applies:
+                rule = "those fires are skipped"
+            elif schedule.dst_gap == "shift":
+                rule = f"fires at {first_wall:%H:%M} (dst_gap=shift)"
+            else:
+                rule = "does not fire that day (dst_gap=skip)"
+        else:
+            verb = "occur twice" if len(names) > 1 else "occurs twice"
+            first, second = _format_offset(before), _format_offset(at)
+            if not schedule.dst_policy_applies:
+                rule = "fires in both copies"
+            elif schedule.dst_repeat == "first":
+                rule = f"fires once, at the first (UTC{first}) (dst_repeat=first)"
+            elif schedule.dst_repeat == "last":
+                rule = f"fires once, at the second (UTC{second}) (dst_repeat=last)"
+            else:
+                rule = f"fires twice, at UTC{first} and UTC{second} (dst_repeat=both)"
+        message = f"{times} {verb} on {day} in {schedule.timezone}; {rule}"
+        warnings.append(DstWarning(transition=transition, message=message))
+    return warnings
+
+
+def _nominals(schedule: _WallSequence, low: datetime, high: datetime) -> list[datetime]:
+    """The schedule's nominal wall times in [low, high)."""
+    found: list[datetime] = []
+    current = low - timedelta(microseconds=1)
+    while (nominal := schedule.next_nominal(current)) is not None and nominal < high:
+        found.append(nominal)
+        current = nominal
+    return found
+
+
+@functools.lru_cache(maxsize=256)
+def _transitions(zone: str, start: date, days: int) -> tuple[datetime, ...]:
+    """Instants in [start, start + days + 1 day) where the zone's UTC offset changes."""
+    tz = lookup_zone(zone)[1]
+    found = []
+    step = timedelta(hours=1)
+    t = datetime.combine(start, datetime.min.time(), tzinfo=UTC)
+    end = t + timedelta(days=days + 1)
+    offset = t.astimezone(tz).utcoffset()
+    while t < end:
+        following = t + step
+        next_offset = following.astimezone(tz).utcoffset()
+        if next_offset != offset:
+            lo, hi = int(t.timestamp()), int(following.timestamp())
+            while hi - lo > 1:  # bisect to the second
+                mid = (lo + hi) // 2
+                if datetime.fromtimestamp(mid, UTC).astimezone(tz).utcoffset() == offset:
+                    lo = mid
+                else:
+                    hi = mid
+            found.append(datetime.fromtimestamp(hi, UTC))
+            offset = next_offset
+        t = following
+    return tuple(found)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import replace
 from datetime import datetime, time
 
 from cronsim import CronSim, CronSimError
@@ -26,7 +27,8 @@ ACCEPTED = (
     "expected one of: 'every 15m' (s, m, h, d; optional 'offset 3m'), 'daily 03:00', "
     "'weekly mon,thu 10:00' (or 'mon 10:00'), 'monthly 1,15,last 09:00', "
     "'cron */5 * * * *' (5 fields, or 6 with seconds first), '@hourly', '@daily', '@weekly', "
-    "'@monthly', '@yearly', 'at 2026-12-01T09:00'; any of them may end in 'in <IANA zone>'"
+    "'@monthly', '@yearly', 'at 2026-12-01T09:00'; any of them may end in 'in <IANA zone>' "
+    "and wall-clock forms in 'dst=<shift|skip>,<first|last|both>'"
 )
 
 _UNIT_SECONDS = {
@@ -47,6 +49,7 @@ _DAY_NAMES = {
 _KEYWORDS = ("every", "daily", "weekly", "monthly", "cron", "at", *WEEKDAY_NAMES, *CRON_ALIASES)
 
 _ZONE_SUFFIX = re.compile(r"(?P<body>.+?) in (?P<zone>\S+)", re.IGNORECASE)
+_DST_SUFFIX = re.compile(r"(?P<body>.+?) dst=(?P<dst>\S*)", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+) ?([a-z]+)")
 _EVERY = re.compile(r"every (?P<every>\d+ ?[a-z]+)(?: offset (?P<offset>\d+ ?[a-z]+))?")
 _TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
@@ -57,10 +60,14 @@ class _Invalid(Exception):
     """Internal: a reason, turned into a ScheduleError that also quotes the whole text."""
 
 
-def parse(text: str, *, timezone: str = "UTC") -> Schedule:
+def parse(
+    text: str, *, timezone: str = "UTC", dst_gap: str = "shift", dst_repeat: str = "first"
+) -> Schedule:
     """Parse schedule text into a Schedule.
 
     `timezone` is the zone for wall-clock forms unless the text ends in `in <zone>`.
+    `dst_gap` and `dst_repeat` are the DST policy for forms that name wall-clock times, unless
+    the text ends in `dst=...`; forms in absolute time ignore them.
     Raises ScheduleError, quoting the text and saying what is accepted.
     """
     if not isinstance(text, str):
@@ -68,15 +75,39 @@ def parse(text: str, *, timezone: str = "UTC") -> Schedule:
     normal = re.sub(r"\s*,\s*", ",", " ".join(text.split()))
     if not normal:
         raise ScheduleError(f"empty schedule {text!r}; {ACCEPTED}")
-    zone = timezone
-    suffix = _ZONE_SUFFIX.fullmatch(normal)
-    if suffix:
-        normal, zone = suffix["body"], suffix["zone"]
+    zone, policy = timezone, None
+    for _ in range(2):  # `in <zone>` and `dst=...` in either order
+        if dst := _DST_SUFFIX.fullmatch(normal):
+            normal, policy = dst["body"], dst["dst"]
+        elif suffix := _ZONE_SUFFIX.fullmatch(normal):
+            normal, zone = suffix["body"], suffix["zone"]
     try:
         zone = lookup_zone(zone)[0]
-        return _parse_body(normal, zone)
+        schedule = _parse_body(normal, zone)
+        if policy is not None:
+            gap, repeat = _parse_dst(policy)
+            return replace(schedule, dst_gap=gap, dst_repeat=repeat)  # type: ignore[arg-type]
+        if schedule.dst_policy_applies and (dst_gap, dst_repeat) != ("shift", "first"):
+            return replace(schedule, dst_gap=dst_gap, dst_repeat=dst_repeat)  # type: ignore[arg-type]
+        return schedule
     except (_Invalid, ScheduleError) as error:
         raise ScheduleError(f"invalid schedule {text!r}: {error}") from None
+
+
+def _parse_dst(text: str) -> tuple[str, str]:
+    gap, repeat = "shift", "first"
+    for item in text.lower().split(","):
+        if item in ("shift", "skip"):
+            gap = item
+        elif item in ("first", "last", "both"):
+            repeat = item
+        else:
+            raise _Invalid(
+                f"dst={text!r}: {item!r} is not a DST policy; write shift or skip (a time that "
+                "does not exist) and/or first, last or both (a time that occurs twice), "
+                "e.g. dst=skip,both"
+            )
+    return gap, repeat
 
 
 def _parse_body(body: str, zone: str) -> Schedule:

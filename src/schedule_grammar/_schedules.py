@@ -17,6 +17,11 @@ from ._zones import lookup_zone, resolve_wall, wall_of
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
 _UNITS = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
+# How far back a `dst_repeat="last"` walk looks: longer than any repeated period on record.
+_REPEAT_LOOKBACK = timedelta(hours=25)
+
+DstGap = Literal["shift", "skip"]
+DstRepeat = Literal["first", "last", "both"]
 WEEKDAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -52,6 +57,11 @@ class Schedule(ABC):
 
     timezone: str = "UTC"
     tzinfo: tzinfo = field(init=False, repr=False, compare=False)
+    # DST policy for wall-clock times: one that does not exist (spring forward) is shifted to
+    # the end of the gap or skipped; one that occurs twice (fall back) fires at the first, the
+    # last or both occurrences.
+    dst_gap: DstGap = "shift"
+    dst_repeat: DstRepeat = "first"
 
     # True when the schedule names local wall-clock times, so DST can move its fires.
     wall_clock: ClassVar[bool] = False
@@ -60,6 +70,26 @@ class Schedule(ABC):
         name, tz = lookup_zone(self.timezone)
         object.__setattr__(self, "timezone", name)
         object.__setattr__(self, "tzinfo", tz)
+        if self.dst_gap not in ("shift", "skip"):
+            raise ScheduleError(f"dst_gap must be 'shift' or 'skip', got {self.dst_gap!r}")
+        if self.dst_repeat not in ("first", "last", "both"):
+            raise ScheduleError(
+                f"dst_repeat must be 'first', 'last' or 'both', got {self.dst_repeat!r}"
+            )
+
+    @property
+    def dst_policy_applies(self) -> bool:
+        """True when the schedule names wall-clock times that DST can move or double."""
+        return self.wall_clock
+
+    def _check_dst_policy(self, why: str) -> None:
+        if (self.dst_gap, self.dst_repeat) != ("shift", "first"):
+            raise ScheduleError(f"{why}, so a DST policy (dst=...) does not apply to it")
+
+    def _dst_suffix(self) -> str:
+        parts = [p for p, default in ((self.dst_gap, "shift"), (self.dst_repeat, "first"))
+                 if p != default]  # fmt: skip
+        return f" dst={','.join(parts)}" if parts else ""
 
     @abstractmethod
     def next_after(self, dt: datetime) -> datetime | None:
@@ -96,6 +126,7 @@ class Interval(Schedule):
 
     def __post_init__(self) -> None:
         Schedule.__post_init__(self)
+        self._check_dst_policy("an 'every' schedule runs in absolute time")
         if self.seconds <= 0:
             raise ScheduleError(f"interval must be positive, got {self.seconds!r} seconds")
         if not 0 <= self.offset < self.seconds:
@@ -131,15 +162,27 @@ class _WallSequence(Schedule, ABC):
 
     def next_after(self, dt: datetime) -> datetime | None:
         _require_aware(dt)
+        if self.dst_repeat != "both":
+            return self._walk(dt, self.dst_repeat)
+        # Both copies: the first copies and the second copies each come in order, but not
+        # interleaved (01:30 second copy follows 01:45 first copy); take the earlier of both.
+        fires = [f for f in (self._walk(dt, "first"), self._walk(dt, "last")) if f is not None]
+        return min(fires, default=None)
+
+    def _walk(self, dt: datetime, repeat: str) -> datetime | None:
+        """The first nominal time after `dt`'s wall time whose instant is after `dt`."""
         wall = wall_of(dt, self.tzinfo)
+        if repeat == "last":
+            # A wall time behind `dt`'s may still have its second copy ahead of `dt`.
+            wall -= _REPEAT_LOOKBACK
         while True:
             nominal = self.next_nominal(wall)
             if nominal is None:
                 return None
-            instant = resolve_wall(nominal, self.tzinfo)
+            instant = resolve_wall(nominal, self.tzinfo, gap=self.dst_gap, repeat=repeat)
             # In the second copy of a repeated hour the wall clock is behind instants already
             # fired (first occurrence), so keep walking until the fire is really after `dt`.
-            if instant > dt:
+            if instant is not None and instant > dt:
                 return instant
             wall = nominal
 
@@ -214,12 +257,13 @@ class WallClock(_WallSequence):
     def describe(self) -> str:
         times = ",".join(_format_time(t) for t in self.times)
         if self.kind == "daily":
-            return f"daily {times}{self._zone_suffix()}"
-        if self.kind == "weekly":
-            days = ",".join(WEEKDAY_NAMES[w] for w in self.weekdays)
-            return f"weekly {days} {times}{self._zone_suffix()}"
-        month_days = [str(d) for d in self.monthdays] + (["last"] if self.last_day else [])
-        return f"monthly {','.join(month_days)} {times}{self._zone_suffix()}"
+            text = f"daily {times}"
+        elif self.kind == "weekly":
+            text = f"weekly {','.join(WEEKDAY_NAMES[w] for w in self.weekdays)} {times}"
+        else:
+            days = [str(d) for d in self.monthdays] + (["last"] if self.last_day else [])
+            text = f"monthly {','.join(days)} {times}"
+        return f"{text}{self._zone_suffix()}{self._dst_suffix()}"
 
 
 CRON_ALIASES = {
@@ -243,6 +287,11 @@ class Cron(_WallSequence):
     def __post_init__(self) -> None:
         _WallSequence.__post_init__(self)
         object.__setattr__(self, "fields", CRON_ALIASES.get(self.expression, self.expression))
+        if not self.wall_clock_times:
+            self._check_dst_policy(
+                "a cron with a '*' minute or hour runs in absolute time (both copies of a "
+                "repeated hour, nothing in a gap)"
+            )
 
     @property
     def wall_clock_times(self) -> bool:
@@ -260,9 +309,11 @@ class Cron(_WallSequence):
         return next(CronSim(self.fields, wall), None)
 
     def next_after(self, dt: datetime) -> datetime | None:
-        # cronsim applies the same DST policy as resolve_wall (the property tests hold the two
-        # to it), so hand it the aware time; only the second copy of a repeated hour needs
-        # the loop, where cronsim's wall-clock walk answers a time before `dt`.
+        if (self.dst_gap, self.dst_repeat) != ("shift", "first"):
+            return _WallSequence.next_after(self, dt)
+        # cronsim applies the same default DST policy as resolve_wall (the property tests hold
+        # the two to it), so hand it the aware time; only the second copy of a repeated hour
+        # needs the loop, where cronsim's wall-clock walk answers a time before `dt`.
         _require_aware(dt)
         for fire in CronSim(self.fields, dt.astimezone(self.tzinfo)):
             instant = fire.astimezone(UTC)
@@ -275,10 +326,13 @@ class Cron(_WallSequence):
             return None  # absolute-time expressions are not moved by DST, only skipped/doubled
         return _WallSequence.nominal_in(self, start, end)
 
+    @property
+    def dst_policy_applies(self) -> bool:
+        return self.wall_clock_times
+
     def describe(self) -> str:
-        if self.expression.startswith("@"):
-            return f"{self.expression}{self._zone_suffix()}"
-        return f"cron {self.expression}{self._zone_suffix()}"
+        text = self.expression if self.expression.startswith("@") else f"cron {self.expression}"
+        return f"{text}{self._zone_suffix()}{self._dst_suffix()}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -291,13 +345,12 @@ class Once(_WallSequence):
         _WallSequence.__post_init__(self)
         if self.when.tzinfo is not None and self.when.utcoffset() is None:
             raise ScheduleError(f"'at' time has no usable UTC offset: {self.when!r}")
+        if self.when.tzinfo is not None:
+            self._check_dst_policy("an 'at' time with a UTC offset is one exact instant")
 
     @property
-    def instant(self) -> datetime:
-        """The moment this schedule fires, as an aware UTC datetime."""
-        if self.when.tzinfo is not None:
-            return self.when.astimezone(UTC)
-        return resolve_wall(self.when, self.tzinfo)
+    def dst_policy_applies(self) -> bool:
+        return self.when.tzinfo is None
 
     def next_nominal(self, wall: datetime) -> datetime | None:
         if self.when.tzinfo is not None:
@@ -305,8 +358,10 @@ class Once(_WallSequence):
         return self.when if self.when > wall else None
 
     def next_after(self, dt: datetime) -> datetime | None:
+        if self.when.tzinfo is None:
+            return _WallSequence.next_after(self, dt)
         _require_aware(dt)
-        instant = self.instant
+        instant = self.when.astimezone(UTC)
         return instant if instant > dt else None
 
     def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
@@ -318,7 +373,7 @@ class Once(_WallSequence):
         written = self.when.isoformat(timespec="seconds" if self.when.second else "minutes")
         if self.when.microsecond:
             written = self.when.isoformat()
-        return f"at {written}{self._zone_suffix()}"
+        return f"at {written}{self._zone_suffix()}{self._dst_suffix()}"
 
 
 def iter_fires(schedule: Schedule, after: datetime) -> Iterator[datetime]:

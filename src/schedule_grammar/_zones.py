@@ -54,19 +54,22 @@ def is_ambiguous(wall: datetime, tz: tzinfo) -> bool:
     )
 
 
-def resolve_wall(wall: datetime, tz: tzinfo) -> datetime:
-    """Turn a naive local wall time into an aware UTC instant under the default DST policy.
+def resolve_wall(
+    wall: datetime, tz: tzinfo, *, gap: str = "shift", repeat: str = "first"
+) -> datetime | None:
+    """Turn a naive local wall time into an aware UTC instant under a DST policy.
 
-    A wall time that occurs twice resolves to its first occurrence (fold=0). A wall time
-    inside a spring-forward gap does not exist; it resolves to the first instant after the
-    gap, as Debian cron and cronsim do (02:30 in a 02:00-03:00 gap fires at 03:00).
+    The default policy is Debian cron's and cronsim's. A wall time that occurs twice resolves
+    to its first occurrence (fold=0; `repeat="last"`: the second, fold=1). A wall time inside
+    a spring-forward gap does not exist; it resolves to the first instant after the gap
+    (02:30 in a 02:00-03:00 gap fires at 03:00), or with `gap="skip"` to None: no fire.
     """
     if tz is UTC:
         return wall.replace(tzinfo=UTC, fold=0)
-    instant = wall.replace(tzinfo=tz, fold=0).astimezone(UTC)
+    instant = wall.replace(tzinfo=tz, fold=1 if repeat == "last" else 0).astimezone(UTC)
     if wall_of(instant, tz) == wall.replace(fold=0):
         return instant
-    return _gap_end(wall, tz)
+    return _gap_end(wall, tz) if gap == "shift" else None
 
 
 def _gap_end(wall: datetime, tz: tzinfo) -> datetime:

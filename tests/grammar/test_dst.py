@@ -163,16 +163,15 @@ class TestNextFiresFlagsDst:
         fires = next_fires(parse("daily 02:30 in Europe/Berlin"), utc(2027, 3, 26, 12), 3)
         assert [f.dst_affected for f in fires] == [False, True, False]
         assert fires[1].dst_note == (
-            "02:30 does not exist on 2027-03-28 in Europe/Berlin (clocks go forward at 02:00); "
-            "fires at 03:00"
+            "02:30 does not exist on 2027-03-28 in Europe/Berlin; fires at 03:00 (dst_gap=shift)"
         )
         assert fires[1].local.strftime("%H:%M%z") == "03:00+0200"
 
     def test_a_repeated_hour_fire_says_it_fires_once(self) -> None:
         fires = next_fires(parse("daily 02:30 in Europe/Berlin"), utc(2026, 10, 24, 12), 2)
         assert fires[0].dst_note == (
-            "02:30 occurs twice on 2026-10-25 in Europe/Berlin (clocks go back); "
-            "fires once, at the first (UTC+02:00)"
+            "02:30 occurs twice on 2026-10-25 in Europe/Berlin; "
+            "fires once, at the first (UTC+02:00) (dst_repeat=first)"
         )
         assert fires[1].dst_note is None
 

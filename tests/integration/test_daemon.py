@@ -196,9 +196,29 @@ class TestCommands:
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert lines[0] == "berlin  (daily 02:30 in Europe/Berlin)"
-        assert len(lines) == 401
+        fires = [line for line in lines[1:] if not line.strip().startswith("DST ahead:")]
+        assert len(fires) == 400 and len(lines) == 403
         assert any("DST: 02:30 does not exist" in line for line in lines)
         assert any("DST: 02:30 occurs twice" in line for line in lines)
+
+    def test_check_and_next_warn_about_dst_in_the_next_365_days(self, tmp_path: Path) -> None:
+        (tmp_path / "jobs.toml").write_text(
+            'include_builtin = false\n[jobs.berlin]\nschedule = "daily 02:30 in Europe/Berlin"\nendpoint = "/x"\n'
+            'dst_gap = "skip"\n[jobs.plain]\nschedule = "every 1h"\nendpoint = "/y"\n'
+        )
+        env = base_env(SCHEDULER_API_TOKEN="x", SCHEDULER_JOBS_FILE=str(tmp_path / "jobs.toml"))
+        check = run_cli("check", env=env)
+        assert check.returncode == 0, check.stderr
+        warnings = check.stdout.split("DST effects in the next 365 days:")[1].strip().splitlines()
+        assert len(warnings) == 2 and all(
+            line.strip().startswith("berlin: 02:30 ") for line in warnings
+        )
+        assert any("does not fire that day (dst_gap=skip)" in line for line in warnings)
+        assert any(
+            "fires once, at the first" in line and "(dst_repeat=first)" in line for line in warnings
+        )
+        upcoming = run_cli("next", "berlin", "-n", "1", env=env)
+        assert sum("DST ahead: 02:30" in line for line in upcoming.stdout.splitlines()) == 2
 
     def test_next_names_an_unknown_job(self) -> None:
         result = run_cli("next", "data-refrsh", env=base_env(SCHEDULER_API_TOKEN="x"))

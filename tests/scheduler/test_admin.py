@@ -161,6 +161,11 @@ class TestJobs:
         assert nightly["last_run"] == {"at": None, "outcome": None, "status": None}
         assert (nightly["paused"], nightly["in_flight"], nightly["method"]) == (False, 0, "GET")
 
+    def test_the_job_view_carries_the_next_dst_warning(self, world: World) -> None:
+        jobs = {job["name"]: job for job in world.client.get("/api/jobs").json()}
+        assert jobs["nightly"]["dst_warning"] is None  # Asia/Makassar has no DST
+        assert jobs["data-refresh"]["dst_warning"] is None  # an interval is never moved
+
     def test_one_job(self, world: World) -> None:
         assert (
             world.client.get("/api/jobs/data-refresh").json()["next_run"]

@@ -181,6 +181,25 @@ class TestEnvOverrides:
         assert table["nightly-export"].endpoint == "/api/export"  # type: ignore[attr-defined]
 
 
+class TestDstPolicyFields:
+    def test_job_fields_set_the_policy_of_wall_clock_schedules(self, tmp_path: Path) -> None:
+        path = write(tmp_path, '[defaults]\ndst_gap = "skip"\n[jobs.berlin]\nschedule = "daily 02:30 in Europe/Berlin"\n'
+                               'endpoint = "/x"\ndst_repeat = "Both"\n')  # fmt: skip
+        table = jobs({"SCHEDULER_JOBS_FILE": path})
+        assert str(table["berlin"].schedule) == "daily 02:30 in Europe/Berlin dst=skip,both"  # type: ignore[attr-defined]
+        # [defaults] reach every job; absolute-time schedules ignore them
+        assert str(table["data-refresh"].schedule) == "every 15m"  # type: ignore[attr-defined]
+
+    def test_the_schedule_text_wins_over_the_fields(self) -> None:
+        table = jobs({"SCHEDULER_JOBS__MARKETPLACES__SCHEDULE": "daily 02:30 in Europe/Berlin dst=last",
+                      "SCHEDULER_JOBS__MARKETPLACES__DST_REPEAT": "both"})  # fmt: skip
+        assert table["marketplaces"].schedule.dst_repeat == "last"  # type: ignore[attr-defined]
+
+    def test_a_bad_policy_names_the_field(self) -> None:
+        with pytest.raises(ConfigError, match="field 'dst_gap'='later'"):
+            load_config({**TOKEN, "SCHEDULER_JOBS__MARKETPLACES__DST_GAP": "later"})
+
+
 class TestAuth:
     def test_without_a_token_it_refuses_unless_local_dev_mode(self) -> None:
         with pytest.raises(ConfigError, match=r"set SCHEDULER_API_TOKEN.*LOCAL_DEV_MODE=true"):
