@@ -28,8 +28,14 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schedule_grammar import Interval, Schedule, ScheduleError, parse, seconds_to_schedule
-from schedule_grammar._zones import lookup_zone
+from schedule_grammar import (
+    Interval,
+    Schedule,
+    ScheduleError,
+    canonical_zone,
+    parse,
+    seconds_to_schedule,
+)
 
 from .state import sqlite_path
 
@@ -118,7 +124,7 @@ class Settings(BaseSettings):
     @classmethod
     def _zone(cls, value: str) -> str:
         try:
-            return lookup_zone(value)[0]
+            return canonical_zone(value)
         except ScheduleError as error:
             raise ValueError(str(error)) from None
 
@@ -143,6 +149,12 @@ class Settings(BaseSettings):
         scheme = value.partition("://")[0].lower()
         if scheme not in ("sqlite", "memory", "redis", "rediss") or "://" not in value:
             raise ValueError("expected sqlite:///path/state.db, memory:// or redis://host:port/db")
+        if scheme in ("redis", "rediss"):
+            # Coordination of replicas through Redis is not built yet (DESIGN.md section 6).
+            raise ValueError(
+                "redis:// state (high availability) is not available in this version; "
+                "use sqlite:///path/state.db (the default) or memory://"
+            )
         if scheme == "sqlite":
             sqlite_path(value)
         return value

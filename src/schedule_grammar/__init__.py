@@ -4,6 +4,7 @@ from ._errors import ScheduleError
 from ._fires import DstWarning, Fire, dst_note, dst_warnings, next_fires
 from ._parser import parse, seconds_to_schedule
 from ._schedules import Cron, Interval, Once, Schedule, WallClock, iter_fires
+from ._zones import canonical_zone
 
 __all__ = [
     "Cron",
@@ -14,6 +15,7 @@ __all__ = [
     "Schedule",
     "ScheduleError",
     "WallClock",
+    "canonical_zone",
     "dst_note",
     "dst_warnings",
     "iter_fires",

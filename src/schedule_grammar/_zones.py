@@ -41,6 +41,12 @@ def lookup_zone(name: str) -> tuple[str, tzinfo]:
     raise ScheduleError(message) from None
 
 
+def canonical_zone(name: str) -> str:
+    """The canonical IANA name of a time zone (matched case-insensitively); ScheduleError if
+    there is no such zone, with the closest name."""
+    return lookup_zone(name)[0]
+
+
 def wall_of(instant: datetime, tz: tzinfo) -> datetime:
     """The naive local wall-clock time of an aware instant."""
     return instant.astimezone(tz).replace(tzinfo=None, fold=0)

@@ -229,6 +229,7 @@ BAD = [
     ("bad zone", {"SCHEDULER_TIMEZONE": "Europe/Berln"}, None, ["SCHEDULER_TIMEZONE", "did you mean 'Europe/Berlin'"]),
     ("bad log format", {"SCHEDULER_LOG_FORMAT": "xml"}, None, ["SCHEDULER_LOG_FORMAT='xml'"]),
     ("bad state url", {"SCHEDULER_STATE_URL": "postgres://db"}, None, ["SCHEDULER_STATE_URL", "sqlite:///"]),
+    ("redis not yet", {"SCHEDULER_STATE_URL": "redis://localhost:6379/0"}, None, ["SCHEDULER_STATE_URL='redis://localhost:6379/0'", "not available in this version"]),
     ("bad admin bind", {"SCHEDULER_ADMIN_BIND": "8089"}, None, ["SCHEDULER_ADMIN_BIND='8089'", "HOST:PORT"]),
     ("secret redacted", {"SCHEDULER_API_TOKENN": "hunter2"}, None, ["SCHEDULER_API_TOKENN", "did you mean 'SCHEDULER_API_TOKEN'"]),
     ("legacy empty", {"SCHEDULER_DATA_REFRESH_INTERVAL": ""}, None, ["SCHEDULER_DATA_REFRESH_INTERVAL=''"]),
