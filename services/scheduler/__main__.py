@@ -341,6 +341,7 @@ def serve(
         except OSError as error:
             dispatcher.shutdown(0)
             store.close()
+            reporter.close()
             raise ConfigError(
                 f"SCHEDULER_ADMIN_BIND={settings.admin_bind!r}: {error}; choose another "
                 "address or set it to 'off'"

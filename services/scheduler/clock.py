@@ -179,12 +179,16 @@ class Scheduler:
         )
         while not self._stopping.is_set():
             self.heartbeat = self._clock.monotonic()
-            if self._reload_requested.is_set():
-                self._reload_requested.clear()
-                self._do_reload()
-            now = self._clock.now()
-            self.fire_due(now)
-            self._clock.wait(self.seconds_until_next(self._clock.now()))
+            try:
+                if self._reload_requested.is_set():
+                    self._reload_requested.clear()
+                    self._do_reload()
+                self.fire_due(self._clock.now())
+                pause = self.seconds_until_next(self._clock.now())
+            except Exception:  # a bug must not stop every job: log it and keep the beat
+                self._log.exception("clock loop error; planning continues")
+                pause = min(self._tick, 1.0)
+            self._clock.wait(pause)
         self._log.info("scheduler stopped planning")
 
     def start(self, now: datetime) -> None:
@@ -215,7 +219,15 @@ class Scheduler:
             job = self._jobs.get(name)
             if job is None or self._planned.get(name) != slot:
                 continue  # removed or replanned by a reload
-            self._handle(job, slot, now)
+            try:
+                self._handle(job, slot, now)
+            except Exception:
+                # The slot was popped: plan the job's next one, or it would silently stop.
+                self._log.exception(
+                    "handling a slot failed; the job continues", job=name, slot=_iso(slot)
+                )
+                if self._planned.get(name) == slot:
+                    self._plan(job, job.schedule.next_after(max(slot, now)))
         self._hand_on()
 
     # -- internals ------------------------------------------------------------------------
@@ -287,7 +299,10 @@ class Scheduler:
             for slot in slots
         )
         for job, slots, next_slot in handoffs:
-            self._firer.submit(job, slots, deadline=next_slot)
+            try:
+                self._firer.submit(job, slots, deadline=next_slot)
+            except Exception:  # one job's trouble must not cost the others their slots
+                self._log.exception("handing a slot on failed", job=job.name, slot=_iso(slots[-1]))
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed

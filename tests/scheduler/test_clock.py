@@ -207,3 +207,47 @@ def test_slots_are_formatted_as_rfc3339_utc_with_milliseconds() -> None:
         format_slot(datetime(2026, 11, 22, 11, 0, 0, 123_999, tzinfo=UTC))
         == "2026-11-22T11:00:00.123Z"
     )
+
+
+class TestResilience:
+    def test_a_failing_hand_on_does_not_stop_the_job_or_the_loop(self) -> None:
+        class Flaky(RecordingFirer):
+            failures = 1
+
+            def submit(
+                self, job: object, slots: list[datetime], *, deadline: datetime | None
+            ) -> None:
+                if self.failures:
+                    self.failures -= 1
+                    raise RuntimeError("a bug in dispatch")
+                super().submit(job, slots, deadline=deadline)
+
+        clock = VirtualClock(T0)
+        firer = Flaky()
+        scheduler = Scheduler(jobs=[job(schedule="every 1m")], firer=firer, store=MemoryStateStore(),
+                              clock=clock, log=structlog.get_logger(), tick_seconds=30)  # fmt: skip
+        import threading
+
+        loop = threading.Thread(target=scheduler.run)
+        loop.start()
+        deadline = datetime.now(UTC) + timedelta(seconds=10)
+        while len(firer.fired) < 2 and datetime.now(UTC) < deadline:
+            threading.Event().wait(0.01)
+        scheduler.stop()
+        loop.join(5)
+        assert firer.slots("j")[:2] == [utc(2026, 11, 22, 10, 2), utc(2026, 11, 22, 10, 3)]
+
+    def test_a_slot_whose_handling_fails_still_plans_the_next(self) -> None:
+        scheduler, clock, firer, store = make(job(schedule="every 1m"))
+        original = store.job_state
+        calls = {"n": 0}
+
+        def broken_once(name: str):  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("store hiccup")
+            return original(name)
+
+        store.job_state = broken_once  # type: ignore[method-assign]
+        run_for(scheduler, clock, 180)
+        assert firer.slots("j") == [utc(2026, 11, 22, 10, 2), utc(2026, 11, 22, 10, 3)]
