@@ -361,6 +361,10 @@ def serve(
         log.info("reload requested", signal="SIGHUP")
         scheduler.request_reload()
 
+    previous = {
+        signum: signal.getsignal(signum)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     if reload is not None:
@@ -381,13 +385,18 @@ def serve(
         loop.join(0.2)
         if stop_after is not None and clock.monotonic() - started >= stop_after:
             scheduler.stop()
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    crashed = not scheduler.stopping  # the loop ended without being asked to
+    if crashed:
+        log.error("the clock loop ended unexpectedly; stopping")
     left = dispatcher.shutdown(settings.shutdown_grace_seconds)
     if admin is not None:
         admin.stop()
     store.close()
     reporter.close()
     log.info("cronclock stopped", abandoned=left)
-    return 0
+    return 1 if crashed else 0
 
 
 if __name__ == "__main__":

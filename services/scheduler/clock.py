@@ -170,7 +170,11 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        self.start(self._clock.now())
+        try:
+            self.start(self._clock.now())
+        except Exception:  # the caller sees the loop end unasked and exits non-zero
+            self._log.exception("planning the job table failed at start")
+            return
         upcoming = min(self._planned.values(), default=None)
         self._log.info(
             "scheduler ready",
