@@ -529,7 +529,8 @@ def load_jobs(settings: Settings, environ: Mapping[str, str]) -> tuple[Job, ...]
     cadences = {job.name: _cadence(job, environ) for job in DEFAULT_JOBS}
     if data.get("include_builtin", True):
         for job in DEFAULT_JOBS:
-            source = job.cadence_variable or "built-in"
+            variable = job.cadence_variable
+            source = variable if variable and variable in environ else "built-in"
             fields: dict[str, tuple[str, Any]] = {
                 "schedule": (source, cadences[job.name]),
                 "endpoint": ("built-in", job.endpoint),

@@ -291,3 +291,9 @@ def test_secret_values_are_redacted_in_errors() -> None:
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_check_names_a_cadence_variable_as_the_source_only_when_it_is_set() -> None:
+    table = jobs({"SCHEDULER_HEALTH_CHECK_INTERVAL": "120"})
+    assert table["health-check"].source == "SCHEDULER_HEALTH_CHECK_INTERVAL"  # type: ignore[attr-defined]
+    assert table["data-refresh"].source == "built-in"  # type: ignore[attr-defined]
