@@ -179,7 +179,7 @@ class Scheduler:
         self._log.info(
             "scheduler ready",
             planned=len(self._planned),
-            next_slot=_iso(upcoming) if upcoming else None,
+            next_slot=format_slot(upcoming) if upcoming else None,
         )
         while not self._stopping.is_set():
             self.heartbeat = self._clock.monotonic()
@@ -203,7 +203,7 @@ class Scheduler:
             self._log.warning(
                 "interrupted: the previous process stopped during this call; not called again",
                 job=record.job,
-                slot=_iso(record.slot),
+                slot=format_slot(record.slot),
             )
         for job in self._jobs.values():
             self._plan_first(job, now)
@@ -228,7 +228,7 @@ class Scheduler:
             except Exception:
                 # The slot was popped: plan the job's next one, or it would silently stop.
                 self._log.exception(
-                    "handling a slot failed; the job continues", job=name, slot=_iso(slot)
+                    "handling a slot failed; the job continues", job=name, slot=format_slot(slot)
                 )
                 if self._planned.get(name) == slot:
                     self._plan(job, job.schedule.next_after(max(slot, now)))
@@ -242,7 +242,7 @@ class Scheduler:
         if job.run_on_start:
             # A slot of its own, at the start instant, so its Idempotency-Key is unique.
             start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
-            self._log.info("run on start", job=job.name, slot=_iso(start_slot))
+            self._log.info("run on start", job=job.name, slot=format_slot(start_slot))
             self._fire(job, [start_slot], job.schedule.next_after(now))
         last = self._store.job_state(job.name).last_slot
         if last is None or job.run_on_start:
@@ -271,7 +271,7 @@ class Scheduler:
     ) -> None:
         decision = decide(job, first_due, now, restart=restart)
         if self._store.job_state(job.name).paused:
-            self._log.debug("paused; slot passes", job=job.name, slot=_iso(first_due))
+            self._log.debug("paused; slot passes", job=job.name, slot=format_slot(first_due))
             self._store.advance(job.name, (decision.fire or decision.missed)[-1])
         else:
             if decision.missed:
@@ -281,7 +281,7 @@ class Scheduler:
                     self._log.warning(
                         "catch-up fire",
                         job=job.name,
-                        slot=_iso(slot),
+                        slot=format_slot(slot),
                         late_seconds=round((now - slot).total_seconds(), 3),
                         catchup=job.catchup,
                     )
@@ -306,7 +306,9 @@ class Scheduler:
             try:
                 self._firer.submit(job, slots, deadline=next_slot)
             except Exception:  # one job's trouble must not cost the others their slots
-                self._log.exception("handing a slot on failed", job=job.name, slot=_iso(slots[-1]))
+                self._log.exception(
+                    "handing a slot on failed", job=job.name, slot=format_slot(slots[-1])
+                )
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed
@@ -324,18 +326,18 @@ class Scheduler:
                 count=count,
                 error=(
                     f"{'at least ' if decision.missed_more else ''}{count} slot(s) from "
-                    f"{_iso(missed[0])} to {_iso(missed[-1])} not fired (catchup={job.catchup}, "
-                    f"misfire_grace={job.misfire_grace:g}s)"
+                    f"{format_slot(missed[0])} to {format_slot(missed[-1])} not fired "
+                    f"(catchup={job.catchup}, misfire_grace={job.misfire_grace:g}s)"
                 ),
             )
         )
         self._log.warning(
             "missed slots",
             job=job.name,
-            slot=_iso(missed[-1]),
+            slot=format_slot(missed[-1]),
             count=count,
             at_least=decision.missed_more,
-            first=_iso(missed[0]),
+            first=format_slot(missed[0]),
             catchup=job.catchup,
         )
 
@@ -378,10 +380,6 @@ class Scheduler:
 def idempotency_key(job: str, slot: datetime) -> str:
     """`<job>@<slot epoch ms>`: the same on every retry, after a restart and on every replica."""
     return f"{job}@{round(slot.timestamp() * 1000)}"
-
-
-def _iso(instant: datetime) -> str:
-    return format_slot(instant)
 
 
 def format_slot(instant: datetime) -> str:

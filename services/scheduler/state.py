@@ -21,14 +21,6 @@ from typing import Literal, Protocol
 from structlog.typing import FilteringBoundLogger
 
 Outcome = Literal["success", "busy", "failed", "skipped_overlap", "missed", "interrupted"]
-OUTCOMES: tuple[Outcome, ...] = (
-    "success",
-    "busy",
-    "failed",
-    "skipped_overlap",
-    "missed",
-    "interrupted",
-)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
