@@ -29,8 +29,10 @@ from .config import (
     load_config,
     load_jobs,
     load_settings,
+    redact_url,
     require_auth,
 )
+from .coordination import open_state
 from .demo import DemoTarget, demo_config
 from .dispatch import Dispatcher, manual_key
 from .state import open_store
@@ -96,7 +98,8 @@ def cmd_check(config: Config, out: TextIO) -> int:
     settings = config.settings
     auth = "bearer token set" if config.api_token else "none (LOCAL_DEV_MODE)"
     print(f"cronclock {__version__}: configuration OK", file=out)
-    print(f"target {settings.api_url}  auth: {auth}  state: {settings.state_url}", file=out)
+    state = redact_url(settings.state_url)
+    print(f"target {settings.api_url}  auth: {auth}  state: {state}", file=out)
     rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]
     for job in config.jobs:
         upcoming = job.schedule.next_after(now) if job.enabled else None
@@ -292,12 +295,7 @@ def serve(
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop."""
     settings = config.settings
-    store = open_store(
-        settings.state_url,
-        max_runs=settings.history_max_runs,
-        max_age=timedelta(seconds=settings.history_max_age),
-        log=log,
-    )
+    store, coordinator, close_state = open_state(settings, log)
     reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
@@ -311,6 +309,8 @@ def serve(
         reporter=reporter,
         max_concurrency=settings.max_concurrency,
         metrics=metrics,
+        fencing_token=coordinator.fencing_token,
+        may_fire=coordinator.leading,
     )
     scheduler = Scheduler(
         jobs=[job for job in config.jobs],
@@ -322,6 +322,7 @@ def serve(
         reload=reload,
         lead_seconds=DEFAULT_LEAD_SECONDS,
         metrics=metrics,
+        coordinator=coordinator,
     )
     admin: AdminServer | None = None
     if settings.admin_bind != "off":
@@ -334,13 +335,14 @@ def serve(
             admin_token=settings.admin_token,
             local_dev_mode=settings.local_dev_mode,
             tick_seconds=settings.tick_seconds,
+            coordinator=coordinator,
         )
         admin = AdminServer(create_app(context), settings.admin_bind, log)
         try:
             url = admin.start()
         except OSError as error:
             dispatcher.shutdown(0)
-            store.close()
+            close_state()
             reporter.close()
             raise ConfigError(
                 f"SCHEDULER_ADMIN_BIND={settings.admin_bind!r}: {error}; choose another "
@@ -376,7 +378,8 @@ def serve(
         target=settings.api_url,
         jobs=len(enabled),
         max_concurrency=settings.max_concurrency,
-        state=settings.state_url.partition("://")[0],
+        state=redact_url(settings.state_url),
+        replica=coordinator.status().identity,
     )
     loop.start()
     started = clock.monotonic()
@@ -391,9 +394,10 @@ def serve(
     if crashed:
         log.error("the clock loop ended unexpectedly; stopping")
     left = dispatcher.shutdown(settings.shutdown_grace_seconds)
+    coordinator.stop()
     if admin is not None:
         admin.stop()
-    store.close()
+    close_state()
     reporter.close()
     log.info("cronclock stopped", abandoned=left)
     return 1 if crashed else 0

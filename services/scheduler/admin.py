@@ -10,7 +10,7 @@ import asyncio
 import hmac
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -28,8 +28,9 @@ from schedule_grammar import dst_warnings
 from . import __version__
 from .clock import Clock, Scheduler, format_slot
 from .config import Job
+from .coordination import Coordinator, Solo
 from .dispatch import Dispatcher
-from .state import RunRecord, StateStore
+from .state import RunRecord, StateStore, StoreUnavailable
 from .telemetry import Metrics
 
 
@@ -45,6 +46,7 @@ class AdminContext:
     admin_token: SecretStr | None
     local_dev_mode: bool
     tick_seconds: float
+    coordinator: Coordinator = field(default_factory=Solo)
 
 
 # -- response models ------------------------------------------------------------------------
@@ -87,10 +89,14 @@ class RunView(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str  # ok | standby | unhealthy
     reason: str | None = None
     heartbeat_age_seconds: float
     version: str
+    role: str  # solo | leader | standby
+    replica: str  # this replica's identity (host:pid)
+    leader: str | None  # who leads, as far as this replica knows
+    fencing_token: int | None  # the leader's epoch (Redis coordination only)
 
 
 class Triggered(BaseModel):
@@ -118,6 +124,7 @@ JobName = Annotated[str, Path(min_length=1, max_length=200, description="the job
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong admin token"},
     404: {"model": ErrorBody, "description": "no such job"},
+    503: {"model": ErrorBody, "description": "the shared state store (Redis) cannot be reached"},
 }
 
 
@@ -207,20 +214,29 @@ def create_app(ctx: AdminContext) -> FastAPI:
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     def healthz() -> JSONResponse:
-        """200 while the clock loop's heartbeat is fresh and the state store healthy."""
+        """200 while the clock loop's heartbeat is fresh and the state store (and Redis, when
+        coordinated) healthy; a healthy standby answers 200 with status `standby`."""
         age = ctx.clock.monotonic() - ctx.scheduler.heartbeat
+        leadership = ctx.coordinator.status()
         reason = None
         if ctx.scheduler.stopping:
             reason = "shutting down"
         elif age > 2 * ctx.tick_seconds + 5:
             reason = f"the clock loop has not run for {age:.0f}s"
+        elif leadership.problem is not None:
+            reason = f"coordination: {leadership.problem}"
         elif (problem := ctx.store.problem()) is not None:
             reason = f"state store: {problem}"
+        status = "unhealthy" if reason else "standby" if leadership.role == "standby" else "ok"
         body = Health(
-            status="ok" if reason is None else "unhealthy",
+            status=status,
             reason=reason,
             heartbeat_age_seconds=round(age, 3),
             version=__version__,
+            role=leadership.role,
+            replica=leadership.identity,
+            leader=leadership.leader,
+            fencing_token=leadership.epoch,
         )
         return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
 
@@ -246,36 +262,43 @@ def create_app(ctx: AdminContext) -> FastAPI:
     def job_runs(name: JobName, limit: Annotated[int, Query(ge=1, le=1000)] = 50) -> list[RunView]:
         """The job's latest runs, newest first."""
         job_or_404(name)
-        return [_run_view(record) for record in ctx.store.runs(name, limit)]
+        try:
+            return [_run_view(record) for record in ctx.store.runs(name, limit)]
+        except StoreUnavailable as error:
+            raise HTTPException(503, f"run history unavailable: {error}") from None
 
     @app.post(
         "/api/jobs/{name}/trigger",
         dependencies=auth,
         status_code=202,
-        responses={**ERRORS, 409: {"model": ErrorBody, "description": "already in flight"}},
+        responses={**ERRORS, 409: {"model": ErrorBody, "description": "in flight or standby"}},
     )
     def trigger(name: JobName) -> Triggered:
         """Fire the job now, with a manual Idempotency-Key; answers at once."""
         job = job_or_404(name)
         started = ctx.dispatcher.trigger(job)
-        if started is None:
-            raise HTTPException(
-                409, f"job {name!r} is in flight and its overlap policy is {job.overlap!r}"
-            )
+        if isinstance(started, str):
+            raise HTTPException(409, started)
         return Triggered(job=name, idempotency_key=started[0])
 
     @app.post("/api/jobs/{name}/pause", dependencies=auth, responses=ERRORS)
     def pause(name: JobName) -> Paused:
         """Let the job's slots pass without firing until resumed (kept across restarts)."""
         job_or_404(name)
-        ctx.store.set_paused(name, True)
+        set_paused(name, True)
         return Paused(job=name, paused=True)
 
     @app.post("/api/jobs/{name}/resume", dependencies=auth, responses=ERRORS)
     def resume(name: JobName) -> Paused:
         job_or_404(name)
-        ctx.store.set_paused(name, False)
+        set_paused(name, False)
         return Paused(job=name, paused=False)
+
+    def set_paused(name: str, paused: bool) -> None:
+        try:
+            ctx.store.set_paused(name, paused)
+        except StoreUnavailable as error:
+            raise HTTPException(503, f"not {'paused' if paused else 'resumed'}: {error}") from None
 
     return app
 

@@ -19,7 +19,8 @@ from typing import Protocol
 from structlog.typing import FilteringBoundLogger
 
 from .config import Job
-from .state import RunRecord, StateStore
+from .coordination import Coordinator, Solo
+from .state import Outcome, Refusal, RunRecord, StateStore
 from .telemetry import Metrics
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
@@ -125,8 +126,12 @@ class Scheduler:
         reload: Callable[[], tuple[Job, ...]] | None = None,
         lead_seconds: float = 0.0,
         metrics: Metrics | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         self._jobs = {job.name: job for job in jobs}
+        self._coordinator = coordinator if coordinator is not None else Solo()
+        self._term: int | None = None  # the leadership term this loop plans in, if any
+        self._has_led = False
         self._firer = firer
         self._store = store
         self._clock = clock
@@ -163,37 +168,90 @@ class Scheduler:
             return dict(self._jobs)
 
     def planned(self) -> dict[str, datetime]:
-        """Each enabled job's next planned slot."""
+        """Each enabled job's next planned slot. A standby plans nothing; it shows when each
+        job's next slot falls, as the leader would plan it."""
         with self._lock:
-            return dict(self._planned)
+            if self._term is not None:
+                return dict(self._planned)
+            jobs = list(self._jobs.values())
+        now = self._clock.now()
+        projected = {}
+        for job in jobs:
+            last = self._store.job_state(job.name).last_slot
+            upcoming = job.schedule.next_after(max(now, last) if last else now)
+            if job.enabled and upcoming is not None:
+                projected[job.name] = upcoming
+        return projected
+
+    @property
+    def leading(self) -> bool:
+        return self._term is not None
 
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        try:
-            self.start(self._clock.now())
-        except Exception:  # the caller sees the loop end unasked and exits non-zero
-            self._log.exception("planning the job table failed at start")
-            return
-        upcoming = min(self._planned.values(), default=None)
-        self._log.info(
-            "scheduler ready",
-            planned=len(self._planned),
-            next_slot=format_slot(upcoming) if upcoming else None,
-        )
+        self._coordinator.start(self._clock.wake)
+        self._metrics.is_leader.set(0)
         while not self._stopping.is_set():
             self.heartbeat = self._clock.monotonic()
+            try:
+                self._follow_leadership()
+            except Exception:  # the caller sees the loop end unasked and exits non-zero
+                self._log.exception("planning the job table failed")
+                return
             try:
                 if self._reload_requested.is_set():
                     self._reload_requested.clear()
                     self._do_reload()
-                self.fire_due(self._clock.now())
-                pause = self.seconds_until_next(self._clock.now())
+                pause = self._tick
+                if self._term is not None:
+                    self.fire_due(self._clock.now())
+                    pause = self.seconds_until_next(self._clock.now())
             except Exception:  # a bug must not stop every job: log it and keep the beat
                 self._log.exception("clock loop error; planning continues")
                 pause = min(self._tick, 1.0)
             self._clock.wait(pause)
         self._log.info("scheduler stopped planning")
+
+    def _follow_leadership(self) -> None:
+        """Plan while this replica leads; stop planning the moment it does not. A new term
+        (even this replica's own, after a lapse) plans afresh from the shared state."""
+        term = self._coordinator.term()
+        if term == self._term:
+            return
+        if self._term is not None:
+            self._step_down()
+        if term is not None:
+            self._store.refresh()
+            now = self._clock.now()
+            self.start(now)
+            self._term = term
+            self._has_led = True
+            self._metrics.is_leader.set(1)
+            upcoming = min(self._planned.values(), default=None)
+            self._log.info(
+                "scheduler ready",
+                planned=len(self._planned),
+                next_slot=format_slot(upcoming) if upcoming else None,
+                **({} if isinstance(self._coordinator, Solo) else {"epoch": term}),
+            )
+
+    def _step_down(self) -> None:
+        with self._lock:
+            names = list(self._planned)
+            self._planned.clear()
+        self._heap.clear()
+        self._handoffs.clear()
+        for name in names:
+            self._metrics.planned(name, None)
+        self._term = None
+        self._metrics.is_leader.set(0)
+        status = self._coordinator.status()
+        self._log.warning(
+            "standby: not the leader any more; planning stopped",
+            leader=status.leader,
+            error=status.problem,
+        )
 
     def start(self, now: datetime) -> None:
         """Plan every enabled job: after its last handled slot when the store remembers one
@@ -239,13 +297,14 @@ class Scheduler:
     def _plan_first(self, job: Job, now: datetime) -> None:
         if not job.enabled:
             return
-        if job.run_on_start:
+        run_on_start = job.run_on_start and not self._has_led  # once per process, not per term
+        if run_on_start:
             # A slot of its own, at the start instant, so its Idempotency-Key is unique.
             start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
             self._log.info("run on start", job=job.name, slot=format_slot(start_slot))
             self._fire(job, [start_slot], job.schedule.next_after(now))
         last = self._store.job_state(job.name).last_slot
-        if last is None or job.run_on_start:
+        if last is None or run_on_start:
             self._plan(job, job.schedule.next_after(now))
             return
         # Continue after the last handled slot. A wall clock now behind it plans the slot
@@ -297,18 +356,58 @@ class Scheduler:
         handoffs, self._handoffs = self._handoffs, []
         if not handoffs:
             return
-        self._store.mark_started(
+        refused = self._store.mark_started(
             (job.name, slot, idempotency_key(job.name, slot))
             for job, slots, _ in handoffs
             for slot in slots
         )
         for job, slots, next_slot in handoffs:
+            if refused:
+                for slot in slots:
+                    if (reason := refused.get(idempotency_key(job.name, slot))) is not None:
+                        self._refused(job, slot, reason)
+                slots = [s for s in slots if idempotency_key(job.name, s) not in refused]
+                if not slots:
+                    continue
             try:
                 self._firer.submit(job, slots, deadline=next_slot)
             except Exception:  # one job's trouble must not cost the others their slots
                 self._log.exception(
                     "handing a slot on failed", job=job.name, slot=format_slot(slots[-1])
                 )
+        if "not_leader" in refused.values():
+            self._coordinator.step_down()
+            self._step_down()
+
+    def _refused(self, job: Job, slot: datetime, reason: Refusal) -> None:
+        """A slot the shared store would not let this replica call."""
+        fields = {"job": job.name, "slot": format_slot(slot)}
+        if reason == "paused":
+            self._log.debug("paused; slot passes", **fields)
+            return
+        if reason == "not_leader":
+            self._log.warning("not fired: another replica holds the lease", **fields)
+            return
+        key = idempotency_key(job.name, slot)
+        outcome: Outcome
+        if reason == "taken":
+            outcome, error = "skipped_claimed", "claimed by another replica, which fired it"
+            self._log.warning("skipped: slot claimed by another replica", **fields)
+        else:
+            outcome, error = "missed", "not fired: the slot could not be claimed (store away)"
+            self._log.error("not fired: the slot could not be claimed", **fields)
+        self._metrics.outcome(job.name, outcome)
+        self._store.record_run(
+            RunRecord(
+                job=job.name,
+                slot=slot,
+                key=key,
+                attempt=0,
+                started=self._clock.now(),
+                outcome=outcome,
+                error=error,
+            )
+        )
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed

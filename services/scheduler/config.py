@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,15 +150,43 @@ class Settings(BaseSettings):
         scheme = value.partition("://")[0].lower()
         if scheme not in ("sqlite", "memory", "redis", "rediss") or "://" not in value:
             raise ValueError("expected sqlite:///path/state.db, memory:// or redis://host:port/db")
-        if scheme in ("redis", "rediss"):
-            # Coordination of replicas through Redis is not built yet (DESIGN.md section 6).
-            raise ValueError(
-                "redis:// state (high availability) is not available in this version; "
-                "use sqlite:///path/state.db (the default) or memory://"
-            )
         if scheme == "sqlite":
             sqlite_path(value)
+        if scheme in ("redis", "rediss"):
+            check_redis_url(value)
         return value
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+            raise ValueError("expected 1-64 letters, digits or _ . : - (it prefixes Redis keys)")
+        return value
+
+
+def check_redis_url(value: str) -> None:
+    """redis://[user:password@]host[:port][/db] (rediss:// for TLS)."""
+    url = urllib.parse.urlsplit(value)
+    try:
+        port = url.port
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if not url.hostname:
+        raise ValueError("expected redis://host:port/db, e.g. redis://redis:6379/0")
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    if not re.fullmatch(r"/?(\d{1,5})?", url.path):
+        raise ValueError(f"the database must be a number, e.g. /0; got {url.path!r}")
+
+
+def redact_url(value: str) -> str:
+    """The URL with any password replaced by ***, fit for logs and error messages."""
+    url = urllib.parse.urlsplit(value)
+    if url.password is None:
+        return value
+    user = url.username or ""
+    host = url.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(url._replace(netloc=f"{user}:***@{host}"))
 
 
 def check_http_url(value: str) -> str:
@@ -368,7 +397,11 @@ def _suggest(word: str, candidates: list[str] | frozenset[str]) -> str:
 
 
 def _shown(variable: str, value: object) -> str:
-    return "'**********'" if variable in _SECRET_SETTINGS else repr(value)
+    if variable in _SECRET_SETTINGS:
+        return "'**********'"
+    if variable == "SCHEDULER_STATE_URL" and isinstance(value, str):
+        return repr(redact_url(value))  # a password may sit in a redis:// URL
+    return repr(value)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:

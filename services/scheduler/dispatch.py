@@ -116,6 +116,7 @@ class Dispatcher:
         sleep: Callable[[float], bool] | None = None,
         rng: random.Random | None = None,
         fencing_token: Callable[[], int | None] = lambda: None,
+        may_fire: Callable[[], bool] = lambda: True,
         pause: Callable[[float], None] = time.sleep,
         metrics: Metrics | None = None,
     ) -> None:
@@ -125,6 +126,7 @@ class Dispatcher:
         self._reporter = reporter
         self._token = token
         self._fencing_token = fencing_token
+        self._may_fire = may_fire
         self._rng = rng or random.Random()
         self._stopping = threading.Event()
         self._sleep = sleep or self._stopping.wait
@@ -167,12 +169,21 @@ class Dispatcher:
                 return
             self._start(job, batch, deadline)
 
-    def trigger(self, job: Job) -> tuple[str, Future[CallResult]] | None:
-        """Fire `job` now with a manual key; None when it is in flight and overlap is not allow."""
+    def trigger(self, job: Job) -> tuple[str, Future[CallResult]] | str:
+        """Fire `job` now with a manual key (claimed like a slot); or why not."""
+        if self.in_flight().get(job.name, 0) > 0 and job.overlap != "allow":
+            return f"job {job.name!r} is in flight and its overlap policy is {job.overlap!r}"
         key = manual_key(job.name)
+        refusal = self._store.claim(job.name, key)
+        if refusal is not None:
+            return {
+                "not_leader": "this replica is a standby; trigger the job on the leader",
+                "unavailable": "the state store cannot be reached; nothing was fired",
+            }.get(refusal, f"the trigger could not be claimed ({refusal})")
         with self._lock:
             if self._in_flight.get(job.name, 0) > 0 and job.overlap != "allow":
-                return None
+                self._store.mark_finished(job.name, key)
+                return f"job {job.name!r} is in flight and its overlap policy is {job.overlap!r}"
             return key, self._start(job, [(self._clock.now(), key)], None)
 
     def _start(
@@ -323,6 +334,8 @@ class Dispatcher:
             )
             if attempt == 1:
                 self._await_slot(job, slot, key)
+                if not self._may_fire():
+                    return self._lost_lease(job, slot, key, begun)
             sent = self._send(job, request)
             if on_sent is not None:
                 on_sent()
@@ -378,6 +391,25 @@ class Dispatcher:
                 error = f"{error}; not retried: shutting down"
                 self._log.error("failed", **fields, error=error)
                 return self._result(job, slot, key, "failed", attempt, sent.status, error, begun)
+
+    def _lost_lease(self, job: Job, slot: datetime, key: str, begun: float) -> CallResult:
+        """The lease could not be confirmed when the call was due: it is not sent (another
+        replica may lead by now, and a slot is called at most once)."""
+        error = "not sent: this replica's lease could not be confirmed at the slot"
+        self._store.record_run(
+            RunRecord(
+                job=job.name,
+                slot=slot,
+                key=key,
+                attempt=0,
+                started=self._clock.now(),
+                outcome="missed",
+                error=error,
+            )
+        )
+        self._log.error("not fired: leadership lost before the call", job=job.name,
+                        slot=format_slot(slot))  # fmt: skip
+        return self._result(job, slot, key, "missed", 0, None, error, begun)
 
     def _send(self, job: Job, request: httpx.Request) -> Sent:
         """One attempt on the wire, classified; never raises for HTTP or network trouble."""

@@ -20,7 +20,16 @@ from typing import Literal, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
-Outcome = Literal["success", "busy", "failed", "skipped_overlap", "missed", "interrupted"]
+Outcome = Literal[
+    "success", "busy", "failed", "skipped_overlap", "skipped_claimed", "missed", "interrupted"
+]
+# Why a slot handed on must not be called: another replica claimed it, the job is paused (as
+# the shared store says at that instant), this replica no longer leads, or the store is gone.
+Refusal = Literal["taken", "paused", "not_leader", "unavailable"]
+
+
+class StoreUnavailable(Exception):
+    """A shared store cannot be reached; the operation did not happen."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,9 +66,19 @@ class StateStore(Protocol):
     def advance(self, job: str, slot: datetime) -> None:
         """Record that every slot up to `slot` is handled (fired, skipped or missed)."""
 
-    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> None:
-        """Record (job, slot, key) handed to dispatch, durably, before their calls: at most
-        once per slot. One call for everything handed on in one beat."""
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
+        """Claim and record (job, slot, key) handed to dispatch, durably, before their calls:
+        at most once per slot. One call for everything handed on in one beat. Returns the
+        keys that must not be called, with the reason (a shared store refuses slots another
+        replica claimed); the embedded stores refuse nothing."""
+        ...
+
+    def claim(self, job: str, key: str) -> Refusal | None:
+        """Claim a manual trigger's own key; None when this process may call it."""
+        ...
+
+    def refresh(self) -> None:
+        """Re-read job state another process may have written (a shared store only)."""
 
     def mark_finished(self, job: str, key: str) -> None:
         """The call for `key` is over (whatever its outcome)."""
@@ -129,11 +148,18 @@ class MemoryStateStore:
             state = self._jobs[job] = replace(state, last_slot=slot)
         return state
 
-    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> None:
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
         with self._lock:
             for job, slot, key in slots:
                 self._advance(job, slot)
                 self._in_flight[key] = (job, slot, datetime.now(UTC))
+        return {}
+
+    def claim(self, job: str, key: str) -> Refusal | None:
+        return None
+
+    def refresh(self) -> None:
+        return None
 
     def mark_finished(self, job: str, key: str) -> None:
         with self._lock:
@@ -490,7 +516,7 @@ class SqliteStateStore:
         self._memory.advance(job, slot)
         self._write([self._job_write(job)])
 
-    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> None:
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
         handed = list(slots)
         self._memory.mark_started(handed)
         since = _us(datetime.now(UTC))
@@ -501,6 +527,13 @@ class SqliteStateStore:
             for job, slot, key in handed
         ]  # fmt: skip
         self._write(statements, wait=True)
+        return {}
+
+    def claim(self, job: str, key: str) -> Refusal | None:
+        return None
+
+    def refresh(self) -> None:
+        return None
 
     def mark_finished(self, job: str, key: str) -> None:
         self._memory.mark_finished(job, key)

@@ -11,15 +11,9 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import Daemon, base_env, run_cli
-from tests.support import Target
+from tests.support import Target, free_port
 
 ADMIN = "admin-token"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def start(

@@ -379,10 +379,12 @@ class TestOverlap:
         h, release = self._blocking()
         j = job()
         started = h.dispatcher.trigger(j)
-        assert started is not None
+        assert not isinstance(started, str)
         key, future = started
         assert key.startswith("data-refresh@manual-")
-        assert h.dispatcher.trigger(j) is None
+        assert h.dispatcher.trigger(j) == (
+            "job 'data-refresh' is in flight and its overlap policy is 'skip'"
+        )
         release.set()
         assert future.result(5).outcome == "success"
         self._settle(h)
