@@ -1,0 +1,267 @@
+"""High availability with real daemons on one real redis-server: two or three replicas fire
+every slot exactly once, and keep that promise through SIGKILL, SIGSTOP, a Redis restart
+and random kills."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.conftest import Daemon
+from tests.support import Arrival, RedisServer, Target, free_port
+
+TOKEN = "ha-token"
+ADMIN = "ha-admin"
+JOBS = ("a", "b", "c")
+JOBS_TOML = "".join(
+    f'[jobs.{name}]\nschedule = "every 1s"\nendpoint = "/{name}"\n' for name in JOBS
+)
+
+
+@dataclass
+class Replica:
+    daemon: Daemon
+    admin: str
+
+    def health(self) -> dict[str, object]:
+        try:
+            body: dict[str, object] = httpx.get(f"{self.admin}/healthz", timeout=2).json()
+            return body
+        except httpx.HTTPError:
+            return {}
+
+    @property
+    def alive(self) -> bool:
+        return self.daemon.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        return self.daemon.process.pid
+
+
+class Cluster:
+    def __init__(
+        self,
+        daemon: Callable[..., Daemon],
+        target: Target,
+        jobs: Path,
+        redis: RedisServer,
+        ttl: float,
+    ) -> None:
+        self._daemon, self._target, self._jobs, self._redis, self.ttl = (
+            daemon, target, jobs, redis, ttl,
+        )  # fmt: skip
+        self.replicas: list[Replica] = []
+
+    def add(self) -> Replica:
+        port = free_port()
+        process = self._daemon(
+            API_URL=self._target.url, SCHEDULER_API_TOKEN=TOKEN,
+            SCHEDULER_JOBS_FILE=str(self._jobs), SCHEDULER_STATE_URL=self._redis.url,
+            SCHEDULER_LEASE_TTL_SECONDS=str(self.ttl), SCHEDULER_TICK_SECONDS="1",
+            SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
+        )  # fmt: skip
+        replica = Replica(process, f"http://127.0.0.1:{port}")
+        self.replicas.append(replica)
+        return replica
+
+    def alive(self) -> list[Replica]:
+        return [replica for replica in self.replicas if replica.alive]
+
+    def leader(self, timeout: float = 20) -> Replica:
+        """The replica that says it leads (and that every other live replica names)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            healths = {id(r): r.health() for r in self.alive()}
+            leaders = [r for r in self.alive() if healths[id(r)].get("role") == "leader"]
+            if len(leaders) == 1:
+                return leaders[0]
+            time.sleep(0.1)
+        raise AssertionError("no single leader among the replicas")
+
+    def stop_all(self) -> None:
+        for replica in self.replicas:
+            replica.daemon.stop()
+
+
+def keys(calls: list[Arrival]) -> list[str]:
+    return [call.header("Idempotency-Key") or "" for call in calls]
+
+
+def duplicates(calls: list[Arrival]) -> dict[str, int]:
+    return {key: n for key, n in Counter(keys(calls)).items() if n > 1}
+
+
+def fencing(call: Arrival) -> int:
+    return int(call.header("X-Scheduler-Fencing-Token") or 0)
+
+
+def slots_of(calls: list[Arrival], job: str) -> list[datetime]:
+    return sorted(call.scheduled_for for call in calls if call.path == f"/{job}")
+
+
+def seconds(first: datetime, last: datetime) -> list[datetime]:
+    return [first + timedelta(seconds=n) for n in range(int((last - first).total_seconds()) + 1)]
+
+
+@pytest.fixture
+def cluster(
+    daemon: Callable[..., Daemon],
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    redis_server: RedisServer,
+) -> Cluster:
+    return Cluster(daemon, target, jobs_file(JOBS_TOML), redis_server, ttl=3.0)
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_every_slot_of_every_job_fires_exactly_once(
+    replicas: int, cluster: Cluster, target: Target
+) -> None:
+    cluster.ttl = 5.0  # no failover wanted here: a generous lease on a busy machine
+    for _ in range(replicas):
+        cluster.add()
+    leader = cluster.leader()
+    time.sleep(8)
+    standbys = [r for r in cluster.alive() if r is not leader]
+    for standby in standbys:
+        health = standby.health()
+        assert health["status"] == "standby" and health["role"] == "standby"
+        assert health["leader"] == leader.health()["replica"]
+        metrics = httpx.get(f"{standby.admin}/metrics", timeout=2).text
+        values = {
+            s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+        }
+        assert values["cronclock_is_leader"] == 0
+        jobs = httpx.get(
+            f"{standby.admin}/api/jobs", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=2
+        ).json()
+        assert {job["name"] for job in jobs} == set(JOBS) and all(job["next_run"] for job in jobs)
+    stopping = datetime.now(UTC)
+    cluster.stop_all()  # a stopped leader releases its lease: the next may take over
+    calls = target.calls()
+    assert duplicates(calls) == {}
+    assert {fencing(call) for call in calls if call.at < stopping} == {1}  # one leader
+    for job in JOBS:
+        fired = slots_of(calls, job)
+        assert len(fired) >= 6
+        assert fired == seconds(fired[0], fired[-1])  # no gaps: every slot, once
+
+
+def test_a_standby_fires_the_next_slot_within_the_ttl_plus_2s_of_a_kill(
+    cluster: Cluster, target: Target
+) -> None:
+    for _ in range(2):
+        cluster.add()
+    leader = cluster.leader()
+    assert target.wait_for(lambda calls: len(calls) >= 6, timeout=20)
+    leader.daemon.signal(signal.SIGKILL)
+    killed_at = datetime.now().astimezone()
+    leader.daemon.process.wait(10)
+    assert target.wait_for(lambda calls: any(fencing(c) == 2 for c in calls), timeout=15)
+    first_new = min(call.at for call in target.calls() if fencing(call) == 2)
+    assert (first_new - killed_at).total_seconds() <= cluster.ttl + 2
+    new_leader = cluster.leader()
+    assert new_leader is not leader and new_leader.health()["fencing_token"] == 2
+    time.sleep(2)
+    cluster.stop_all()
+    assert duplicates(target.calls()) == {}
+
+
+def test_a_leader_stopped_past_its_lease_fires_nothing_the_new_leader_fired(
+    cluster: Cluster, target: Target
+) -> None:
+    for _ in range(2):
+        cluster.add()
+    old = cluster.leader()
+    assert target.wait_for(lambda calls: len(calls) >= 6, timeout=20)
+    old.daemon.signal(signal.SIGSTOP)
+    assert target.wait_for(lambda calls: any(fencing(c) == 2 for c in calls), timeout=15)
+    time.sleep(2)
+    old.daemon.signal(signal.SIGCONT)
+    resumed_at = datetime.now().astimezone()
+    time.sleep(4)
+    assert old.health()["role"] == "standby"
+    assert cluster.leader() is not old
+    cluster.stop_all()
+    calls = target.calls()
+    assert duplicates(calls) == {}
+    late = [c for c in calls if fencing(c) == 1 and c.at > resumed_at - timedelta(seconds=0.5)]
+    assert late == []  # the resumed process sent nothing after SIGCONT
+    events = {line.get("event") for line in old.daemon.logs()}
+    assert "standby: not the leader any more; planning stopped" in events
+
+
+def test_a_redis_restart_fires_nothing_twice_and_firing_resumes(
+    cluster: Cluster, target: Target, redis_server: RedisServer
+) -> None:
+    for _ in range(2):
+        cluster.add()
+    leader = cluster.leader()
+    assert target.wait_for(lambda calls: len(calls) >= 6, timeout=20)
+    redis_server.restart(down_for=2.0)  # and it comes back empty
+    restarted = datetime.now().astimezone()
+    assert target.wait_for(
+        lambda calls: sum(1 for c in calls if c.at > restarted + timedelta(seconds=1)) >= 6,
+        timeout=20,
+    )
+    health = cluster.leader().health()
+    assert health["status"] == "ok" and health["fencing_token"] >= 2  # never back to 1
+    time.sleep(1)
+    cluster.stop_all()
+    assert duplicates(target.calls()) == {}
+    events = [line.get("event") for line in leader.daemon.logs()]
+    assert "cannot reach Redis; a leader keeps firing only while its lease is certain" in events
+
+
+def test_chaos_random_kills_and_restarts(
+    cluster: Cluster, target: Target, redis_server: RedisServer
+) -> None:
+    rng = random.Random(20261122)
+    for _ in range(3):
+        cluster.add()
+    cluster.leader()
+    deadline = time.monotonic() + 45
+    kills = 0
+    while time.monotonic() < deadline:
+        time.sleep(rng.uniform(2.0, 5.0))
+        alive = cluster.alive()
+        victim = rng.choice(alive)
+        victim.daemon.signal(signal.SIGKILL)
+        victim.daemon.process.wait(10)
+        kills += 1
+        if len(cluster.alive()) < 3:
+            time.sleep(rng.uniform(0.0, 2.0))
+            cluster.add()
+    time.sleep(cluster.ttl + 3)  # the last takeover settles
+    cluster.stop_all()
+    calls = target.calls()
+    assert kills >= 8
+    assert duplicates(calls) == {}
+    # Every slot from the first to the last is accounted for exactly as catchup=latest says:
+    # fired, or recorded missed by the leader that took over (never both), or interrupted.
+    client = redis_server.client()
+    for job in JOBS:
+        fired = set(slots_of(calls, job))
+        missed: set[datetime] = set()
+        interrupted: set[datetime] = set()
+        for _, fields in client.xrange(f"cronclock:runs:{job}"):
+            slot = datetime.fromtimestamp(int(fields["slot"]) / 1e6, tz=UTC)
+            if fields["outcome"] == "missed":
+                missed.update(slot - timedelta(seconds=n) for n in range(int(fields["count"])))
+            elif fields["outcome"] == "interrupted":
+                interrupted.add(slot)
+        assert fired & missed == set()
+        last = max(fired | missed | interrupted)
+        unaccounted = set(seconds(min(fired), last)) - fired - missed - interrupted
+        assert unaccounted == set()
