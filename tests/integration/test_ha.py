@@ -209,7 +209,13 @@ def test_a_redis_restart_fires_nothing_twice_and_firing_resumes(
         cluster.add()
     leader = cluster.leader()
     assert target.wait_for(lambda calls: len(calls) >= 6, timeout=20)
-    redis_server.restart(down_for=2.0)  # and it comes back empty
+    redis_server.stop()
+    deadline = time.monotonic() + 10
+    while (health := leader.health()).get("status") != "unhealthy" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "cannot reach Redis at redis://127.0.0.1" in str(health.get("reason"))
+    time.sleep(1)
+    redis_server.start()  # it comes back empty
     restarted = datetime.now().astimezone()
     assert target.wait_for(
         lambda calls: sum(1 for c in calls if c.at > restarted + timedelta(seconds=1)) >= 6,
@@ -265,3 +271,38 @@ def test_chaos_random_kills_and_restarts(
         last = max(fired | missed | interrupted)
         unaccounted = set(seconds(min(fired), last)) - fired - missed - interrupted
         assert unaccounted == set()
+
+
+def test_a_standby_pauses_and_resumes_for_the_leader_and_refuses_triggers(
+    cluster: Cluster, target: Target
+) -> None:
+    for _ in range(2):
+        cluster.add()
+    leader = cluster.leader()
+    standby = next(r for r in cluster.alive() if r is not leader)
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    assert target.wait_for(lambda calls: len(calls) >= 3, timeout=20)
+
+    refused = httpx.post(f"{standby.admin}/api/jobs/a/trigger", headers=auth, timeout=5)
+    assert refused.status_code == 409 and "standby" in refused.json()["error"]
+    triggered = httpx.post(f"{leader.admin}/api/jobs/a/trigger", headers=auth, timeout=5)
+    assert triggered.status_code == 202
+    manual = triggered.json()["idempotency_key"]
+    assert target.wait_for(lambda calls: manual in keys(calls), timeout=5)
+
+    assert httpx.post(f"{standby.admin}/api/jobs/a/pause", headers=auth, timeout=5).json()["paused"]
+    paused_at = datetime.now(UTC)
+    time.sleep(3)
+    assert [c for c in target.calls("/a") if c.at > paused_at + timedelta(seconds=0.2)] == []
+    assert target.calls("/b")[-1].at > paused_at + timedelta(seconds=2)  # the others go on
+    httpx.post(f"{standby.admin}/api/jobs/a/resume", headers=auth, timeout=5)
+    resumed_at = datetime.now(UTC)
+    # the leader sees a resume from a standby at its next lease cycle (ttl/3)
+    assert target.wait_for(
+        lambda calls: any(c.path == "/a" and c.at > resumed_at for c in calls),
+        timeout=cluster.ttl / 3 + 3,
+    )
+    runs = httpx.get(f"{standby.admin}/api/jobs/a/runs", headers=auth, timeout=5).json()
+    assert any(run["key"] == manual for run in runs)  # the leader's history, read on a standby
+    cluster.stop_all()
+    assert duplicates(target.calls()) == {}
