@@ -18,6 +18,7 @@ class Arrival:
     at: float  # time.time() when the request head was read
     scheduled: float  # X-Scheduled-For as a POSIX timestamp
     job: str
+    fencing: int = 0  # X-Scheduler-Fencing-Token (Redis coordination), 0 when absent
 
 
 class BenchTarget:
@@ -58,7 +59,14 @@ class BenchTarget:
                 scheduled = headers.get("x-scheduled-for")
                 if scheduled:
                     slot = datetime.fromisoformat(scheduled.replace("Z", "+00:00")).timestamp()
-                    self.arrivals.append(Arrival(at, slot, headers.get("x-scheduler-job", "")))
+                    self.arrivals.append(
+                        Arrival(
+                            at,
+                            slot,
+                            headers.get("x-scheduler-job", ""),
+                            int(headers.get("x-scheduler-fencing-token", "0") or 0),
+                        )
+                    )
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import signal
@@ -65,6 +66,8 @@ class Cronclock:
         schedule: str,
         state: str,
         admin_port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        wait_ready: bool = True,
     ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="cronclock-bench-"))
         self.log = self.dir / "daemon.log"
@@ -74,20 +77,27 @@ class Cronclock:
             SCHEDULER_API_TOKEN="bench",
             SCHEDULER_JOBS_FILE=str(_jobs_file(self.dir, jobs, schedule)),
             SCHEDULER_STATE_URL=(
-                f"sqlite:///{self.dir}/state.db" if state == "sqlite" else "memory://"
+                f"sqlite:///{self.dir}/state.db"
+                if state == "sqlite"
+                else state
+                if state.startswith("redis://")
+                else "memory://"
             ),
             SCHEDULER_ADMIN_BIND=f"127.0.0.1:{admin_port}" if admin_port else "off",
             SCHEDULER_ADMIN_TOKEN="bench-admin",
             SCHEDULER_MAX_CONCURRENCY=str(THREADS),
             SCHEDULER_LOG_FORMAT="json",
         )
+        env.update(extra_env or {})
         self.began = time.monotonic()
         with self.log.open("w") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.scheduler", "run"],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
-        self.ready = _wait_for_line(self.log, '"scheduler ready"') - self.began
+        self.ready = (
+            _wait_for_line(self.log, '"scheduler ready"') - self.began if wait_ready else math.nan
+        )
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

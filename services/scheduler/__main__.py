@@ -9,7 +9,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from typing import Any, TextIO
 
 import httpx
 from pydantic import SecretStr
@@ -176,6 +176,7 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
             if command == "status":
+                health = client.get("/healthz").json()
                 response = client.get("/api/jobs")
             else:
                 response = client.post(f"/api/jobs/{job}/{command}")
@@ -197,6 +198,7 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
         return 1
     body = response.json()
     if command == "status":
+        print(_describe(health))
         rows = [("JOB", "SCHEDULE", "NEXT (UTC)", "LAST", "STATUS", "PAUSED", "IN FLIGHT")]
         for item in body:
             last = item["last_run"]
@@ -217,6 +219,18 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
     else:
         print(f"{body['job']}: {'paused' if body['paused'] else 'resumed'}")
     return 0
+
+
+def _describe(health: dict[str, Any]) -> str:
+    """One line: this replica, its role and health, and who leads."""
+    line = f"{health.get('replica')}: {health.get('role')}, {health.get('status')}"
+    if health.get("role") == "standby":
+        line += f"; leader {health.get('leader') or 'unknown'}"
+    if health.get("fencing_token") is not None:
+        line += f" (epoch {health['fencing_token']})"
+    if health.get("reason"):
+        line += f" -- {health['reason']}"
+    return line
 
 
 # -- fire -----------------------------------------------------------------------------------

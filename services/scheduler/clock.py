@@ -223,10 +223,7 @@ class Scheduler:
             self._step_down()
         if term is not None:
             self._store.refresh()
-            now = self._clock.now()
-            self.start(now)
-            self._term = term
-            self._has_led = True
+            self.start(self._clock.now(), term=term)
             self._metrics.is_leader.set(1)
             upcoming = min(self._planned.values(), default=None)
             self._log.info(
@@ -253,9 +250,13 @@ class Scheduler:
             error=status.problem,
         )
 
-    def start(self, now: datetime) -> None:
-        """Plan every enabled job: after its last handled slot when the store remembers one
-        (catching up under its policy), else from `now` (first start: nothing fires at once)."""
+    def start(self, now: datetime, term: int = 0) -> None:
+        """Plan every enabled job, leading in `term`: after its last handled slot when the
+        store remembers one (catching up under its policy), else from `now` (first start:
+        nothing fires at once)."""
+        with self._lock:
+            self._planned.clear()
+        self._heap.clear()
         for record in self._store.recover_interrupted(now):
             self._metrics.outcome(record.job, "interrupted")
             self._log.warning(
@@ -263,8 +264,10 @@ class Scheduler:
                 job=record.job,
                 slot=format_slot(record.slot),
             )
+        self._term = term
         for job in self._jobs.values():
             self._plan_first(job, now)
+        self._has_led = True
         self._hand_on()
 
     def seconds_until_next(self, now: datetime) -> float:
@@ -469,7 +472,7 @@ class Scheduler:
             with self._lock:
                 self._planned.pop(name, None)
             job = new[name]
-            if job.enabled:
+            if job.enabled and self._term is not None:  # a standby plans when it leads
                 self._plan(job, job.schedule.next_after(now))
         self._log.info(
             "job table reloaded", added=added, removed=removed, changed=changed, jobs=len(new)

@@ -356,8 +356,9 @@ local out = {}
 for i = 6, #ARGV, 4 do
   local job, slot, suffix, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local jk = ns .. ':job:' .. job
+  local state = redis.call('HMGET', jk, 'paused', 'last_slot')
   local result = 'ok'
-  if slot ~= '' and redis.call('HGET', jk, 'paused') == '1' then
+  if slot ~= '' and state[1] == '1' then
     result = 'paused'
   else
     local ck = ns .. ':claim:' .. job .. ':' .. suffix
@@ -365,12 +366,9 @@ for i = 6, #ARGV, 4 do
       result = 'taken'
     end
   end
-  if slot ~= '' then
-    local last = redis.call('HGET', jk, 'last_slot')
-    if not last or tonumber(last) < tonumber(slot) then
-      redis.call('HSET', jk, 'last_slot', slot)
-      redis.call('SADD', ns .. ':jobs', job)
-    end
+  if slot ~= '' and (not state[2] or tonumber(state[2]) < tonumber(slot)) then
+    redis.call('HSET', jk, 'last_slot', slot)
+    if not state[2] then redis.call('SADD', ns .. ':jobs', job) end
   end
   if result == 'ok' then
     local at = slot
@@ -441,6 +439,7 @@ class RedisStateStore:
         self._advance = client.register_script(_ADVANCE)
         self._lock = threading.Lock()
         self._states: dict[str, JobState] = {}
+        self._registered: set[str] = set()  # jobs this process has added to ns:jobs
         self._problem: str | None = None
         self._last_problem_log = -math.inf
         self._records = 0
@@ -609,11 +608,15 @@ class RedisStateStore:
         )
         max_runs = self._max_runs
 
+        register = record.job not in self._registered  # ns:jobs names it from then on
+        self._registered.add(record.job)
+
         def write(pipe: Any) -> None:
             pipe.xadd(runs_key, fields, maxlen=max_runs, approximate=True)
             if outcome:
                 pipe.hset(job_key, mapping=outcome)
-            pipe.sadd(jobs_key, record.job)
+            if register:
+                pipe.sadd(jobs_key, record.job)
             if horizon is not None:
                 pipe.xtrim(runs_key, minid=horizon, approximate=True)
 

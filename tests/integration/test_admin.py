@@ -54,6 +54,7 @@ def test_pause_resume_and_trigger_over_http(
     assert runs[0]["outcome"] == "success" and runs[0]["key"].startswith("hourly@manual-")
     health = httpx.get(f"{url}/healthz")
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["role"] == "solo" and health.json()["fencing_token"] is None
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)}
     lateness = {s.name: s.value for s in families["cronclock_job_lateness_seconds"].samples}
     assert lateness["cronclock_job_lateness_seconds_count"] >= 2
@@ -67,11 +68,12 @@ def test_the_cli_talks_to_the_running_daemon(
     cli_env = base_env(**env)
     status = run_cli("status", env=cli_env)
     assert status.returncode == 0, status.stderr
-    header, *rows = status.stdout.splitlines()
+    replica, header, *rows = status.stdout.splitlines()
+    assert replica == f"{socket.gethostname()}:{proc.process.pid}: solo, ok"
     assert header.split()[:3] == ["JOB", "SCHEDULE", "NEXT"]
     assert rows[0].startswith("tick ") and rows[1].startswith("hourly ")
     assert run_cli("pause", "hourly", env=cli_env).stdout.strip() == "hourly: paused"
-    assert "yes" in run_cli("status", env=cli_env).stdout.splitlines()[2]
+    assert "yes" in run_cli("status", env=cli_env).stdout.splitlines()[3]
     assert run_cli("resume", "hourly", env=cli_env).stdout.strip() == "hourly: resumed"
     triggered = run_cli("trigger", "hourly", env=cli_env)
     assert triggered.stdout.startswith("hourly: triggered, Idempotency-Key hourly@manual-")

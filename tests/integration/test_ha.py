@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Daemon
+from tests.integration.conftest import Daemon, base_env, run_cli
 from tests.support import Arrival, RedisServer, Target, free_port
 
 TOKEN = "ha-token"
@@ -283,6 +283,12 @@ def test_a_standby_pauses_and_resumes_for_the_leader_and_refuses_triggers(
     auth = {"Authorization": f"Bearer {ADMIN}"}
     assert target.wait_for(lambda calls: len(calls) >= 3, timeout=20)
 
+    status = run_cli("status", env=base_env(SCHEDULER_ADMIN_BIND=standby.admin.removeprefix("http://"),
+                                            SCHEDULER_ADMIN_TOKEN=ADMIN))  # fmt: skip
+    leader_id = leader.health()["replica"]
+    assert status.stdout.splitlines()[0] == (
+        f"{standby.health()['replica']}: standby, standby; leader {leader_id} (epoch 1)"
+    )
     refused = httpx.post(f"{standby.admin}/api/jobs/a/trigger", headers=auth, timeout=5)
     assert refused.status_code == 409 and "standby" in refused.json()["error"]
     triggered = httpx.post(f"{leader.admin}/api/jobs/a/trigger", headers=auth, timeout=5)

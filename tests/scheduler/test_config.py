@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
 
+from services.scheduler.__main__ import cmd_check
 from services.scheduler.config import (
     DEFAULT_JOBS,
     ConfigError,
@@ -300,3 +302,12 @@ def test_check_names_a_cadence_variable_as_the_source_only_when_it_is_set() -> N
     table = jobs({"SCHEDULER_HEALTH_CHECK_INTERVAL": "120"})
     assert table["health-check"].source == "SCHEDULER_HEALTH_CHECK_INTERVAL"  # type: ignore[attr-defined]
     assert table["data-refresh"].source == "built-in"  # type: ignore[attr-defined]
+
+
+def test_check_never_prints_a_redis_password() -> None:
+    out = io.StringIO()
+    config = load_config({"SCHEDULER_STATE_URL": "redis://:hunter2@redis:6379/0",
+                          "SCHEDULER_API_TOKEN": "t"})  # fmt: skip
+    assert cmd_check(config, out) == 0
+    assert "state: redis://:***@redis:6379/0" in out.getvalue()
+    assert "hunter2" not in out.getvalue()

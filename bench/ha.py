@@ -1,0 +1,184 @@
+"""High availability on Redis: failover time, lateness with Redis coordination beside SQLite in
+the same run, and Redis commands per fire.
+
+Run: python bench/ha.py [--only failover|lateness|commands] [--kills 20] [--ttl 15]
+Starts its own redis-server (on PATH) on a free port; nothing is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from datetime import UTC, datetime
+
+import httpx
+import redis
+from _target import BenchTarget, percentiles
+from lateness import WARMUP, Cronclock, free_port, lateness
+
+
+class RedisProcess:
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not on PATH")
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="cronclock-redis-")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.client = redis.Redis.from_url(self.url, decode_responses=True)
+        for _ in range(200):
+            try:
+                self.client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def steady(target: BenchTarget, state: str, duration: float) -> dict[str, float]:
+    """100 jobs every second for `duration` seconds."""
+    target.reset()
+    daemon = Cronclock(target, 100, "every 1s", state)
+    since = time.time() + WARMUP
+    time.sleep(duration + WARMUP)
+    daemon.stop()
+    return percentiles(lateness(target, since))
+
+
+def compare_lateness(
+    target: BenchTarget, server: RedisProcess, repeats: int, duration: float
+) -> None:
+    runs: dict[str, list[dict[str, float]]] = {"sqlite": [], "redis": []}
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        for who in runs:
+            server.client.flushall()
+            runs[who].append(steady(target, server.url if who == "redis" else who, duration))
+    medians = {}
+    for who, stats in runs.items():
+        medians[who] = {
+            k: statistics.median(s[k] for s in stats) for k in ("n", "p50", "p99", "max")
+        }
+        print(f"100 jobs every 1s, {who:<6}  " + "  ".join(f"{k}={v:.1f}" for k, v in medians[who].items())
+              + "   p99s: " + ", ".join(f"{s['p99']:.1f}" for s in stats), flush=True)  # fmt: skip
+    print(f"redis - sqlite: median p99 {medians['redis']['p99'] - medians['sqlite']['p99']:+.1f} ms, "
+          f"p50 {medians['redis']['p50'] - medians['sqlite']['p50']:+.1f} ms", flush=True)  # fmt: skip
+
+
+def commands_per_fire(target: BenchTarget, server: RedisProcess, duration: float) -> None:
+    server.client.flushall()
+    target.reset()
+    daemon = Cronclock(target, 100, "every 1s", server.url)
+    time.sleep(WARMUP)
+    server.client.config_resetstat()
+    fired_before = len(target.arrivals)
+    time.sleep(duration)
+    stats = server.client.info("commandstats")
+    fires = len(target.arrivals) - fired_before
+    daemon.stop()
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    total = sum(calls.values())
+    top = ", ".join(
+        f"{name} {n / fires:.2f}" for name, n in sorted(calls.items(), key=lambda i: -i[1])
+    )
+    print(f"redis commands per fire (100 jobs every 1s, {duration:g}s, {fires} fires): "
+          f"{total / fires:.2f} in all; by command: {top}", flush=True)  # fmt: skip
+
+
+def failover(target: BenchTarget, server: RedisProcess, kills: int, ttl: float) -> None:
+    """Two replicas, one job every second; SIGKILL the leader `kills` times."""
+    server.client.flushall()
+    target.reset()
+
+    def replica() -> tuple[Cronclock, str]:
+        port = free_port()
+        daemon = Cronclock(target, 1, "every 1s", server.url, admin_port=port, wait_ready=False,
+                           extra_env={"SCHEDULER_LEASE_TTL_SECONDS": str(ttl)})  # fmt: skip
+        return daemon, f"http://127.0.0.1:{port}"
+
+    def health(admin: str) -> dict[str, object]:
+        try:
+            body: dict[str, object] = httpx.get(f"{admin}/healthz", timeout=2).json()
+            return body
+        except (httpx.HTTPError, ValueError):
+            return {}
+
+    replicas = [replica(), replica()]
+    times = []
+    rng = random.Random(6)
+    for _ in range(kills):
+        deadline = time.monotonic() + ttl * 3 + 30
+        leader = None
+        while leader is None and time.monotonic() < deadline:
+            ready = [(r, health(r[1])) for r in replicas]
+            leaders = [(r, h) for r, h in ready if h.get("role") == "leader"]
+            if len(leaders) == 1 and all(h.get("status") in ("ok", "standby") for _, h in ready):
+                leader = leaders[0]
+            else:
+                time.sleep(0.1)
+        assert leader is not None, "no leader"
+        (daemon, _), info = leader
+        epoch = int(info["fencing_token"])  # type: ignore[call-overload]
+        # a random moment in the renewal cycle, after the leader has fired a slot or two
+        time.sleep(rng.uniform(1.5, 1.5 + ttl / 3))
+        killed = time.time()
+        daemon.process.kill()
+        daemon.process.wait(10)
+        while not any(a.fencing > epoch for a in list(target.arrivals)):
+            if time.time() - killed > ttl * 3 + 30:
+                raise RuntimeError("no takeover")
+            time.sleep(0.01)
+        first = min(a.at for a in list(target.arrivals) if a.fencing > epoch)
+        times.append(first - killed)
+        print(
+            f"  kill {len(times)}: next fire by the new leader after {times[-1]:.2f} s", flush=True
+        )
+        replicas = [r for r in replicas if r[0] is not daemon] + [replica()]
+    for daemon, _ in replicas:
+        daemon.stop()
+    keys = [(a.job, a.scheduled) for a in target.arrivals]
+    print(f"failover, lease TTL {ttl:g}s, {kills} kills: median {statistics.median(times):.2f} s, "
+          f"max {max(times):.2f} s, min {min(times):.2f} s; duplicate slots: {len(keys) - len(set(keys))}",
+          flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=["failover", "lateness", "commands"], default=None)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--ttl", type=float, default=15.0, help="lease TTL for the failover runs")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
+          f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", flush=True)  # fmt: skip
+    target, server = BenchTarget(), RedisProcess()
+    try:
+        if args.only in (None, "lateness"):
+            compare_lateness(target, server, args.repeats, args.duration)
+        if args.only in (None, "commands"):
+            commands_per_fire(target, server, args.duration)
+        if args.only in (None, "failover"):
+            failover(target, server, args.kills, args.ttl)
+    finally:
+        server.stop()
+        target.stop()
+
+
+if __name__ == "__main__":
+    main()
