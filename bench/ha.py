@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import httpx
 import redis
 from _target import BenchTarget, percentiles
-from lateness import WARMUP, Cronclock, free_port, lateness
+from lateness import WARMUP, Cronclock, cpu_seconds, free_port, lateness
 
 
 class RedisProcess:
@@ -56,9 +56,13 @@ def steady(target: BenchTarget, state: str, duration: float) -> dict[str, float]
     target.reset()
     daemon = Cronclock(target, 100, "every 1s", state)
     since = time.time() + WARMUP
-    time.sleep(duration + WARMUP)
+    time.sleep(WARMUP)
+    cpu = cpu_seconds(daemon.process.pid)
+    time.sleep(duration)
+    cpu = cpu_seconds(daemon.process.pid) - cpu
     daemon.stop()
-    return percentiles(lateness(target, since))
+    stats = percentiles(lateness(target, since))
+    return stats | {"cpu_us_per_fire": cpu / max(1.0, stats["n"]) * 1e6}
 
 
 def compare_lateness(
@@ -72,7 +76,8 @@ def compare_lateness(
     medians = {}
     for who, stats in runs.items():
         medians[who] = {
-            k: statistics.median(s[k] for s in stats) for k in ("n", "p50", "p99", "max")
+            k: statistics.median(s[k] for s in stats)
+            for k in ("n", "p50", "p99", "max", "cpu_us_per_fire")
         }
         print(f"100 jobs every 1s, {who:<6}  " + "  ".join(f"{k}={v:.1f}" for k, v in medians[who].items())
               + "   p99s: " + ", ".join(f"{s['p99']:.1f}" for s in stats), flush=True)  # fmt: skip

@@ -182,8 +182,7 @@ class RecordingFirer:
 class RedisServer:
     """A real redis-server of the test's own, on a free loopback port in a temporary directory.
 
-    It keeps nothing on disk, so `restart()` is a Redis that lost its data (the harder case);
-    `restart(keep=True)` restarts with an append-only file and keeps it."""
+    It keeps nothing on disk, so a restart is a Redis that lost its data (the harder case)."""
 
     def __init__(self, directory: Path, binary: str) -> None:
         self.directory = directory
@@ -191,12 +190,11 @@ class RedisServer:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
-        self.persistent = False
 
     def start(self, timeout: float = 10.0) -> RedisServer:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--dir", str(self.directory), "--save", "", "--daemonize", "no",
-                "--appendonly", "yes" if self.persistent else "no", "--loglevel", "warning"]  # fmt: skip
+                "--appendonly", "no", "--loglevel", "warning"]  # fmt: skip
         log = (self.directory / "redis.log").open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -216,10 +214,8 @@ class RedisServer:
             self.process.wait(10)
         self.process = None
 
-    def restart(self, *, down_for: float = 0.0, keep: bool = False) -> None:
+    def restart(self) -> None:
         self.stop()
-        self.persistent = keep
-        time.sleep(down_for)
         self.start()
 
     def client(self) -> redis.Redis:

@@ -39,6 +39,7 @@ from structlog.typing import FilteringBoundLogger
 
 from .config import Settings, redact_url
 from .state import (
+    COALESCE_SECONDS,
     JobState,
     Outcome,
     Refusal,
@@ -653,8 +654,9 @@ class RedisStateStore:
                     self._queue_changed.wait()
                 if not self._queue:
                     return
-                # A short window lets one beat's outcomes share a round trip.
-                self._queue_changed.wait(0.02)
+                # Outcomes of one beat share a round trip, written after its calls went out
+                # (as the SQLite store's commits), not in their midst.
+                self._queue_changed.wait(COALESCE_SECONDS)
                 batch, self._queue = self._queue, []
                 self._writing = True
             ok = self._execute(batch)
