@@ -54,6 +54,9 @@ from .state import (
 Role = Literal["solo", "leader", "standby"]
 _PROBLEM_LOG_INTERVAL = 60.0
 _WRITE_QUEUE_CAP = 10_000  # writes kept for a Redis that is away; beyond, the oldest go
+# Records that account for slots not called are written at once, before the next claim can
+# advance past them; call outcomes are batched (a leader killed in that window loses them).
+_ACCOUNTING = frozenset({"missed", "interrupted", "skipped_claimed"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -574,22 +577,38 @@ class RedisStateStore:
         self._enqueue(lambda pipe: pipe.hdel(inflight, key))
 
     def recover_interrupted(self, now: datetime) -> list[RunRecord]:
+        """Calls a dead leader left in flight, recorded `interrupted` and cleared in one
+        transaction: a leader killed in the middle leaves them for the next one."""
         try:
             left = cast(dict[str, str], self._client.hgetall(self._inflight_key))
-            if left:
-                self._client.hdel(self._inflight_key, *left)
         except redis.RedisError as error:
             self._trouble(error)
+            return []
+        if not left:
             return []
         records = []
         for key, value in sorted(left.items(), key=lambda item: item[1]):
             job, slot, _ = value.rsplit(" ", 2)
             records.append(interrupted(job, _dt(slot) or now, key, now))
-        for record in records:
-            self.record_run(record)
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            for record in records:
+                self._record_op(record)(pipe)
+            pipe.hdel(self._inflight_key, *left)
+            pipe.execute()
+        except redis.RedisError as error:
+            self._trouble(error)
+            return []
         return records
 
     def record_run(self, record: RunRecord) -> None:
+        op = self._record_op(record)
+        if record.outcome in _ACCOUNTING:
+            self._write_through(op)
+        else:
+            self._enqueue(op)
+
+    def _record_op(self, record: RunRecord) -> Op:
         with self._lock:
             state = self._states[record.job] = apply_outcome(
                 self._states.get(record.job, JobState()), record
@@ -608,7 +627,6 @@ class RedisStateStore:
             else None
         )
         max_runs = self._max_runs
-
         register = record.job not in self._registered  # ns:jobs names it from then on
         self._registered.add(record.job)
 
@@ -621,7 +639,7 @@ class RedisStateStore:
             if horizon is not None:
                 pipe.xtrim(runs_key, minid=horizon, approximate=True)
 
-        self._enqueue(write)
+        return write
 
     def set_paused(self, job: str, paused: bool) -> None:
         try:
@@ -645,6 +663,16 @@ class RedisStateStore:
                 del self._queue[: len(self._queue) - _WRITE_QUEUE_CAP]
                 self._complain("state writes dropped: Redis away too long")
             if len(self._queue) == 1:
+                self._queue_changed.notify_all()
+
+    def _write_through(self, op: Op) -> None:
+        """Write now, after what is queued (order kept); kept in the queue if Redis is away."""
+        with self._queue_changed:
+            batch, self._queue = [*self._queue, op], []
+        if not self._execute(batch):
+            with self._queue_changed:
+                self._queue[:0] = batch
+                del self._queue[_WRITE_QUEUE_CAP:]
                 self._queue_changed.notify_all()
 
     def _drain_forever(self) -> None:

@@ -288,8 +288,23 @@ class TestSharedState:
         new = closing(store(redis_server, lease_value("b")))
         [record] = new.recover_interrupted(T + timedelta(seconds=20))
         assert (record.job, record.slot, record.outcome) == ("j", T, "interrupted")
+        client = redis_server.client()  # recorded and cleared together, before it returns
+        assert client.hlen("cc:inflight") == 0 and client.xlen("cc:runs:j") == 1
         assert new.recover_interrupted(T) == []  # recorded once
         assert [r.outcome for r in new.runs("j")] == ["interrupted"]
+
+    def test_records_of_slots_not_called_are_written_before_anything_else_happens(
+        self, redis_server: RedisServer, closing: Callable[[RedisStateStore], RedisStateStore]
+    ) -> None:
+        # A leader killed right after a takeover must not lose the record of what it missed:
+        # the next claim advances past those slots at once.
+        db = closing(store(redis_server, "x"))
+        client = redis_server.client()
+        db.record_run(run("j", 0))  # a call's outcome: batched
+        db.record_run(run("j", 1, outcome="missed", count=3))  # written through, after it
+        assert [f["outcome"] for _, f in client.xrange("cc:runs:j")] == ["success", "missed"]
+        db.record_run(run("j", 2))
+        assert client.xlen("cc:runs:j") == 2  # still batched
 
     def test_history_is_capped(
         self, redis_server: RedisServer, closing: Callable[[RedisStateStore], RedisStateStore]
