@@ -35,7 +35,7 @@ from .config import (
 from .coordination import open_state
 from .demo import DemoTarget, demo_config
 from .dispatch import Dispatcher, manual_key
-from .state import open_store
+from .state import StateInUse, open_store
 from .telemetry import Metrics, configure_logging, make_reporter
 
 EXIT_CONFIG = 2
@@ -309,7 +309,12 @@ def serve(
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop."""
     settings = config.settings
-    store, coordinator, close_state = open_state(settings, log)
+    try:
+        store, coordinator, close_state = open_state(settings, log)
+    except StateInUse as error:
+        raise ConfigError(
+            f"SCHEDULER_STATE_URL={redact_url(settings.state_url)!r}: {error}"
+        ) from None
     reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")

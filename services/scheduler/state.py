@@ -8,6 +8,8 @@ through to disk, so a restart continues where the last process stopped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -16,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
@@ -307,6 +309,7 @@ class SqliteStateStore:
         self._flushers = 0  # threads waiting in flush(): the writer commits at once
         self._closed = False
         self._db: sqlite3.Connection | None = None
+        self._lock_file = _lock_exclusively(path)
         try:
             self._db = self._open()
         except UnusableStateFile as error:
@@ -640,6 +643,40 @@ class SqliteStateStore:
                     self._log.warning("state checkpoint failed", error=str(error))
                 self._db.close()
                 self._db = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
+
+
+class StateInUse(Exception):
+    """Another live cronclock process holds this state file."""
+
+
+def _lock_exclusively(path: Path) -> TextIO | None:
+    """Hold `<state file>.lock` for the life of the store: two processes planning from one
+    SQLite file would both fire every slot. None when the directory cannot be written (the
+    store then runs degraded, in memory, and says so)."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a+")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise StateInUse(
+            f"{path} is in use by another cronclock process (pid {holder}); run one process "
+            "per SQLite file, or redis:// state for several replicas"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def _upsert(name: str, state: JobState) -> Statement:

@@ -155,6 +155,29 @@ class TestRestartWithinTheSameSlot:
         assert state == [(0,)]
 
 
+class TestTwoProcessesOnOneFile:
+    def test_the_second_exits_2_and_the_first_fires_on_alone(
+        self,
+        tmp_path: Path,
+        target: Target,
+        jobs_file: Callable[[str], Path],
+        daemon: Callable[..., Daemon],
+    ) -> None:
+        jobs = jobs_file('[jobs.t]\nschedule = "every 1s"\nendpoint = "/t"\n')
+        env = env_for(target, jobs, tmp_path / "state.db")
+        first = daemon(**env)
+        assert target.wait_for(lambda calls: len(calls) >= 1, timeout=20)
+        second = daemon(**env)
+        assert second.process.wait(30) == 2
+        message = second.log_path.read_text()
+        assert f"in use by another cronclock process (pid {first.process.pid})" in message
+        assert "redis:// state for several replicas" in message and "Traceback" not in message
+        count = len(target.calls())
+        assert target.wait_for(lambda calls: len(calls) >= count + 2, timeout=10)
+        assert first.stop() == 0
+        assert len(keys(target)) == len(set(keys(target)))
+
+
 def sqlite_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
     import sqlite3
 

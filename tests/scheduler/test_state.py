@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,6 +17,7 @@ from services.scheduler.state import (
     MemoryStateStore,
     RunRecord,
     SqliteStateStore,
+    StateInUse,
     open_store,
     sqlite_path,
 )
@@ -237,3 +239,16 @@ class TestUrls:
             f"sqlite:///{tmp_path}/s.db", max_runs=1, max_age=timedelta(1), log=log
         )
         assert isinstance(sqlite_store, SqliteStateStore)
+
+
+class TestOneProcessPerFile:
+    def test_a_second_store_on_the_same_file_is_refused_until_the_first_closes(
+        self, tmp_path: Path
+    ) -> None:
+        first = store(tmp_path / "state.db")
+        with pytest.raises(
+            StateInUse, match=rf"in use by another cronclock process \(pid {os.getpid()}\)"
+        ):
+            store(tmp_path / "state.db")
+        first.close()
+        store(tmp_path / "state.db").close()
