@@ -121,6 +121,13 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @field_validator("jobs_file", "api_token_file", mode="before")
+    @classmethod
+    def _path(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; set a path or unset it")
+        return value
+
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:

@@ -235,6 +235,7 @@ BAD = [
     ("redis no host", {"SCHEDULER_STATE_URL": "redis:///0"}, None, ["SCHEDULER_STATE_URL='redis:///0'", "redis://host:port/db"]),
     ("redis bad db", {"SCHEDULER_STATE_URL": "redis://redis:6379/cache"}, None, ["SCHEDULER_STATE_URL", "database must be a number"]),
     ("bad namespace", {"SCHEDULER_NAMESPACE": "my app"}, None, ["SCHEDULER_NAMESPACE='my app'", "prefixes Redis keys"]),
+    ("empty jobs file", {"SCHEDULER_JOBS_FILE": ""}, None, ["SCHEDULER_JOBS_FILE=''", "empty; set a path or unset it"]),
     ("bad admin bind", {"SCHEDULER_ADMIN_BIND": "8089"}, None, ["SCHEDULER_ADMIN_BIND='8089'", "HOST:PORT"]),
     ("secret redacted", {"SCHEDULER_API_TOKENN": "hunter2"}, None, ["SCHEDULER_API_TOKENN", "did you mean 'SCHEDULER_API_TOKEN'"]),
     ("legacy empty", {"SCHEDULER_DATA_REFRESH_INTERVAL": ""}, None, ["SCHEDULER_DATA_REFRESH_INTERVAL=''"]),

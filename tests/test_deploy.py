@@ -1,0 +1,196 @@
+"""What can be checked of the deployment files without a Docker engine: they parse, name what
+they must, and agree with the settings the daemon reads."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from services.scheduler.config import DEFAULT_JOBS, SETTING_NAMES, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SECRETS = {"SCHEDULER_API_TOKEN", "SCHEDULER_ADMIN_TOKEN", "SCHEDULER_REDIS_PASSWORD",
+           "POSTHOG_API_KEY", "SCHEDULER_API_TOKEN_FILE"}  # fmt: skip
+CADENCES = {job.cadence_variable for job in DEFAULT_JOBS if job.cadence_variable}
+
+
+# -- compose.yaml ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    return loaded
+
+
+def active(compose: dict[str, Any], *profiles: str) -> dict[str, Any]:
+    """The services `docker compose [--profile P] up` starts."""
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if not service.get("profiles") or set(service["profiles"]) & set(profiles)
+    }
+
+
+def test_compose_runs_the_app_and_one_scheduler_by_default(compose: dict[str, Any]) -> None:
+    services = active(compose)
+    assert set(services) == {"app", "scheduler"}
+    scheduler = services["scheduler"]
+    assert scheduler["env_file"] == ".env" and services["app"]["env_file"] == ".env"
+    assert scheduler["depends_on"] == {"app": {"condition": "service_healthy"}}
+    assert "cronclock-state:/var/lib/cronclock" in scheduler["volumes"]
+    assert "cronclock-state" in compose["volumes"]
+    assert scheduler["environment"]["API_URL"] == "http://app:8000"
+    assert "--port" in services["app"]["entrypoint"] and "8000" in services["app"]["entrypoint"]
+    assert "examples.app.main:create_app" in services["app"]["entrypoint"]
+    health = services["app"]["healthcheck"]["test"]
+    assert health[0] == "CMD" and "http://127.0.0.1:8000/healthz" in " ".join(health)
+
+
+def test_compose_ha_profile_adds_redis_and_a_second_replica(compose: dict[str, Any]) -> None:
+    services = active(compose, "ha")
+    assert set(services) == {"app", "scheduler", "scheduler-2", "redis"}
+    replicas = [s for name, s in services.items() if name.startswith("scheduler")]
+    assert len(replicas) == 2
+    for replica in replicas:  # the same service twice (a YAML merge of one definition)
+        assert replica["env_file"] == ".env" and replica["image"] == "cronclock:local"
+        assert replica["environment"] == {"API_URL": "http://app:8000"}
+    ports = [r["ports"][0] for r in replicas]
+    assert len(set(ports)) == 2 and all(p.endswith(":8089") for p in ports)
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert "redis-data" in compose["volumes"]
+
+
+def test_compose_waits_longer_than_the_shutdown_grace(compose: dict[str, Any]) -> None:
+    grace = Settings().shutdown_grace_seconds
+    for name in ("scheduler", "scheduler-2"):
+        period = compose["services"][name]["stop_grace_period"]
+        assert period.endswith("s") and float(period[:-1]) > grace
+
+
+# -- Dockerfile -----------------------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def test_the_image_is_slim_311_with_dependencies_in_their_own_layer() -> None:
+    steps = dockerfile()
+    assert steps[0] == ("FROM", "python:3.11-slim")
+    order = [args for kind, args in steps if kind in ("COPY", "RUN")]
+    deps = next(
+        i for i, args in enumerate(order) if "requirements.txt" in args and "pip install" in args
+    )
+    code = next(i for i, args in enumerate(order) if args.startswith("services"))
+    assert order[deps - 1].startswith("pyproject.toml") and deps < code
+    for kind, args in steps:
+        if kind == "COPY":
+            assert (ROOT / args.split()[0]).exists(), args
+
+
+def test_the_image_runs_as_a_user_with_its_state_on_a_volume() -> None:
+    steps = dockerfile()
+    users = [args for kind, args in steps if kind == "USER"]
+    assert users and users[-1] not in ("root", "0")
+    assert any(kind == "RUN" and "useradd" in args and users[-1] in args for kind, args in steps)
+    assert ("VOLUME", '["/var/lib/cronclock"]') in steps
+    env = dict(
+        part.split("=", 1)
+        for kind, args in steps
+        if kind == "ENV"
+        for part in shlex.split(args)
+        if "=" in part
+    )
+    settings = load_settings({k: v for k, v in env.items() if k in SETTING_NAMES})
+    assert settings.state_url == "sqlite:////var/lib/cronclock/state.db"
+    assert settings.admin_bind == "0.0.0.0:8089"
+
+
+def test_the_health_check_asks_healthz_on_the_admin_port_and_sigterm_reaches_the_daemon() -> None:
+    steps = dict(dockerfile())
+    port = dict(part.split("=", 1) for part in shlex.split(steps["ENV"]) if "=" in part).get(
+        "SCHEDULER_ADMIN_BIND", ""
+    )
+    health = steps["HEALTHCHECK"]
+    assert "CMD" in health and f"http://127.0.0.1:{port.rpartition(':')[2]}/healthz" in health
+    entrypoint = json.loads(steps["ENTRYPOINT"])  # exec form: a JSON array, no shell between
+    assert entrypoint == ["python", "-m", "services.scheduler"]
+    assert json.loads(steps["CMD"]) == ["run"] and steps["STOPSIGNAL"] == "SIGTERM"
+
+
+def test_the_build_context_leaves_out_secrets_and_virtualenvs() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".env", ".venv", ".git"} <= set(ignored)
+
+
+# -- .env.example ---------------------------------------------------------------------------
+
+
+def env_example() -> list[tuple[str, str, bool, str]]:
+    """(name, value, commented out, the comment line above it)."""
+    lines = (ROOT / ".env.example").read_text().splitlines()
+    found = []
+    for index, line in enumerate(lines):
+        match = re.fullmatch(r"(# )?([A-Z][A-Z0-9_]*)=(.*)", line)
+        if match:
+            found.append((match[2], match[3], match[1] is not None, lines[index - 1]))
+    return found
+
+
+def test_every_setting_is_in_env_example_and_nothing_else() -> None:
+    names = [name for name, *_ in env_example()]
+    assert len(names) == len(set(names))
+    assert set(names) == set(SETTING_NAMES) | CADENCES
+
+
+def test_each_has_a_comment_and_its_default() -> None:
+    defaults = Settings()
+    for name, value, commented, above in env_example():
+        assert above.startswith("# ") and "=" not in above.split()[1], (
+            name
+        )  # a comment, not a setting
+        if name in SECRETS:
+            assert value == "", f"{name} must not be filled in"
+            continue
+        if value == "":  # no default: unset
+            assert getattr(defaults, SETTING_NAMES[name]) is None, name
+            continue
+        assert commented, f"{name}: a default stays commented, so the image's own values apply"
+        if name in CADENCES:
+            job = next(j for j in DEFAULT_JOBS if j.cadence_variable == name)
+            assert int(value) == job.default_seconds
+        else:
+            field = SETTING_NAMES[name]
+            assert getattr(load_settings({name: value}), field) == getattr(defaults, field), name
+
+
+# -- systemd --------------------------------------------------------------------------------
+
+
+def test_the_systemd_unit_runs_the_daemon_as_a_user_and_lets_it_drain() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(ROOT / "examples" / "systemd" / "cronclock.service")
+    service = unit["Service"]
+    assert service["ExecStart"].endswith("python -m services.scheduler run")
+    assert service["User"] == "cronclock" and service["KillSignal"] == "SIGTERM"
+    assert float(service["TimeoutStopSec"]) > Settings().shutdown_grace_seconds
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"  # SIGHUP re-reads the jobs file
+    assert service["RestartPreventExitStatus"] == "2"  # a config error is not retried
+    assert service["EnvironmentFile"] == "/etc/cronclock/cronclock.env"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
