@@ -177,9 +177,11 @@ class Scheduler:
         now = self._clock.now()
         projected = {}
         for job in jobs:
+            if not job.enabled:
+                continue
             last = self._store.job_state(job.name).last_slot
             upcoming = job.schedule.next_after(max(now, last) if last else now)
-            if job.enabled and upcoming is not None:
+            if upcoming is not None:
                 projected[job.name] = upcoming
         return projected
 
@@ -233,14 +235,16 @@ class Scheduler:
                 **({} if isinstance(self._coordinator, Solo) else {"epoch": term}),
             )
 
-    def _step_down(self) -> None:
+    def _forget_plans(self) -> None:
         with self._lock:
-            names = list(self._planned)
-            self._planned.clear()
+            names, self._planned = list(self._planned), {}
         self._heap.clear()
         self._handoffs.clear()
         for name in names:
             self._metrics.planned(name, None)
+
+    def _step_down(self) -> None:
+        self._forget_plans()
         self._term = None
         self._metrics.is_leader.set(0)
         status = self._coordinator.status()
@@ -254,9 +258,7 @@ class Scheduler:
         """Plan every enabled job, leading in `term`: after its last handled slot when the
         store remembers one (catching up under its policy), else from `now` (first start:
         nothing fires at once)."""
-        with self._lock:
-            self._planned.clear()
-        self._heap.clear()
+        self._forget_plans()
         for record in self._store.recover_interrupted(now):
             self._metrics.outcome(record.job, "interrupted")
             self._log.warning(

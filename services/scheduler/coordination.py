@@ -50,9 +50,9 @@ from .state import (
     interrupted,
     open_store,
 )
+from .telemetry import Throttle
 
 Role = Literal["solo", "leader", "standby"]
-_PROBLEM_LOG_INTERVAL = 60.0
 _WRITE_QUEUE_CAP = 10_000  # writes kept for a Redis that is away; beyond, the oldest go
 # Records that account for slots not called are written at once, before the next claim can
 # advance past them; call outcomes are batched (a leader killed in that window loses them).
@@ -201,7 +201,7 @@ class RedisLease:
         self._valid_until = -math.inf
         self._leader: str | None = None
         self._problem: str | None = None
-        self._last_problem_log = -math.inf
+        self._complaints = Throttle(monotonic=monotonic)  # Redis trouble: once a minute
         self._stopping = threading.Event()
         self._poke = threading.Event()
         self._on_change: Callable[[], None] = lambda: None
@@ -337,9 +337,7 @@ class RedisLease:
 
     def _unreachable(self, error: redis.RedisError) -> None:
         self._problem = f"cannot reach Redis at {self._where}: {error}"
-        now = self._monotonic()
-        if now - self._last_problem_log >= _PROBLEM_LOG_INTERVAL:
-            self._last_problem_log = now
+        if self._complaints.ready():
             self._log.error(
                 "cannot reach Redis; a leader keeps firing only while its lease is certain",
                 error=str(error),
@@ -445,7 +443,7 @@ class RedisStateStore:
         self._states: dict[str, JobState] = {}
         self._registered: set[str] = set()  # jobs this process has added to ns:jobs
         self._problem: str | None = None
-        self._last_problem_log = -math.inf
+        self._complaints = Throttle(monotonic=monotonic)  # Redis trouble: once a minute
         self._records = 0
         self._queue: list[Op] = []
         self._queue_changed = threading.Condition()
@@ -740,9 +738,7 @@ class RedisStateStore:
         self._problem = None
 
     def _complain(self, message: str) -> None:
-        now = self._monotonic()
-        if now - self._last_problem_log >= _PROBLEM_LOG_INTERVAL:
-            self._last_problem_log = now
+        if self._complaints.ready():
             self._log.error("state not written to Redis; kept and retried", error=message)
 
 

@@ -22,6 +22,8 @@ from typing import Literal, Protocol, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
+from .telemetry import Throttle
+
 Outcome = Literal[
     "success", "busy", "failed", "skipped_overlap", "skipped_claimed", "missed", "interrupted"
 ]
@@ -254,10 +256,9 @@ MIGRATIONS: tuple[str, ...] = (
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_PROBLEM_LOG_INTERVAL = 60.0
 # History and finished-call writes wait this long to share a commit. A process killed in that
 # window loses their rows (a finished call is then recorded `interrupted`, never re-fired).
-COALESCE_SECONDS = 0.25  # seconds between repeated "state not written" errors
+COALESCE_SECONDS = 0.25
 
 
 Statement = tuple[str, tuple[object, ...]]
@@ -294,13 +295,12 @@ class SqliteStateStore:
     ) -> None:
         self.path = path
         self._log = log
-        self._monotonic = monotonic
         self._memory = MemoryStateStore(max_runs=max_runs, max_age=max_age)
         self._max_runs = max_runs
         self._max_age = max_age
         self._lock = threading.Lock()
         self._problem: str | None = None
-        self._last_problem_log = -_PROBLEM_LOG_INTERVAL
+        self._complaints = Throttle(monotonic=monotonic)  # "not written" once a minute
         self._dirty = False  # job state changed while the disk refused writes
         self._records = 0
         self._queue: list[tuple[list[Statement], threading.Event | None]] = []
@@ -493,9 +493,7 @@ class SqliteStateStore:
         self._complain()
 
     def _complain(self) -> None:
-        now = self._monotonic()
-        if now - self._last_problem_log >= _PROBLEM_LOG_INTERVAL:
-            self._last_problem_log = now
+        if self._complaints.ready():
             self._log.error(
                 "state not written to disk; firing continues with in-memory state",
                 state_file=str(self.path),

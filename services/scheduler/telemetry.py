@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol, TextIO
 
@@ -156,3 +159,21 @@ class Metrics:
                 self.next_run.remove(job)
         else:
             self.next_run.labels(job=job).set(slot.timestamp())
+
+
+class Throttle:
+    """Yes at most once per `interval` seconds: for an error logged while a fault lasts."""
+
+    def __init__(
+        self, interval: float = 60.0, monotonic: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._monotonic = monotonic
+        self._last = -math.inf
+
+    def ready(self) -> bool:
+        now = self._monotonic()
+        if now - self._last < self._interval:
+            return False
+        self._last = now
+        return True
