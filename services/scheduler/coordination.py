@@ -206,7 +206,8 @@ class RedisLease:
         self._poke = threading.Event()
         self._on_change: Callable[[], None] = lambda: None
         self._announced: int | None = None  # the term last reported through on_change
-        self._after_cycle = after_cycle or (lambda: None)
+        self._after_cycle = after_cycle or (lambda: None)  # every ttl/3 at most
+        self._last_after = -math.inf
         self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
 
     # -- Coordinator ------------------------------------------------------------------------
@@ -291,7 +292,9 @@ class RedisLease:
             if self._problem is not None:
                 self._log.info("Redis reachable again", redis=self._where)
                 self._problem = None
-            self._after_cycle()
+            if sent - self._last_after >= self._ttl / 3:  # standbys poll faster than that
+                self._last_after = sent
+                self._after_cycle()
         term = self.term()
         if term != self._announced:
             self._announced = term
