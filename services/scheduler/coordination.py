@@ -292,7 +292,7 @@ class RedisLease:
             if self._problem is not None:
                 self._log.info("Redis reachable again", redis=self._where)
                 self._problem = None
-            if sent - self._last_after >= self._ttl / 3:  # standbys poll faster than that
+            if sent - self._last_after >= self._ttl / 3 * 0.9:  # standbys poll faster
                 self._last_after = sent
                 self._after_cycle()
         term = self.term()
