@@ -20,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 
 from .config import Job
 from .coordination import Coordinator, Solo
-from .state import Outcome, Refusal, RunRecord, StateStore
+from .state import Outcome, Refusal, RunRecord, StateStore, not_called
 from .telemetry import Metrics
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
@@ -402,17 +402,7 @@ class Scheduler:
             outcome, error = "missed", "not fired: the slot could not be claimed (store away)"
             self._log.error("not fired: the slot could not be claimed", **fields)
         self._metrics.outcome(job.name, outcome)
-        self._store.record_run(
-            RunRecord(
-                job=job.name,
-                slot=slot,
-                key=key,
-                attempt=0,
-                started=self._clock.now(),
-                outcome=outcome,
-                error=error,
-            )
-        )
+        self._store.record_run(not_called(job.name, slot, key, outcome, error, self._clock.now()))
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed

@@ -20,7 +20,7 @@ from structlog.typing import FilteringBoundLogger
 from . import __version__
 from .clock import Clock, format_slot, idempotency_key
 from .config import Job
-from .state import Outcome, RunRecord, StateStore
+from .state import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics
 
 OutcomeClass = Literal["success", "busy", "transient", "permanent"]
@@ -243,15 +243,7 @@ class Dispatcher:
         self._metrics.outcome(job.name, "skipped_overlap")
         self._store.mark_finished(job.name, key)
         self._store.record_run(
-            RunRecord(
-                job=job.name,
-                slot=slot,
-                key=key,
-                attempt=0,
-                started=self._clock.now(),
-                outcome="skipped_overlap",
-                error=reason,
-            )
+            not_called(job.name, slot, key, "skipped_overlap", reason, self._clock.now())
         )
         self._log.warning("skipped: overlap", job=job.name, slot=format_slot(slot), reason=reason)
 
@@ -396,17 +388,7 @@ class Dispatcher:
         """The lease could not be confirmed when the call was due: it is not sent (another
         replica may lead by now, and a slot is called at most once)."""
         error = "not sent: this replica's lease could not be confirmed at the slot"
-        self._store.record_run(
-            RunRecord(
-                job=job.name,
-                slot=slot,
-                key=key,
-                attempt=0,
-                started=self._clock.now(),
-                outcome="missed",
-                error=error,
-            )
-        )
+        self._store.record_run(not_called(job.name, slot, key, "missed", error, self._clock.now()))
         self._log.error("not fired: leadership lost before the call", job=job.name,
                         slot=format_slot(slot))  # fmt: skip
         return self._result(job, slot, key, "missed", 0, None, error, begun)

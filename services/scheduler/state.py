@@ -202,16 +202,20 @@ class MemoryStateStore:
         return None
 
 
-def interrupted(job: str, slot: datetime, key: str, now: datetime) -> RunRecord:
+def not_called(
+    job: str, slot: datetime, key: str, outcome: Outcome, error: str, now: datetime
+) -> RunRecord:
+    """The record of a slot that was not called (skipped, missed, interrupted), and why."""
     return RunRecord(
-        job=job,
-        slot=slot,
-        key=key,
-        attempt=0,
-        started=now,
-        outcome="interrupted",
-        error="the process stopped during this call; not called again (at most once per slot)",
+        job=job, slot=slot, key=key, attempt=0, started=now, outcome=outcome, error=error
     )
+
+
+def interrupted(job: str, slot: datetime, key: str, now: datetime) -> RunRecord:
+    return not_called(
+        job, slot, key, "interrupted",
+        "the process stopped during this call; not called again (at most once per slot)", now,
+    )  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------------
