@@ -672,9 +672,13 @@ class RedisStateStore:
             batch, self._queue = [*self._queue, op], []
         if not self._execute(batch):
             with self._queue_changed:
-                self._queue[:0] = batch
-                del self._queue[_WRITE_QUEUE_CAP:]
+                self._requeue(batch)
                 self._queue_changed.notify_all()
+
+    def _requeue(self, batch: list[Op]) -> None:
+        """Put a batch Redis refused back in front, in order, for when it answers (lock held)."""
+        self._queue[:0] = batch
+        del self._queue[_WRITE_QUEUE_CAP:]
 
     def _drain_forever(self) -> None:
         while True:
@@ -692,8 +696,7 @@ class RedisStateStore:
             with self._queue_changed:
                 self._writing = False
                 if not ok:
-                    self._queue[:0] = batch  # kept, in order, for when Redis answers
-                    del self._queue[_WRITE_QUEUE_CAP:]
+                    self._requeue(batch)
                 self._queue_changed.notify_all()
                 if not ok and not self._closed:
                     self._queue_changed.wait(1.0)
