@@ -35,6 +35,7 @@ from .config import (
 from .coordination import open_state
 from .demo import DemoTarget, demo_config
 from .dispatch import Dispatcher, manual_key
+from .schedules import RuntimeSchedules
 from .state import StateInUse, open_store
 from .telemetry import Metrics, configure_logging, make_reporter
 
@@ -313,11 +314,18 @@ def serve(
     """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop."""
     settings = config.settings
     try:
-        store, coordinator, close_state = open_state(settings, log)
+        opened = open_state(settings, log)
     except StateInUse as error:
         raise ConfigError(
             f"SCHEDULER_STATE_URL={redact_url(settings.state_url)!r}: {error}"
         ) from None
+    store, coordinator, close_state = opened.store, opened.coordinator, opened.close
+    runtime = RuntimeSchedules(
+        opened.schedules,
+        timezone=settings.timezone,
+        limit=settings.max_runtime_schedules,
+        retention=settings.runtime_retention,
+    )
     reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
@@ -333,6 +341,7 @@ def serve(
         metrics=metrics,
         fencing_token=coordinator.fencing_token,
         may_fire=coordinator.leading,
+        on_finished=lambda job, result, deadline: scheduler.call_finished(job, result, deadline),
     )
     scheduler = Scheduler(
         jobs=[job for job in config.jobs],
@@ -345,7 +354,9 @@ def serve(
         lead_seconds=DEFAULT_LEAD_SECONDS,
         metrics=metrics,
         coordinator=coordinator,
+        runtime=runtime,
     )
+    opened.schedules.watch(scheduler.schedules_changed)
     admin: AdminServer | None = None
     if settings.admin_bind != "off":
         context = AdminContext(
@@ -358,6 +369,7 @@ def serve(
             local_dev_mode=settings.local_dev_mode,
             tick_seconds=settings.tick_seconds,
             coordinator=coordinator,
+            schedules=runtime,
         )
         admin = AdminServer(create_app(context), settings.admin_bind, log)
         try:

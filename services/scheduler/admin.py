@@ -11,13 +11,14 @@ import hmac
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,6 +31,16 @@ from .clock import Clock, Scheduler, format_slot
 from .config import Job
 from .coordination import Coordinator, Solo
 from .dispatch import Dispatcher
+from .schedules import (
+    MAX_REQUEST_BYTES,
+    SCHEDULE_ID,
+    LimitReached,
+    RuntimeSchedules,
+    ScheduleInvalid,
+    ScheduleRecord,
+    ScheduleSpec,
+    ScheduleStatus,
+)
 from .state import RunRecord, StateStore, StoreUnavailable
 from .telemetry import Metrics
 
@@ -47,6 +58,7 @@ class AdminContext:
     local_dev_mode: bool
     tick_seconds: float
     coordinator: Coordinator = field(default_factory=Solo)
+    schedules: RuntimeSchedules | None = None
 
 
 # -- response models ------------------------------------------------------------------------
@@ -113,6 +125,41 @@ class ErrorBody(BaseModel):
     error: str
 
 
+class ScheduleView(BaseModel):
+    id: str
+    status: str  # active | executed | cancelled | expired
+    revision: int
+    group: str | None
+    schedule: str
+    timezone: str
+    method: str
+    endpoint: str
+    headers: dict[str, str]
+    body: Any
+    timeout: float
+    retries: int
+    overlap: str
+    catchup: str
+    misfire_grace: float
+    expires_at: str | None
+    created: str
+    updated: str
+    finished: str | None
+    next_run: str | None
+    next_run_local: str | None
+
+
+class ScheduleDetail(ScheduleView):
+    change: str | None = None  # after a PUT: created | replaced | unchanged
+    last_run: LastRun | None = None
+    runs: list[RunView] = []
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleView]
+    next_after: str | None  # pass as `after` for the next page; null on the last page
+
+
 def _iso(instant: datetime | None) -> str | None:
     return format_slot(instant) if instant is not None else None
 
@@ -121,10 +168,19 @@ def _iso(instant: datetime | None) -> str | None:
 
 MAX_HOLD_SECONDS = 0.5
 JobName = Annotated[str, Path(min_length=1, max_length=200, description="the job's name")]
+ScheduleId = Annotated[
+    str, Path(pattern=SCHEDULE_ID.pattern, description="the schedule's id, chosen by the caller")
+]
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong admin token"},
     404: {"model": ErrorBody, "description": "no such job"},
     503: {"model": ErrorBody, "description": "the shared state store (Redis) cannot be reached"},
+}
+SCHEDULE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    404: {"model": ErrorBody, "description": "no such schedule"},
+    422: {"model": ErrorBody, "description": "the schedule is not valid; the message says why"},
+    503: {"model": ErrorBody, "description": "the state store cannot be written or read"},
 }
 
 
@@ -137,9 +193,17 @@ def create_app(ctx: AdminContext) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(error.detail)}, status_code=error.status_code, headers=error.headers
-        )
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # every method the path has, not only the first route's
+            methods = {
+                method
+                for route in app.routes
+                if isinstance(route, APIRoute) and route.path_regex.match(request.url.path)
+                for method in route.methods or ()
+            }
+            headers["Allow"] = ", ".join(sorted(methods))
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code,
+                            headers=headers)  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -151,6 +215,12 @@ def create_app(ctx: AdminContext) -> FastAPI:
 
     @app.middleware("http")
     async def yield_to_firing(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
+            return JSONResponse(
+                {"error": f"request body of {length} bytes; at most {MAX_REQUEST_BYTES}"},
+                status_code=413,
+            )
         # Calls due now come first: hold the request (at most half a second) while the
         # dispatcher is sending, instead of taking the GIL from it.
         waited = 0.0
@@ -300,7 +370,164 @@ def create_app(ctx: AdminContext) -> FastAPI:
         except StoreUnavailable as error:
             raise HTTPException(503, f"not {'paused' if paused else 'resumed'}: {error}") from None
 
+    _schedule_routes(app, ctx, auth)
     return app
+
+
+def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
+    """PUT|GET|DELETE /api/schedules/{id}, GET /api/schedules: runtime schedules."""
+
+    def runtime() -> RuntimeSchedules:
+        if ctx.schedules is None:
+            raise HTTPException(404, "runtime schedules are not enabled in this process")
+        return ctx.schedules
+
+    def unavailable(error: StoreUnavailable) -> HTTPException:
+        return HTTPException(503, f"the state store cannot be reached: {error}")
+
+    def view(record: ScheduleRecord, cls: type[ScheduleView] = ScheduleView) -> Any:
+        schedules = runtime()
+        job = schedules.job(record)
+        spec = ScheduleSpec.model_validate_json(record.spec)
+        upcoming = None
+        if record.status == "active":
+            upcoming = ctx.scheduler.planned_schedule(job.name)
+            if upcoming is None:  # a standby (or not planned yet): as the leader plans it
+                now = ctx.clock.now()
+                upcoming = record.first
+                if upcoming is None or upcoming < now - timedelta(seconds=job.misfire_grace):
+                    upcoming = job.next_slot(max(now, record.anchor))
+        return cls(
+            id=record.id,
+            status=record.status,
+            revision=record.revision,
+            group=record.group,
+            schedule=str(job.schedule),
+            timezone=job.schedule.timezone,
+            method=job.method,
+            endpoint=job.endpoint,
+            headers=dict(job.headers),
+            body=job.body,
+            timeout=job.timeout,
+            retries=job.retries,
+            overlap=job.overlap,
+            catchup=job.catchup,
+            misfire_grace=job.misfire_grace,
+            expires_at=_iso(job.ends) if spec.expires_at is not None else None,
+            created=format_slot(record.created),
+            updated=format_slot(record.updated),
+            finished=_iso(record.finished),
+            next_run=_iso(upcoming),
+            next_run_local=(
+                upcoming.astimezone(job.schedule.tzinfo).isoformat() if upcoming else None
+            ),
+        )
+
+    def detail(record: ScheduleRecord, change: str | None = None) -> ScheduleDetail:
+        try:
+            runs = ctx.store.runs(record.job_name, 50)
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        last = next((run for run in runs if run.attempt > 0 or run.outcome == "interrupted"),
+                    None)  # fmt: skip
+        result: ScheduleDetail = view(record, ScheduleDetail)
+        result.change = change
+        result.runs = [_run_view(run) for run in runs]
+        result.last_run = (
+            LastRun(at=format_slot(last.started), outcome=last.outcome, status=last.status)
+            if last
+            else None
+        )
+        return result
+
+    @app.put(
+        "/api/schedules/{id}",
+        dependencies=auth,
+        responses={**SCHEDULE_ERRORS, 201: {"model": ScheduleDetail}},
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ScheduleSpec.model_json_schema()}},
+            }
+        },
+    )
+    async def put_schedule(id: ScheduleId, request: Request) -> JSONResponse:
+        """Create (201) or replace (200) a runtime schedule. The same body again changes
+        nothing; a replacement keeps the history and never fires a slot already handled."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(422, "the body must be JSON") from None
+        return await asyncio.to_thread(store_schedule, id, body)
+
+    def store_schedule(id: str, body: Any) -> JSONResponse:
+        schedules = runtime()
+        try:
+            record, change = schedules.put(id, body, ctx.clock.now())
+        except ScheduleInvalid as error:
+            raise HTTPException(422, str(error)) from None
+        except LimitReached as error:
+            raise HTTPException(
+                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); cancel some or raise it"
+            ) from None
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        if change != "unchanged":
+            ctx.scheduler.schedules_changed([id])
+        return JSONResponse(
+            detail(record, change).model_dump(mode="json"),
+            status_code=201 if change == "created" else 200,
+        )
+
+    @app.get("/api/schedules", dependencies=auth, responses=SCHEDULE_ERRORS)
+    def list_schedules(
+        status: Annotated[ScheduleStatus | None, Query(description="only this status")] = None,
+        group: Annotated[str | None, Query(max_length=64, description="only this group")] = None,
+        after: Annotated[str, Query(max_length=128, description="the page after this id")] = "",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> ScheduleList:
+        """Runtime schedules ordered by id, a page at a time."""
+        try:
+            records = runtime().store.list_schedules(
+                status=status, group=group, after=after, limit=limit + 1
+            )
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        page = records[:limit]
+        return ScheduleList(
+            schedules=[view(record) for record in page],
+            next_after=page[-1].id if len(records) > limit else None,
+        )
+
+    @app.get("/api/schedules/{id}", dependencies=auth, responses=SCHEDULE_ERRORS)
+    def get_schedule(id: ScheduleId) -> ScheduleDetail:
+        """One runtime schedule with its next run and its latest runs (newest first)."""
+        try:
+            record = runtime().store.get_schedule(id)
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        if record is None:
+            raise HTTPException(404, f"no schedule with id {id!r}")
+        return detail(record)
+
+    @app.delete(
+        "/api/schedules/{id}",
+        dependencies=auth,
+        responses={**SCHEDULE_ERRORS, 409: {"model": ErrorBody, "description": "already ended"}},
+    )
+    def cancel_schedule(id: ScheduleId) -> ScheduleDetail:
+        """Cancel: no slot of it fires from now on (a call already sent completes).
+        Cancelling a cancelled schedule again is fine; an executed or expired one is 409."""
+        try:
+            record = runtime().store.cancel_schedule(id, ctx.clock.now())
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        if record is None:
+            raise HTTPException(404, f"no schedule with id {id!r}")
+        if record.status in ("executed", "expired"):
+            raise HTTPException(409, f"schedule {id!r} has already ended: {record.status}")
+        ctx.scheduler.schedules_changed([id])
+        return detail(record)
 
 
 def _run_view(record: RunRecord) -> RunView:

@@ -14,20 +14,40 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
+from schedule_grammar import Once
+
 from .config import Job
 from .coordination import Coordinator, Solo
-from .state import Outcome, Refusal, RunRecord, StateStore, not_called
-from .telemetry import Metrics
+from .state import (
+    RUNTIME_PREFIX,
+    Outcome,
+    Refusal,
+    RunRecord,
+    StateStore,
+    StoreUnavailable,
+    is_runtime,
+    not_called,
+)
+from .telemetry import Metrics, Throttle
+
+if TYPE_CHECKING:
+    from .dispatch import CallResult
+    from .schedules import RuntimeSchedules, ScheduleStatus
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
 _COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at least"
 # The loop hands slots to dispatch this far ahead; dispatch builds the request, the state is
 # written, and the call goes out at the slot's instant (bench/README.md shows why).
 DEFAULT_LEAD_SECONDS = 0.05
+# Runtime schedules: definitions kept in memory at most (the rest are read when due), and how
+# often the leader purges ended ones past their retention.
+JOB_CACHE_SIZE = 10_000
+PURGE_EVERY_SECONDS = 60.0
+_LOAD_BATCH = 500
 
 
 class Clock(Protocol):
@@ -91,13 +111,13 @@ def decide(job: Job, first_due: datetime, now: datetime, *, restart: bool = Fals
     missed slot (`catchup = "none"` never fires it).
     """
     due = [first_due]
-    following = job.schedule.next_after(first_due)
+    following = job.next_slot(first_due)
     while following is not None and following <= now and len(due) < _COUNT_CAP:
         due.append(following)
-        following = job.schedule.next_after(following)
+        following = job.next_slot(following)
     more = following is not None and following <= now
     while following is not None and following <= now:  # beyond the count cap: skip ahead
-        following = job.schedule.next_after(following)
+        following = job.next_slot(following)
 
     grace = timedelta(seconds=job.misfire_grace)
     latest = due[-1]
@@ -127,8 +147,18 @@ class Scheduler:
         lead_seconds: float = 0.0,
         metrics: Metrics | None = None,
         coordinator: Coordinator | None = None,
+        runtime: RuntimeSchedules | None = None,
     ) -> None:
         self._jobs = {job.name: job for job in jobs}
+        self._runtime = runtime
+        self._planned_runtime: dict[str, datetime] = {}  # runtime job name -> next slot
+        self._cache: dict[str, Job] = {}  # runtime jobs read lately (at most JOB_CACHE_SIZE)
+        self._changed: set[str] = set()  # schedule ids changed since the last beat
+        self._ending: dict[str, int] = {}  # runtime job -> revision whose last call is out
+        self._overdue: dict[str, datetime] = {}  # due while their store could not be read
+        self._retry_plan = False  # planning the runtime schedules failed: again next beat
+        self._next_purge = -float("inf")
+        self._store_trouble = Throttle()
         self._coordinator = coordinator if coordinator is not None else Solo()
         self._term: int | None = None  # the leadership term this loop plans in, if any
         self._has_led = False
@@ -159,6 +189,21 @@ class Scheduler:
         self._reload_requested.set()
         self._clock.wake()
 
+    def schedules_changed(self, ids: Iterable[str]) -> None:
+        """Runtime schedules were created, replaced or cancelled (here or on another
+        replica): the loop reads them again at its next beat. No ids: changes may have been
+        missed, so every schedule is planned afresh. A standby keeps nothing: a new term
+        reads every schedule."""
+        ids = list(ids)
+        with self._lock:
+            if self._term is None:
+                return
+            if ids:
+                self._changed.update(ids)
+            else:
+                self._retry_plan = True
+        self._clock.wake()
+
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
@@ -166,6 +211,11 @@ class Scheduler:
     def jobs(self) -> dict[str, Job]:
         with self._lock:
             return dict(self._jobs)
+
+    def planned_schedule(self, name: str) -> datetime | None:
+        """A runtime schedule's next planned slot, when this replica plans it."""
+        with self._lock:
+            return self._planned_runtime.get(name)
 
     def planned(self) -> dict[str, datetime]:
         """Each enabled job's next planned slot. A standby plans nothing; it shows when each
@@ -180,7 +230,7 @@ class Scheduler:
             if not job.enabled:
                 continue
             last = self._store.job_state(job.name).last_slot
-            upcoming = job.schedule.next_after(max(now, last) if last else now)
+            upcoming = job.next_slot(max(now, last) if last else now)
             if upcoming is not None:
                 projected[job.name] = upcoming
         return projected
@@ -238,6 +288,7 @@ class Scheduler:
     def _forget_plans(self) -> None:
         with self._lock:
             names, self._planned = list(self._planned), {}
+            self._planned_runtime, self._cache = {}, {}
         self._heap.clear()
         self._handoffs.clear()
         for name in names:
@@ -260,7 +311,7 @@ class Scheduler:
         nothing fires at once)."""
         self._forget_plans()
         for record in self._store.recover_interrupted(now):
-            self._metrics.outcome(record.job, "interrupted")
+            self._metrics.outcome(self._label(record.job), "interrupted")
             self._log.warning(
                 "interrupted: the previous process stopped during this call; not called again",
                 job=record.job,
@@ -270,19 +321,28 @@ class Scheduler:
         for job in self._jobs.values():
             self._plan_first(job, now)
         self._has_led = True
+        self._plan_schedules(now)
         self._hand_on()
 
     def seconds_until_next(self, now: datetime) -> float:
         """How long the loop may sleep: until the earliest slot, at most a tick."""
         self._drop_stale()
+        if self._overdue or self._retry_plan:
+            return min(self._tick, 1.0)
         if not self._heap:
             return self._tick
         return max(0.0, min(self._tick, (self._heap[0][0] - self._lead - now).total_seconds()))
 
     def fire_due(self, now: datetime) -> None:
         """Hand every slot due by `now` (plus the lead) to the firer; plan each job's next."""
+        self._apply_changes(now)
+        due_runtime, self._overdue = self._overdue, {}
         while self._heap and self._heap[0][0] <= now + self._lead:
             slot, _, name = heapq.heappop(self._heap)
+            if is_runtime(name):
+                if self._planned_runtime.get(name) == slot:
+                    due_runtime.setdefault(name, slot)
+                continue
             job = self._jobs.get(name)
             if job is None or self._planned.get(name) != slot:
                 continue  # removed or replanned by a reload
@@ -294,8 +354,13 @@ class Scheduler:
                     "handling a slot failed; the job continues", job=name, slot=format_slot(slot)
                 )
                 if self._planned.get(name) == slot:
-                    self._plan(job, job.schedule.next_after(max(slot, now)))
+                    self._plan(job, job.next_slot(max(slot, now)))
+        if due_runtime:
+            self._fire_schedules(due_runtime, now)
         self._hand_on()
+        if self._runtime is not None and self._clock.monotonic() >= self._next_purge:
+            self._next_purge = self._clock.monotonic() + PURGE_EVERY_SECONDS
+            self._purge(now)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -307,20 +372,23 @@ class Scheduler:
             # A slot of its own, at the start instant, so its Idempotency-Key is unique.
             start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
             self._log.info("run on start", job=job.name, slot=format_slot(start_slot))
-            self._fire(job, [start_slot], job.schedule.next_after(now))
+            self._fire(job, [start_slot], job.next_slot(now))
         last = self._store.job_state(job.name).last_slot
         if last is None or run_on_start:
-            self._plan(job, job.schedule.next_after(now))
+            self._plan(job, job.next_slot(now))
             return
         # Continue after the last handled slot. A wall clock now behind it plans the slot
         # after it anyway: a slot already fired is never fired again.
-        first_due = job.schedule.next_after(last)
+        first_due = job.next_slot(last)
         if first_due is not None and first_due <= now:
             self._handle(job, first_due, now, restart=True)
         else:
             self._plan(job, first_due)
 
     def _plan(self, job: Job, slot: datetime | None) -> None:
+        if job.schedule_id is not None:
+            self._plan_schedule(job.name, slot)
+            return
         self._metrics.planned(job.name, slot)
         with self._lock:
             if slot is None:
@@ -329,6 +397,15 @@ class Scheduler:
                 return
             self._planned[job.name] = slot
         heapq.heappush(self._heap, (slot, next(self._counter), job.name))
+
+    def _plan_schedule(self, name: str, slot: datetime | None) -> None:
+        with self._lock:
+            if slot is None:
+                self._planned_runtime.pop(name, None)
+                self._cache.pop(name, None)
+                return
+            self._planned_runtime[name] = slot
+        heapq.heappush(self._heap, (slot, next(self._counter), name))
 
     def _handle(
         self, job: Job, first_due: datetime, now: datetime, *, restart: bool = False
@@ -352,6 +429,12 @@ class Scheduler:
             if decision.fire:
                 self._fire(job, decision.fire, decision.next_slot)
         self._plan(job, decision.next_slot)
+        if job.schedule_id is not None and decision.next_slot is None:
+            if decision.fire:  # ends when its last call is over (call_finished)
+                with self._lock:
+                    self._ending[job.name] = job.revision
+            else:
+                self._finish(job, "expired", now)
 
     def _fire(self, job: Job, slots: list[datetime], next_slot: datetime | None) -> None:
         self._handoffs.append((job, slots, next_slot))
@@ -387,6 +470,12 @@ class Scheduler:
     def _refused(self, job: Job, slot: datetime, reason: Refusal) -> None:
         """A slot the shared store would not let this replica call."""
         fields = {"job": job.name, "slot": format_slot(slot)}
+        if job.schedule_id is not None:
+            with self._lock:
+                self._ending.pop(job.name, None)
+        if reason == "inactive":
+            self._log.info("not fired: the schedule was cancelled or has ended", **fields)
+            return
         if reason == "paused":
             self._log.debug("paused; slot passes", **fields)
             return
@@ -401,13 +490,13 @@ class Scheduler:
         else:
             outcome, error = "missed", "not fired: the slot could not be claimed (store away)"
             self._log.error("not fired: the slot could not be claimed", **fields)
-        self._metrics.outcome(job.name, outcome)
+        self._metrics.outcome(job.label, outcome)
         self._store.record_run(not_called(job.name, slot, key, outcome, error, self._clock.now()))
 
     def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
         missed = decision.missed
         count = len(missed)
-        self._metrics.outcome(job.name, "missed", count)
+        self._metrics.outcome(job.label, "missed", count)
         self._store.advance(job.name, missed[-1])
         self._store.record_run(
             RunRecord(
@@ -438,9 +527,183 @@ class Scheduler:
     def _drop_stale(self) -> None:
         while self._heap:
             slot, _, name = self._heap[0]
-            if name in self._jobs and self._planned.get(name) == slot:
+            if is_runtime(name):
+                if self._planned_runtime.get(name) == slot:
+                    return
+            elif name in self._jobs and self._planned.get(name) == slot:
                 return
             heapq.heappop(self._heap)
+
+    def _label(self, name: str) -> str:
+        job = self._jobs.get(name) or self._cache.get(name)
+        if job is not None:
+            return job.label
+        return "schedules" if is_runtime(name) else name
+
+    # -- runtime schedules ----------------------------------------------------------------
+
+    def _plan_schedules(self, now: datetime) -> None:
+        """Plan every active runtime schedule (a new term). Most need no definition: a
+        schedule that has not reached its first slot is planned at it; the others (due,
+        fired before, ended) are read in batches."""
+        if self._runtime is None:
+            return
+        with self._lock:
+            self._changed.clear()  # everything is read now; later changes come after
+            self._planned_runtime.clear()  # (their heap entries are stale now)
+            self._cache.clear()
+        try:
+            entries = list(self._runtime.store.active_plan())
+        except StoreUnavailable as error:
+            self._log.error("runtime schedules not planned: store unavailable; retrying",
+                            error=str(error))  # fmt: skip
+            self._next_purge = -float("inf")
+            self._retry_plan = True
+            return
+        self._retry_plan = False
+        read: list[str] = []
+        for id, _anchor, first in entries:
+            name = RUNTIME_PREFIX + id
+            last = self._store.job_state(name).last_slot
+            if first is not None and first > now and (last is None or last < first):
+                self._plan_schedule(name, first)
+            else:
+                read.append(name)
+        for start in range(0, len(read), _LOAD_BATCH):
+            jobs = self._schedule_jobs(read[start : start + _LOAD_BATCH])
+            for job in jobs.values():
+                self._plan_runtime(job, now, restart=True)
+        if entries:
+            self._log.info("runtime schedules planned", active=len(entries), read=len(read))
+
+    def _plan_runtime(self, job: Job, now: datetime, *, restart: bool) -> None:
+        """Plan a runtime schedule after its last handled slot or the moment it was armed,
+        whichever is later; one with no slot left ends."""
+        state = self._store.job_state(job.name)
+        start = job.anchor
+        if start is None or (state.last_slot is not None and state.last_slot > start):
+            start = state.last_slot
+        first_due = job.next_slot(start) if start is not None else job.next_slot(now)
+        if first_due is None:
+            self._plan_schedule(job.name, None)
+            self._finish(job, ended_as(job, called=state.last_run is not None), now)
+        elif first_due <= now:
+            self._remember(job)
+            self._handle(job, first_due, now, restart=restart)
+        else:
+            self._remember(job)
+            self._plan_schedule(job.name, first_due)
+
+    def _apply_changes(self, now: datetime) -> None:
+        if self._runtime is None:
+            return
+        if self._retry_plan:
+            self._plan_schedules(now)
+        with self._lock:
+            if not self._changed:
+                return
+            ids, self._changed = self._changed, set()
+        try:
+            records = self._runtime.store.get_schedules(ids)
+        except StoreUnavailable as error:
+            with self._lock:
+                self._changed |= ids
+            if self._store_trouble.ready():
+                self._log.error("schedule changes not read; retrying", error=str(error))
+            return
+        for id in sorted(ids):
+            name = RUNTIME_PREFIX + id
+            record = records.get(id)
+            with self._lock:
+                cached = self._cache.get(name)
+                ending = self._ending.get(name)
+                if record is None or record.status != "active":
+                    self._planned_runtime.pop(name, None)  # its heap entry is now stale
+                    self._cache.pop(name, None)
+                    continue
+                if record.revision == ending or (
+                    cached is not None
+                    and cached.revision == record.revision
+                    and name in self._planned_runtime
+                ):
+                    continue  # already planned as it is (a change this replica made)
+            try:
+                job = self._runtime.job(record)
+                self._plan_runtime(job, now, restart=False)
+            except Exception:
+                self._log.exception("planning a runtime schedule failed", job=name)
+
+    def _schedule_jobs(self, names: list[str]) -> dict[str, Job]:
+        """The jobs of active runtime schedules, from memory or read in one batch."""
+        assert self._runtime is not None
+        found = {name: self._cache[name] for name in names if name in self._cache}
+        missing = [name.removeprefix(RUNTIME_PREFIX) for name in names if name not in found]
+        if missing:
+            for job in self._runtime.jobs(missing).values():
+                found[job.name] = job
+                self._remember(job)
+        return found
+
+    def _remember(self, job: Job) -> None:
+        with self._lock:
+            self._cache[job.name] = job
+            while len(self._cache) > JOB_CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]
+
+    def _fire_schedules(self, due: dict[str, datetime], now: datetime) -> None:
+        try:
+            jobs = self._schedule_jobs(list(due))
+        except StoreUnavailable as error:
+            self._log.error("runtime schedules due but not readable; retrying",
+                            error=str(error), due=len(due))  # fmt: skip
+            self._overdue = due  # again at the next beat
+            return
+        for name, slot in due.items():
+            job = jobs.get(name)
+            if job is None:  # cancelled or ended since it was planned
+                self._plan_schedule(name, None)
+                continue
+            try:
+                self._handle(job, slot, now)
+            except Exception:
+                self._log.exception(
+                    "handling a slot failed; the schedule continues", job=name,
+                    slot=format_slot(slot),
+                )  # fmt: skip
+                if self._planned_runtime.get(name) == slot:
+                    self._plan(job, job.next_slot(max(slot, now)))
+
+    def call_finished(self, job: Job, result: CallResult | None, deadline: datetime | None) -> None:
+        """A batch of calls is over (from the dispatcher's threads): a runtime schedule
+        whose last slot it was ends (see `ended_as`)."""
+        if job.schedule_id is None or deadline is not None:
+            return
+        with self._lock:
+            self._ending.pop(job.name, None)
+        called = result is not None and result.outcome not in ("missed", "skipped_overlap")
+        self._finish(job, ended_as(job, called=called), self._clock.now())
+
+    def _finish(self, job: Job, status: ScheduleStatus, now: datetime) -> None:
+        assert self._runtime is not None
+        try:
+            ended = self._runtime.finish(job, status, now)
+        except StoreUnavailable as error:
+            self._log.error("schedule end not recorded; it is settled when next planned",
+                            job=job.name, status=status, error=str(error))  # fmt: skip
+            return
+        if ended:
+            self._log.info(f"schedule {status}", job=job.name, revision=job.revision)
+
+    def _purge(self, now: datetime) -> None:
+        assert self._runtime is not None
+        try:
+            purged = self._runtime.purge(now)
+        except StoreUnavailable:
+            return
+        if purged:
+            self._log.info("ended runtime schedules purged", count=len(purged),
+                           retention_seconds=self._runtime.retention.total_seconds())  # fmt: skip
+            self._next_purge = -float("inf")  # there may be more: again at the next beat
 
     def _do_reload(self) -> None:
         if self._reload is None:
@@ -465,10 +728,16 @@ class Scheduler:
                 self._planned.pop(name, None)
             job = new[name]
             if job.enabled and self._term is not None:  # a standby plans when it leads
-                self._plan(job, job.schedule.next_after(now))
+                self._plan(job, job.next_slot(now))
         self._log.info(
             "job table reloaded", added=added, removed=removed, changed=changed, jobs=len(new)
         )
+
+
+def ended_as(job: Job, *, called: bool) -> ScheduleStatus:
+    """How a runtime schedule with no slot left ends: a one-time schedule whose slot was
+    called is `executed`; one missed, and a recurring one past its expires_at, `expired`."""
+    return "executed" if called and isinstance(job.schedule, Once) else "expired"
 
 
 def idempotency_key(job: str, slot: datetime) -> str:

@@ -14,6 +14,7 @@ import tomllib
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -113,6 +114,10 @@ class Settings(BaseSettings):
     namespace: str = Field("cronclock", min_length=1, alias="SCHEDULER_NAMESPACE")
     redis_password: SecretStr | None = Field(None, alias="SCHEDULER_REDIS_PASSWORD")
     lease_ttl_seconds: float = Field(15.0, ge=1, le=3600, alias="SCHEDULER_LEASE_TTL_SECONDS")
+    runtime_retention: Duration = Field(7 * 86400.0, gt=0, alias="SCHEDULER_RUNTIME_RETENTION")
+    max_runtime_schedules: int = Field(
+        100_000, ge=1, le=10_000_000, alias="SCHEDULER_MAX_RUNTIME_SCHEDULES"
+    )
     posthog_api_key: SecretStr | None = Field(None, alias="POSTHOG_API_KEY")
     posthog_host: str = Field("https://us.i.posthog.com", alias="POSTHOG_HOST")
 
@@ -255,25 +260,29 @@ RESERVED_HEADERS = frozenset(
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
 
 
-class JobSpec(BaseModel):
-    """One job as configured, before its schedule is parsed."""
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
+MAX_HEADERS = 32
+MAX_HEADER_BYTES = 8 * 1024  # names and values of a job's own headers, together
+MAX_BODY_BYTES = 64 * 1024  # the JSON body, serialised
+MAX_ENDPOINT_LENGTH = 2048
+
+
+class CallSpec(BaseModel):
+    """How to call the application: what a static job and a runtime schedule share."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schedule: str
-    endpoint: str
+    schedule: str = Field(max_length=256)
+    endpoint: str = Field(max_length=MAX_ENDPOINT_LENGTH)
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     timeout: Duration = Field(30.0, gt=0, le=86400)
     timezone: str | None = None
     headers: dict[str, str] = Field(default_factory=dict)
     body: Any = None
-    enabled: bool = True
     overlap: Literal["skip", "queue", "allow"] = "skip"
     retries: int = Field(0, ge=0, le=20)
     catchup: Literal["latest", "none", "all"] = "latest"
     misfire_grace: Duration = Field(300.0, ge=0)
-    spread: bool = False
-    run_on_start: bool = False
     dst_gap: Literal["shift", "skip"] | None = None
     dst_repeat: Literal["first", "last", "both"] | None = None
 
@@ -287,10 +296,18 @@ class JobSpec(BaseModel):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, value: str) -> str:
-        if not value.startswith("/") or value.startswith("//") or any(c.isspace() for c in value):
+        path = value.partition("?")[0]
+        if (
+            not value.startswith("/")
+            or value.startswith("//")
+            or "\\" in value
+            or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in value)
+        ):
             raise ValueError(
                 "must be a path under API_URL starting with '/', e.g. '/api/sync/trigger'"
             )
+        if ".." in path.split("/"):
+            raise ValueError("must not contain '..' segments (it must stay under API_URL)")
         return value
 
     @field_validator("headers")
@@ -299,16 +316,36 @@ class JobSpec(BaseModel):
         reserved = sorted(name for name in value if name.lower() in RESERVED_HEADERS)
         if reserved:
             raise ValueError(f"cronclock sets {', '.join(reserved)} itself; remove it")
+        if len(value) > MAX_HEADERS:
+            raise ValueError(f"at most {MAX_HEADERS} headers, got {len(value)}")
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
+                raise ValueError(f"header {name!r} has a control character in its value")
+        size = sum(len(name.encode()) + len(text.encode()) for name, text in value.items())
+        if size > MAX_HEADER_BYTES:
+            raise ValueError(f"headers take {size} bytes; at most {MAX_HEADER_BYTES}")
         return value
 
     @field_validator("body")
     @classmethod
     def _json_body(cls, value: Any) -> Any:
         try:
-            json.dumps(value)
+            size = len(json.dumps(value, separators=(",", ":")).encode())
         except (TypeError, ValueError):
             raise ValueError("must be JSON-serialisable (a TOML table, array or value)") from None
+        if size > MAX_BODY_BYTES:
+            raise ValueError(f"the body takes {size} bytes as JSON; at most {MAX_BODY_BYTES}")
         return value
+
+
+class JobSpec(CallSpec):
+    """One job as configured, before its schedule is parsed."""
+
+    enabled: bool = True
+    spread: bool = False
+    run_on_start: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -330,6 +367,27 @@ class Job:
     spread: bool = False
     run_on_start: bool = False
     source: str = "built-in"  # where the job's definition came from, for `check`
+    # Runtime schedules (created through the admin API) only:
+    schedule_id: str | None = None
+    revision: int = 0
+    group: str | None = None
+    anchor: datetime | None = None  # slots count from this instant (when it was armed)
+    ends: datetime | None = None  # no slot after this instant (expires_at)
+
+    def next_slot(self, after: datetime) -> datetime | None:
+        """The job's next slot strictly after `after`; None past its end."""
+        upcoming = self.schedule.next_after(after)
+        if upcoming is not None and self.ends is not None and upcoming > self.ends:
+            return None
+        return upcoming
+
+    @property
+    def label(self) -> str:
+        """The `job` label of its metrics: a runtime schedule counts under its group, so
+        100,000 schedules do not make 100,000 time series."""
+        if self.schedule_id is None:
+            return self.name
+        return f"schedules/{self.group}" if self.group else "schedules"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,16 @@ Keys, under the namespace `ns` (SCHEDULER_NAMESPACE):
     ns:claim:<job>:<slot ms>   one slot's claim (a manual trigger: ns:claim:<job>:manual-<uuid>)
     ns:inflight                hash: Idempotency-Key -> "<job> <slot us> <since us>"
     ns:runs:<job>              stream: run history, capped
+
+Runtime schedules (the job of schedule <id> is named `schedule/<id>`; it is not in ns:jobs):
+
+    ns:schedule:<id>           hash: revision, spec, status, group, created, updated, anchor,
+                               first, finished
+    ns:schedules               sorted set (by id): every schedule
+    ns:schedules:status:<s>    sorted set (by id): the schedules in status s
+    ns:schedules:group:<g>     sorted set (by id): the schedules of group g
+    ns:schedules:ended         sorted set (by end time): ended schedules, for retention
+    ns:schedules:changes       stream of changed ids: the leader plans what any replica wrote
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol, cast
@@ -38,16 +48,28 @@ from redis.retry import Retry
 from structlog.typing import FilteringBoundLogger
 
 from .config import Settings, redact_url
+from .schedules import (
+    Change,
+    LimitReached,
+    MemorySchedules,
+    ScheduleRecord,
+    ScheduleStatus,
+    ScheduleStore,
+    SqliteSchedules,
+)
 from .state import (
     COALESCE_SECONDS,
+    RUNTIME_PREFIX,
     JobState,
     Outcome,
     Refusal,
     RunRecord,
+    SqliteStateStore,
     StateStore,
     StoreUnavailable,
     apply_outcome,
     interrupted,
+    is_runtime,
     open_store,
 )
 from .telemetry import Throttle
@@ -362,8 +384,12 @@ for i = 6, #ARGV, 4 do
   local job, slot, suffix, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local jk = ns .. ':job:' .. job
   local state = redis.call('HMGET', jk, 'paused', 'last_slot')
+  local runtime = string.sub(job, 1, 9) == 'schedule/'
   local result = 'ok'
-  if slot ~= '' and state[1] == '1' then
+  if runtime and redis.call('HGET', ns .. ':schedule:' .. string.sub(job, 10), 'status')
+      ~= 'active' then
+    result = 'inactive'
+  elseif slot ~= '' and state[1] == '1' then
     result = 'paused'
   else
     local ck = ns .. ':claim:' .. job .. ':' .. suffix
@@ -371,9 +397,10 @@ for i = 6, #ARGV, 4 do
       result = 'taken'
     end
   end
-  if slot ~= '' and (not state[2] or tonumber(state[2]) < tonumber(slot)) then
+  if result ~= 'inactive' and slot ~= ''
+      and (not state[2] or tonumber(state[2]) < tonumber(slot)) then
     redis.call('HSET', jk, 'last_slot', slot)
-    if not state[2] then redis.call('SADD', ns .. ':jobs', job) end
+    if not state[2] and not runtime then redis.call('SADD', ns .. ':jobs', job) end
   end
   if result == 'ok' then
     local at = slot
@@ -388,7 +415,7 @@ _ADVANCE = """
 local last = redis.call('HGET', KEYS[1], 'last_slot')
 if not last or tonumber(last) < tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'last_slot', ARGV[1])
-  redis.call('SADD', KEYS[2], ARGV[2])
+  if string.sub(ARGV[2], 1, 9) ~= 'schedule/' then redis.call('SADD', KEYS[2], ARGV[2]) end
 end
 return 1
 """
@@ -486,12 +513,35 @@ class RedisStateStore:
         self._healthy()
         fetched = {name: _job_state(row) for name, row in zip(names, rows, strict=True) if row}
         with self._lock:
-            lost = {n: s for n, s in self._states.items() if n not in fetched}
-            self._states = {
-                name: _merge(self._states.get(name), state) for name, state in fetched.items()
-            } | lost
+            lost = {n: s for n, s in self._states.items() if n not in fetched and not is_runtime(n)}
+            runtime = {n: s for n, s in self._states.items() if is_runtime(n)}
+            self._states = (
+                {name: _merge(self._states.get(name), state) for name, state in fetched.items()}
+                | lost
+                | runtime
+            )
         for name, state in lost.items():
             self._enqueue(_write_state(self._ns, name, state))
+
+    def load_states(self, names: list[str]) -> None:
+        """Read the state of these jobs (runtime schedules: not refreshed every cycle)."""
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self._job_key(name))
+        try:
+            rows = cast(list[dict[str, str]], pipe.execute())
+        except redis.RedisError as error:
+            self._trouble(error)
+            raise StoreUnavailable(self._problem or str(error)) from None
+        with self._lock:
+            for name, row in zip(names, rows, strict=True):
+                if row:
+                    self._states[name] = _merge(self._states.get(name), _job_state(row))
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            self._states.pop(job, None)
+            self._registered.discard(job)
 
     def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
         self.flush(timeout=2.0)
@@ -628,8 +678,11 @@ class RedisStateStore:
             else None
         )
         max_runs = self._max_runs
-        register = record.job not in self._registered  # ns:jobs names it from then on
-        self._registered.add(record.job)
+        # ns:jobs names it from then on (not a runtime schedule's job: those are planned from
+        # the schedules, and ns:jobs is read on every lease cycle)
+        register = record.job not in self._registered and not is_runtime(record.job)
+        if register:
+            self._registered.add(record.job)
 
         def write(pipe: Any) -> None:
             pipe.xadd(runs_key, fields, maxlen=max_runs, approximate=True)
@@ -843,6 +896,284 @@ def _run_record(job: str, fields: dict[str, str]) -> RunRecord:
 
 
 # -------------------------------------------------------------------------------------------
+# Runtime schedules on Redis
+
+# Create or replace (ARGV: ns, id, spec, group, anchor, first, now, limit). Returns
+# {'unchanged'}, {'limit', active} or {change, revision, created}.
+_PUT_SCHEDULE = """
+local ns, id, spec, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local anchor, first, now, limit = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local key = ns .. ':schedule:' .. id
+local old = redis.call('HMGET', key, 'revision', 'spec', 'status', 'group', 'created')
+if old[1] and old[2] == spec and old[3] ~= 'cancelled' then return {'unchanged'} end
+local active = redis.call('ZCARD', ns .. ':schedules:status:active')
+if (not old[1] or old[3] ~= 'active') and active >= limit then
+  return {'limit', tostring(active)}
+end
+local revision, created, change = 1, now, 'created'
+if old[1] then
+  revision, created, change = tonumber(old[1]) + 1, old[5], 'replaced'
+  redis.call('ZREM', ns .. ':schedules:status:' .. old[3], id)
+  if old[4] ~= '' and old[4] ~= group then
+    redis.call('ZREM', ns .. ':schedules:group:' .. old[4], id)
+  end
+end
+redis.call('HSET', key, 'revision', revision, 'spec', spec, 'status', 'active', 'group', group,
+  'created', created, 'updated', now, 'anchor', anchor, 'first', first, 'finished', '')
+redis.call('ZADD', ns .. ':schedules', 0, id)
+redis.call('ZADD', ns .. ':schedules:status:active', 0, id)
+redis.call('ZREM', ns .. ':schedules:ended', id)
+if group ~= '' then redis.call('ZADD', ns .. ':schedules:group:' .. group, 0, id) end
+redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
+return {change, tostring(revision), created}
+"""
+# End an active schedule (ARGV: ns, id, status, now, revision or '' for any, announce).
+_END_SCHEDULE = """
+local ns, id, status, now, revision = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = ns .. ':schedule:' .. id
+local old = redis.call('HMGET', key, 'status', 'revision')
+if not old[1] then return 'missing' end
+if old[1] ~= 'active' or (revision ~= '' and old[2] ~= revision) then return old[1] end
+redis.call('HSET', key, 'status', status, 'updated', now, 'finished', now)
+redis.call('ZREM', ns .. ':schedules:status:active', id)
+redis.call('ZADD', ns .. ':schedules:status:' .. status, 0, id)
+redis.call('ZADD', ns .. ':schedules:ended', now, id)
+if ARGV[6] == '1' then
+  redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
+end
+return 'ended'
+"""
+# Delete ended schedules with their job state and history (ARGV: ns, ids...).
+_PURGE_SCHEDULES = """
+local ns = ARGV[1]
+local gone = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local key = ns .. ':schedule:' .. id
+  local old = redis.call('HMGET', key, 'status', 'group')
+  if old[1] ~= 'active' then
+    if old[1] then redis.call('ZREM', ns .. ':schedules:status:' .. old[1], id) end
+    if old[2] and old[2] ~= '' then redis.call('ZREM', ns .. ':schedules:group:' .. old[2], id) end
+    redis.call('ZREM', ns .. ':schedules', id)
+    redis.call('ZREM', ns .. ':schedules:ended', id)
+    redis.call('DEL', key, ns .. ':job:schedule/' .. id, ns .. ':runs:schedule/' .. id)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+_SCHEDULE_FIELDS = (
+    "revision", "spec", "status", "group", "created", "updated", "anchor", "first", "finished",
+)  # fmt: skip
+_BATCH = 1000
+
+
+class RedisSchedules:
+    """Runtime schedules in Redis, shared by every replica. Changes go through scripts (the
+    limit is checked in the same step as the write) and are announced on a stream that every
+    replica follows, so the leader plans a schedule created through any replica at once."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        state: RedisStateStore,
+        *,
+        namespace: str,
+        log: FilteringBoundLogger,
+        block_seconds: float = 1.0,
+    ) -> None:
+        self._client = client
+        self._state = state
+        self._ns = namespace
+        self._log = log
+        self._block_ms = max(50, round(block_seconds * 1000))
+        self._put = client.register_script(_PUT_SCHEDULE)
+        self._end = client.register_script(_END_SCHEDULE)
+        self._purge = client.register_script(_PURGE_SCHEDULES)
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _key(self, id: str) -> str:
+        return f"{self._ns}:schedule:{id}"
+
+    def _call(self, operation: Callable[[], Any]) -> Any:
+        try:
+            return operation()
+        except redis.RedisError as error:
+            self._state._trouble(error)
+            raise StoreUnavailable(self._state.problem() or str(error)) from None
+
+    def put_schedule(
+        self,
+        id: str,
+        *,
+        spec: str,
+        group: str | None,
+        anchor: datetime,
+        first: datetime | None,
+        now: datetime,
+        limit: int,
+    ) -> tuple[ScheduleRecord, Change]:
+        args: list[str | int] = [self._ns, id, spec, group or "", _us(anchor),
+                                 _us(first) if first else "", _us(now), limit]  # fmt: skip
+        result = [str(part) for part in self._call(lambda: self._put(args=args))]
+        if result[0] == "unchanged":
+            record = self.get_schedule(id)
+            assert record is not None
+            return record, "unchanged"
+        if result[0] == "limit":
+            raise LimitReached(f"{result[1]} active runtime schedules exist; the limit is {limit}")
+        change = cast(Change, result[0])
+        record = ScheduleRecord(
+            id=id, revision=int(result[1]), spec=spec, status="active", group=group,
+            created=_dt(result[2]) or now, updated=now, anchor=anchor, first=first, finished=None,
+        )  # fmt: skip
+        return record, change
+
+    def get_schedule(self, id: str) -> ScheduleRecord | None:
+        return self.get_schedules([id]).get(id)
+
+    def get_schedules(self, ids: Iterable[str]) -> dict[str, ScheduleRecord]:
+        wanted = list(ids)
+        found: dict[str, ScheduleRecord] = {}
+        for start in range(0, len(wanted), _BATCH):
+            chunk = wanted[start : start + _BATCH]
+            pipe = self._client.pipeline(transaction=False)
+            for id in chunk:
+                pipe.hmget(self._key(id), _SCHEDULE_FIELDS)
+            rows = cast(list[list[str | None]], self._call(pipe.execute))
+            for id, row in zip(chunk, rows, strict=True):
+                if row[0] is not None:
+                    found[id] = _schedule_record(id, row)
+        return found
+
+    def list_schedules(
+        self, *, status: ScheduleStatus | None, group: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        index = (
+            f"{self._ns}:schedules:group:{group}" if group is not None
+            else f"{self._ns}:schedules:status:{status}" if status is not None
+            else f"{self._ns}:schedules"
+        )  # fmt: skip
+        chosen: list[ScheduleRecord] = []
+        cursor = after
+
+        def page() -> list[str]:
+            start = f"({cursor}" if cursor else "-"
+            return cast(list[str], self._client.zrangebylex(index, start, "+", 0, _BATCH))
+
+        while len(chosen) < limit:
+            ids = cast(list[str], self._call(page))
+            if not ids:
+                break
+            records = self.get_schedules(ids)
+            for id in ids:
+                record = records.get(id)
+                if record is not None and (status is None or record.status == status):
+                    chosen.append(record)
+            cursor = ids[-1]
+        return chosen[:limit]
+
+    def cancel_schedule(self, id: str, now: datetime) -> ScheduleRecord | None:
+        self._call(lambda: self._end(args=[self._ns, id, "cancelled", _us(now), "", "1"]))
+        return self.get_schedule(id)
+
+    def finish_schedule(
+        self, id: str, revision: int, status: ScheduleStatus, now: datetime
+    ) -> bool:
+        args: list[str | int] = [self._ns, id, status, _us(now), revision, "0"]
+        ended = bool(self._call(lambda: self._end(args=args)) == "ended")
+        if ended:
+            self._state.forget(RUNTIME_PREFIX + id)
+        return ended
+
+    def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
+        ids = cast(
+            list[str],
+            self._call(lambda: self._client.zrange(f"{self._ns}:schedules:status:active", 0, -1)),
+        )
+        plan: list[tuple[str, datetime, datetime | None]] = []
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
+            pipe = self._client.pipeline(transaction=False)
+            for id in chunk:
+                pipe.hmget(self._key(id), "anchor", "first")
+            rows = cast(list[list[str | None]], self._call(pipe.execute))
+            self._state.load_states([RUNTIME_PREFIX + id for id in chunk])
+            for id, (anchor, first) in zip(chunk, rows, strict=True):
+                if anchor:
+                    plan.append((id, _dt(anchor) or _EPOCH, _dt(first)))
+        return iter(plan)
+
+    def count_active(self) -> int:
+        key = f"{self._ns}:schedules:status:active"
+        return int(self._call(lambda: self._client.zcard(key)))
+
+    def purge_schedules(self, before: datetime) -> list[str]:
+        key = f"{self._ns}:schedules:ended"
+        ids = cast(
+            list[str],
+            self._call(lambda: self._client.zrangebyscore(key, "-inf", f"({_us(before)}", 0, 500)),
+        )
+        if ids:
+            self._call(lambda: self._purge(args=[self._ns, *ids]))
+            for id in ids:
+                self._state.forget(RUNTIME_PREFIX + id)
+        return ids
+
+    # -- following changes made on any replica ---------------------------------------------
+
+    def watch(self, on_change: Callable[[list[str]], None]) -> None:
+        self._watcher = threading.Thread(
+            target=self._follow, args=(on_change,), name="schedule-watch", daemon=True
+        )
+        self._watcher.start()
+
+    def _follow(self, on_change: Callable[[list[str]], None]) -> None:
+        key = f"{self._ns}:schedules:changes"
+        last: str | None = None
+        while not self._stopping.is_set():
+            try:
+                if last is None:  # from now on (a new term reads every schedule anyway)
+                    newest = cast(list[tuple[str, Any]], self._client.xrevrange(key, count=1))
+                    last = newest[0][0] if newest else "0-0"
+                reply = cast(
+                    list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,
+                    self._client.xread({key: last}, count=_BATCH, block=self._block_ms),
+                )
+            except redis.RedisError:
+                last = None  # Redis away: every id again from when it answers
+                on_change([])  # an empty list: plan every schedule afresh
+                self._stopping.wait(1.0)
+                continue
+            for _, entries in reply or ():
+                if entries:
+                    last = entries[-1][0]
+                    on_change(sorted({fields["id"] for _, fields in entries if "id" in fields}))
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+
+
+def _schedule_record(id: str, row: list[str | None]) -> ScheduleRecord:
+    revision, spec, status, group, created, updated, anchor, first, finished = row
+    return ScheduleRecord(
+        id=id,
+        revision=int(revision or 0),
+        spec=spec or "{}",
+        status=cast(ScheduleStatus, status),
+        group=group or None,
+        created=_dt(created) or _EPOCH,
+        updated=_dt(updated) or _EPOCH,
+        anchor=_dt(anchor) or _EPOCH,
+        first=_dt(first),
+        finished=_dt(finished),
+    )
+
+
+# -------------------------------------------------------------------------------------------
 # Wiring
 
 
@@ -850,10 +1181,14 @@ def is_redis(url: str) -> bool:
     return url.partition("://")[0].lower() in ("redis", "rediss")
 
 
+def redis_timeout(settings: Settings) -> float:
+    return max(0.25, min(2.0, settings.lease_ttl_seconds / 5))
+
+
 def connect_redis(settings: Settings) -> redis.Redis:
     """A client for SCHEDULER_STATE_URL: short timeouts (a hung Redis must not hold the loop
     past the lease), one resend on a dropped connection, nothing retried for longer."""
-    timeout = max(0.25, min(2.0, settings.lease_ttl_seconds / 5))
+    timeout = redis_timeout(settings)
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -871,16 +1206,29 @@ def claim_ttl(settings: Settings) -> float:
     return max(300.0, 10 * settings.lease_ttl_seconds)
 
 
-def open_state(
-    settings: Settings, log: FilteringBoundLogger
-) -> tuple[StateStore, Coordinator, Callable[[], None]]:
-    """The state store and coordinator SCHEDULER_STATE_URL selects, and how to close both."""
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpenState:
+    """What SCHEDULER_STATE_URL selects: the stores, the coordinator, how to close them."""
+
+    store: StateStore
+    coordinator: Coordinator
+    schedules: ScheduleStore
+    close: Callable[[], None]
+
+
+def open_state(settings: Settings, log: FilteringBoundLogger) -> OpenState:
+    """The state store, runtime schedules and coordinator SCHEDULER_STATE_URL selects."""
     max_age = timedelta(seconds=settings.history_max_age)
     if not is_redis(settings.state_url):
         store = open_store(
             settings.state_url, max_runs=settings.history_max_runs, max_age=max_age, log=log
         )
-        return store, Solo(), store.close
+        schedules: ScheduleStore = (
+            SqliteSchedules(store)
+            if isinstance(store, SqliteStateStore)
+            else MemorySchedules(store)
+        )
+        return OpenState(store=store, coordinator=Solo(), schedules=schedules, close=store.close)
     where = redact_url(settings.state_url)
     client = connect_redis(settings)
     identity = replica_identity()
@@ -895,7 +1243,13 @@ def open_state(
         max_age=max_age,
         where=where,
     )
-
+    redis_schedules = RedisSchedules(
+        client,
+        redis_store,
+        namespace=settings.namespace,
+        log=log,
+        block_seconds=redis_timeout(settings) / 2,  # a blocked read ends before the socket's
+    )
     lease = RedisLease(
         client,
         namespace=settings.namespace,
@@ -908,7 +1262,8 @@ def open_state(
     )
 
     def close() -> None:
+        redis_schedules.close()
         redis_store.close()
         client.close()
 
-    return redis_store, lease, close
+    return OpenState(store=redis_store, coordinator=lease, schedules=redis_schedules, close=close)

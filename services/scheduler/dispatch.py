@@ -119,8 +119,11 @@ class Dispatcher:
         may_fire: Callable[[], bool] = lambda: True,
         pause: Callable[[float], None] = time.sleep,
         metrics: Metrics | None = None,
+        on_finished: Callable[[Job, CallResult | None, datetime | None], None] | None = None,
     ) -> None:
         self._store = store
+        # Told when a batch of calls is over (or skipped), with the job's next slot.
+        self._on_finished = on_finished
         self._clock = clock
         self._log = log
         self._reporter = reporter
@@ -157,6 +160,7 @@ class Dispatcher:
             if busy and job.overlap == "skip":
                 for slot, key in batch:
                     self._skipped(job, slot, key, "a previous run is still in flight")
+                self._finished(job, None, deadline)
                 return
             if busy and job.overlap == "queue":
                 displaced = self._pending.get(job.name)
@@ -209,8 +213,8 @@ class Dispatcher:
                 with self._lock:
                     self._firing -= 1
 
+        result: CallResult | None = None
         try:
-            result: CallResult | None = None
             for index, (slot, key) in enumerate(batch):
                 if index and self._stopping.is_set():
                     break
@@ -231,6 +235,7 @@ class Dispatcher:
             first_sent()
             for slot, key in batch[done:]:
                 self._skipped(job, slot, key, "shutting down")
+            self._finished(job, result, deadline)
             with self._lock:
                 self._in_flight[job.name] -= 1
                 if not self._in_flight[job.name]:
@@ -239,8 +244,16 @@ class Dispatcher:
                     if queued is not None and not self._stopping.is_set():
                         self._start(*queued)
 
+    def _finished(self, job: Job, result: CallResult | None, deadline: datetime | None) -> None:
+        if self._on_finished is None:
+            return
+        try:
+            self._on_finished(job, result, deadline)
+        except Exception:  # bookkeeping must not cost the pool thread
+            self._log.exception("after the call: bookkeeping failed", job=job.name)
+
     def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
-        self._metrics.outcome(job.name, "skipped_overlap")
+        self._metrics.outcome(job.label, "skipped_overlap")
         self._store.mark_finished(job.name, key)
         self._store.record_run(
             not_called(job.name, slot, key, "skipped_overlap", reason, self._clock.now())
@@ -286,7 +299,9 @@ class Dispatcher:
     def url(self, job: Job) -> httpx.URL:
         url = self._urls.get(job.endpoint)
         if url is None:  # parsing a URL costs more than sending the request; do it once
-            url = self._urls[job.endpoint] = httpx.URL(str(self._base) + job.endpoint)
+            url = httpx.URL(str(self._base) + job.endpoint)
+            if job.schedule_id is None:  # runtime schedules' endpoints are not kept
+                self._urls[job.endpoint] = url
         return url
 
     def _await_slot(self, job: Job, slot: datetime, key: str) -> None:
@@ -442,10 +457,10 @@ class Dispatcher:
         error: str | None,
         begun: float,
     ) -> CallResult:
-        self._metrics.outcome(job.name, outcome)
-        self._metrics.duration.labels(job=job.name).observe(self._clock.monotonic() - begun)
+        self._metrics.outcome(job.label, outcome)
+        self._metrics.duration.labels(job=job.label).observe(self._clock.monotonic() - begun)
         if outcome == "success":
-            self._metrics.last_success.labels(job=job.name).set(self._clock.now().timestamp())
+            self._metrics.last_success.labels(job=job.label).set(self._clock.now().timestamp())
         return CallResult(
             job=job.name,
             slot=slot,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal, Protocol, TextIO
+from typing import Any, Literal, Protocol, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
@@ -29,7 +29,14 @@ Outcome = Literal[
 ]
 # Why a slot handed on must not be called: another replica claimed it, the job is paused (as
 # the shared store says at that instant), this replica no longer leads, or the store is gone.
-Refusal = Literal["taken", "paused", "not_leader", "unavailable"]
+Refusal = Literal["taken", "paused", "not_leader", "unavailable", "inactive"]
+# Runtime schedules (created through the admin API) run as jobs named `schedule/<id>`; no
+# static job name can contain '/'.
+RUNTIME_PREFIX = "schedule/"
+
+
+def is_runtime(job: str) -> bool:
+    return job.startswith(RUNTIME_PREFIX)
 
 
 class StoreUnavailable(Exception):
@@ -98,6 +105,10 @@ class StateStore(Protocol):
         ...
 
     def set_paused(self, job: str, paused: bool) -> None: ...
+
+    def forget(self, job: str) -> None:
+        """Drop what is cached in memory about `job` (a runtime schedule that ended); what
+        is stored stays."""
 
     def problem(self) -> str | None:
         """Why the store is degraded (e.g. disk full), or None when healthy."""
@@ -177,13 +188,15 @@ class MemoryStateStore:
             self.record_run(record)
         return records
 
-    def record_run(self, record: RunRecord) -> None:
+    def record_run(self, record: RunRecord, *, keep: bool = True) -> None:
+        """Apply the record to the job's state and, with `keep`, add it to the history."""
         with self._lock:
-            history = self._runs.setdefault(record.job, deque(maxlen=self._max_runs))
-            history.append(record)
-            horizon = record.started - self._max_age
-            while history and history[0].started < horizon:
-                history.popleft()
+            if keep:
+                history = self._runs.setdefault(record.job, deque(maxlen=self._max_runs))
+                history.append(record)
+                horizon = record.started - self._max_age
+                while history and history[0].started < horizon:
+                    history.popleft()
             self._jobs[record.job] = apply_outcome(self._jobs.get(record.job, JobState()), record)
 
     def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
@@ -194,6 +207,11 @@ class MemoryStateStore:
     def set_paused(self, job: str, paused: bool) -> None:
         with self._lock:
             self._jobs[job] = replace(self._jobs.get(job, JobState()), paused=paused)
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            self._jobs.pop(job, None)
+            self._runs.pop(job, None)
 
     def problem(self) -> str | None:
         return None
@@ -221,7 +239,7 @@ def interrupted(job: str, slot: datetime, key: str, now: datetime) -> RunRecord:
 # -------------------------------------------------------------------------------------------
 # SQLite
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -255,6 +273,23 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX runs_by_job ON runs (job, id);
     CREATE INDEX runs_by_start ON runs (started);
+    """,
+    """
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY,
+        revision INTEGER NOT NULL,
+        spec TEXT NOT NULL,
+        status TEXT NOT NULL,
+        grp TEXT,
+        created INTEGER NOT NULL,
+        updated INTEGER NOT NULL,
+        anchor INTEGER NOT NULL,
+        first INTEGER,
+        finished INTEGER
+    );
+    CREATE INDEX schedules_by_status ON schedules (status, id);
+    CREATE INDEX schedules_by_group ON schedules (grp, id);
+    CREATE INDEX schedules_by_finished ON schedules (finished);
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -391,7 +426,8 @@ class SqliteStateStore:
         assert self._db is not None
         for name, last_slot, outcome, status, last_run, last_success, paused in self._db.execute(
             "SELECT name, last_slot, last_outcome, last_status, last_run, last_success, paused "
-            "FROM jobs"
+            "FROM jobs WHERE name NOT LIKE 'schedule/%' OR substr(name, 10) IN "
+            "(SELECT id FROM schedules WHERE status = 'active')"
         ):
             self._memory.put(
                 name,
@@ -561,7 +597,8 @@ class SqliteStateStore:
         return records
 
     def record_run(self, record: RunRecord) -> None:
-        self._memory.record_run(record)
+        # History is read from the file; memory keeps it only while the file refuses writes.
+        self._memory.record_run(record, keep=self._problem is not None)
         statements: list[Statement] = [
             (
                 "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
@@ -628,8 +665,28 @@ class SqliteStateStore:
         self._memory.set_paused(job, paused)
         self._write([self._job_write(job)], wait=True)
 
+    def forget(self, job: str) -> None:
+        self._memory.forget(job)
+
     def problem(self) -> str | None:
         return self._problem
+
+    # -- for the runtime schedules kept in the same file (SqliteSchedules) -------------------
+
+    def write(self, statements: list[Statement], *, wait: bool = False) -> None:
+        self._write(statements, wait=wait)
+
+    def read(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a query, after every queued write; StoreUnavailable when the file cannot
+        be read."""
+        self.flush()
+        with self._lock:
+            if self._db is None:
+                raise StoreUnavailable(self._problem or f"{self.path} is not open")
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.Error as error:
+                raise StoreUnavailable(f"cannot read {self.path}: {error}") from None
 
     def close(self) -> None:
         self._write(self._prune(datetime.now(UTC)))

@@ -18,7 +18,8 @@ from services.scheduler.admin import AdminContext, create_app
 from services.scheduler.clock import Scheduler
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher
-from services.scheduler.state import MemoryStateStore, RunRecord
+from services.scheduler.schedules import MemorySchedules, RuntimeSchedules, ScheduleStore
+from services.scheduler.state import MemoryStateStore, RunRecord, StateStore
 from services.scheduler.telemetry import Metrics
 from tests.support import VirtualClock
 
@@ -27,7 +28,16 @@ TOKEN = "admin-secret"
 
 
 class World:
-    def __init__(self, *, token: str | None = TOKEN, local_dev_mode: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        token: str | None = TOKEN,
+        local_dev_mode: bool = False,
+        store: StateStore | None = None,
+        schedule_store: ScheduleStore | None = None,
+        limit: int = 100_000,
+        start: datetime = T0,
+    ) -> None:
         self.release = threading.Event()
         self.release.set()
         self.requests: list[httpx.Request] = []
@@ -37,8 +47,13 @@ class World:
             self.release.wait(5)
             return httpx.Response(200)
 
-        self.clock = VirtualClock(T0)
-        self.store = MemoryStateStore()
+        self.clock = VirtualClock(start)
+        self.store: StateStore = store if store is not None else MemoryStateStore()
+        self.schedules = RuntimeSchedules(
+            schedule_store if schedule_store is not None else MemorySchedules(self.store),
+            limit=limit,
+            retention=7 * 86400,
+        )
         self.metrics = Metrics()
         log = structlog.get_logger()
         self.jobs = [
@@ -55,10 +70,11 @@ class World:
             api_url="http://app", token=None, store=self.store, clock=self.clock, log=log,
             reporter=_NoReporter(), max_concurrency=4, metrics=self.metrics,
             client=httpx.Client(transport=httpx.MockTransport(handler)),
+            on_finished=lambda *args: self.scheduler.call_finished(*args),
         )  # fmt: skip
         self.scheduler = Scheduler(
             jobs=self.jobs, firer=self.dispatcher, store=self.store, clock=self.clock, log=log,
-            tick_seconds=30, metrics=self.metrics,
+            tick_seconds=30, metrics=self.metrics, runtime=self.schedules,
         )  # fmt: skip
         self.scheduler.start(self.clock.now())
         self.app = create_app(
@@ -66,6 +82,7 @@ class World:
                 scheduler=self.scheduler, dispatcher=self.dispatcher, store=self.store,
                 metrics=self.metrics, clock=self.clock, tick_seconds=30,
                 admin_token=SecretStr(token) if token else None, local_dev_mode=local_dev_mode,
+                schedules=self.schedules,
             )
         )  # fmt: skip
         self.client = TestClient(self.app, headers={"Authorization": f"Bearer {TOKEN}"})

@@ -18,12 +18,14 @@ from services.scheduler.config import Job, load_settings
 from services.scheduler.coordination import (
     Leadership,
     RedisLease,
+    RedisSchedules,
     RedisStateStore,
     Solo,
     connect_redis,
     lease_value,
     open_state,
 )
+from services.scheduler.schedules import MemorySchedules
 from services.scheduler.state import MemoryStateStore, RunRecord, StoreUnavailable
 from tests.support import RecordingFirer, RedisServer, VirtualClock
 
@@ -351,13 +353,15 @@ class TestSharedState:
 class TestWiring:
     def test_the_state_url_selects_redis(self, redis_server: RedisServer) -> None:
         settings = load_settings({"SCHEDULER_STATE_URL": redis_server.url})
-        db, coordinator, close = open_state(settings, LOG)
-        assert isinstance(db, RedisStateStore) and isinstance(coordinator, RedisLease)
+        opened = open_state(settings, LOG)
+        coordinator = opened.coordinator
+        assert isinstance(opened.store, RedisStateStore) and isinstance(coordinator, RedisLease)
+        assert isinstance(opened.schedules, RedisSchedules)
         coordinator.start(lambda: None)
         assert coordinator.term() == 1
         assert redis_server.client().get("cronclock:leader") == coordinator.value
         coordinator.stop()
-        close()
+        opened.close()
 
     def test_the_password_comes_from_the_url_or_the_setting(
         self, redis_server: RedisServer
@@ -372,13 +376,13 @@ class TestWiring:
             assert connect_redis(load_settings(env)).ping()
 
     def test_embedded_state_is_solo(self) -> None:
-        db, coordinator, close = open_state(
-            load_settings({"SCHEDULER_STATE_URL": "memory://"}), LOG
-        )
-        assert isinstance(db, MemoryStateStore)
+        opened = open_state(load_settings({"SCHEDULER_STATE_URL": "memory://"}), LOG)
+        coordinator = opened.coordinator
+        assert isinstance(opened.store, MemoryStateStore)
+        assert isinstance(opened.schedules, MemorySchedules)
         assert isinstance(coordinator, Solo) and coordinator.term() == 0
         assert coordinator.fencing_token() is None
-        close()
+        opened.close()
 
 
 # -------------------------------------------------------------------------------------------

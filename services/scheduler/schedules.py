@@ -1,0 +1,604 @@
+"""Runtime schedules: one-time and recurring calls the application creates through the admin API.
+
+A runtime schedule is a job named `schedule/<id>` that lives in the state store instead of the
+job table. It fires exactly like a static job (same headers, outcomes, overlap, catch-up and
+claims); one that has no more slots ends `executed` (its last slot was called) or `expired`
+(missed beyond its grace, or past `expires_at`), and `DELETE` ends it `cancelled`.
+
+Only what planning needs is held in memory (each active schedule's next slot); its definition
+is read from the store when it falls due, so 100,000 schedules fit in a small process.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+from pydantic import ValidationError, field_validator
+
+from schedule_grammar import Once, ScheduleError, parse
+
+from .config import CallSpec, Job, format_seconds
+from .state import (
+    RUNTIME_PREFIX,
+    SqliteStateStore,
+    StateStore,
+    StoreUnavailable,
+)
+
+ScheduleStatus = Literal["active", "executed", "cancelled", "expired"]
+STATUSES: tuple[ScheduleStatus, ...] = ("active", "executed", "cancelled", "expired")
+Change = Literal["created", "replaced", "unchanged"]
+SCHEDULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+MAX_REQUEST_BYTES = 256 * 1024  # a PUT body larger than this is refused before it is parsed
+
+
+class ScheduleSpec(CallSpec):
+    """The body of `PUT /api/schedules/{id}`."""
+
+    group: str | None = None
+    expires_at: datetime | None = None  # no slot after this instant; naive: the schedule's zone
+
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None and not GROUP.fullmatch(value):
+            raise ValueError(
+                "use 1-64 letters, digits and . _ : -, starting with a letter or digit"
+            )
+        return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScheduleRecord:
+    """One runtime schedule as stored."""
+
+    id: str
+    revision: int  # +1 on every replacement
+    spec: str  # the validated body, canonical JSON (equal text: the same schedule)
+    status: ScheduleStatus
+    group: str | None
+    created: datetime
+    updated: datetime
+    anchor: datetime  # slots count from here: when this revision was armed
+    first: datetime | None  # its first slot after `anchor` (planning needs no parse)
+    finished: datetime | None  # when it ended (executed, cancelled, expired)
+
+    @property
+    def job_name(self) -> str:
+        return RUNTIME_PREFIX + self.id
+
+
+class LimitReached(Exception):
+    """SCHEDULER_MAX_RUNTIME_SCHEDULES active schedules exist already."""
+
+
+class ScheduleStore(Protocol):
+    """Where runtime schedules persist: the same place as the job state (SQLite or Redis)."""
+
+    def put_schedule(
+        self,
+        id: str,
+        *,
+        spec: str,
+        group: str | None,
+        anchor: datetime,
+        first: datetime | None,
+        now: datetime,
+        limit: int,
+    ) -> tuple[ScheduleRecord, Change]:
+        """Create or replace; the same spec again is a no-op (unless it was cancelled).
+        Raises LimitReached when `limit` active schedules exist and this adds one."""
+        ...
+
+    def get_schedule(self, id: str) -> ScheduleRecord | None: ...
+
+    def get_schedules(self, ids: Iterable[str]) -> dict[str, ScheduleRecord]: ...
+
+    def list_schedules(
+        self, *, status: ScheduleStatus | None, group: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        """Ordered by id, from the first id above `after`."""
+        ...
+
+    def cancel_schedule(self, id: str, now: datetime) -> ScheduleRecord | None:
+        """active -> cancelled; an ended one is returned as it is; None if unknown."""
+        ...
+
+    def finish_schedule(
+        self, id: str, revision: int, status: ScheduleStatus, now: datetime
+    ) -> bool:
+        """active -> `status`, only if still at `revision` (a replacement re-arms it)."""
+        ...
+
+    def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
+        """(id, anchor, first) of every active schedule; job state for them is loaded."""
+        ...
+
+    def count_active(self) -> int: ...
+
+    def purge_schedules(self, before: datetime) -> list[str]:
+        """Delete schedules that ended before `before`, with their state and history."""
+        ...
+
+    def watch(self, on_change: Callable[[list[str]], None]) -> None:
+        """Call `on_change(ids)` when another replica changes schedules (shared stores)."""
+
+    def close(self) -> None: ...
+
+
+def decide_put(
+    existing: ScheduleRecord | None,
+    id: str,
+    *,
+    spec: str,
+    group: str | None,
+    anchor: datetime,
+    first: datetime | None,
+    now: datetime,
+    active: int,
+    limit: int,
+) -> tuple[ScheduleRecord, Change]:
+    """What a PUT does to `existing` (the Redis store does the same in a script)."""
+    if existing is not None and existing.spec == spec and existing.status != "cancelled":
+        return existing, "unchanged"
+    if (existing is None or existing.status != "active") and active >= limit:
+        raise LimitReached(f"{active} active runtime schedules exist; the limit is {limit}")
+    record = ScheduleRecord(
+        id=id,
+        revision=existing.revision + 1 if existing else 1,
+        spec=spec,
+        status="active",
+        group=group,
+        created=existing.created if existing else now,
+        updated=now,
+        anchor=anchor,
+        first=first,
+        finished=None,
+    )
+    return record, "replaced" if existing else "created"
+
+
+# -------------------------------------------------------------------------------------------
+# Stores of one process: memory and SQLite
+
+
+class MemorySchedules:
+    """Runtime schedules in process memory (memory:// state): lost on restart."""
+
+    def __init__(self, state: StateStore) -> None:
+        self._state = state
+        self._lock = threading.Lock()
+        self._records: dict[str, ScheduleRecord] = {}
+
+    def put_schedule(
+        self,
+        id: str,
+        *,
+        spec: str,
+        group: str | None,
+        anchor: datetime,
+        first: datetime | None,
+        now: datetime,
+        limit: int,
+    ) -> tuple[ScheduleRecord, Change]:
+        with self._lock:
+            record, change = decide_put(
+                self._records.get(id), id, spec=spec, group=group, anchor=anchor, first=first,
+                now=now, active=self._active(), limit=limit,
+            )  # fmt: skip
+            self._records[id] = record
+        return record, change
+
+    def _active(self) -> int:
+        return sum(record.status == "active" for record in self._records.values())
+
+    def get_schedule(self, id: str) -> ScheduleRecord | None:
+        with self._lock:
+            return self._records.get(id)
+
+    def get_schedules(self, ids: Iterable[str]) -> dict[str, ScheduleRecord]:
+        with self._lock:
+            return {id: self._records[id] for id in ids if id in self._records}
+
+    def list_schedules(
+        self, *, status: ScheduleStatus | None, group: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        with self._lock:
+            chosen = [
+                record
+                for id, record in sorted(self._records.items())
+                if id > after
+                and (status is None or record.status == status)
+                and (group is None or record.group == group)
+            ]
+        return chosen[:limit]
+
+    def cancel_schedule(self, id: str, now: datetime) -> ScheduleRecord | None:
+        with self._lock:
+            record = self._records.get(id)
+            if record is not None and record.status == "active":
+                record = self._records[id] = replace(
+                    record, status="cancelled", updated=now, finished=now
+                )
+            return record
+
+    def finish_schedule(
+        self, id: str, revision: int, status: ScheduleStatus, now: datetime
+    ) -> bool:
+        with self._lock:
+            record = self._records.get(id)
+            if record is None or record.revision != revision or record.status != "active":
+                return False
+            self._records[id] = replace(record, status=status, updated=now, finished=now)
+            return True
+
+    def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
+        with self._lock:
+            active = [r for r in self._records.values() if r.status == "active"]
+        return iter([(r.id, r.anchor, r.first) for r in active])
+
+    def count_active(self) -> int:
+        with self._lock:
+            return self._active()
+
+    def purge_schedules(self, before: datetime) -> list[str]:
+        with self._lock:
+            gone = [
+                id
+                for id, record in self._records.items()
+                if record.finished is not None and record.finished < before
+            ]
+            for id in gone:
+                del self._records[id]
+        for id in gone:
+            self._state.forget(RUNTIME_PREFIX + id)
+        return gone
+
+    def watch(self, on_change: Callable[[list[str]], None]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_COLUMNS = "id, revision, spec, status, grp, created, updated, anchor, first, finished"
+_PURGE_BATCH = 500
+
+
+def _us(instant: datetime | None) -> int | None:
+    return None if instant is None else (instant - _EPOCH) // timedelta(microseconds=1)
+
+
+def _at(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def _row(row: tuple[Any, ...]) -> ScheduleRecord:
+    id, revision, spec, status, group, created, updated, anchor, first, finished = row
+    return ScheduleRecord(
+        id=id,
+        revision=revision,
+        spec=spec,
+        status=status,
+        group=group,
+        created=_at(created) or _EPOCH,
+        updated=_at(updated) or _EPOCH,
+        anchor=_at(anchor) or _EPOCH,
+        first=_at(first),
+        finished=_at(finished),
+    )
+
+
+class SqliteSchedules:
+    """Runtime schedules in the state file's `schedules` table. Every change is committed
+    before it is acknowledged; a file that refuses writes refuses the change (503)."""
+
+    def __init__(self, state: SqliteStateStore) -> None:
+        self._state = state
+        self._lock = threading.Lock()  # one change at a time: read, decide, write
+        self._active: int | None = None
+
+    def _write(self, statement: tuple[str, tuple[object, ...]]) -> None:
+        self._state.write([statement], wait=True)
+        if (problem := self._state.problem()) is not None:
+            raise StoreUnavailable(problem)
+
+    def _count(self) -> int:
+        if self._active is None:
+            self._active = self._state.read(
+                "SELECT COUNT(*) FROM schedules WHERE status = 'active'"
+            )[0][0]
+        return self._active
+
+    def put_schedule(
+        self,
+        id: str,
+        *,
+        spec: str,
+        group: str | None,
+        anchor: datetime,
+        first: datetime | None,
+        now: datetime,
+        limit: int,
+    ) -> tuple[ScheduleRecord, Change]:
+        with self._lock:
+            existing = self.get_schedule(id)
+            record, change = decide_put(
+                existing, id, spec=spec, group=group, anchor=anchor, first=first, now=now,
+                active=self._count(), limit=limit,
+            )  # fmt: skip
+            if change == "unchanged":
+                return record, change
+            self._write(
+                (
+                    f"INSERT OR REPLACE INTO schedules ({_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.revision, record.spec, record.status, record.group,
+                     _us(record.created), _us(record.updated), _us(record.anchor),
+                     _us(record.first), None),
+                )
+            )  # fmt: skip
+            if existing is None or existing.status != "active":
+                self._active = self._count() + 1
+        return record, change
+
+    def get_schedule(self, id: str) -> ScheduleRecord | None:
+        rows = self._state.read(f"SELECT {_COLUMNS} FROM schedules WHERE id = ?", (id,))
+        return _row(rows[0]) if rows else None
+
+    def get_schedules(self, ids: Iterable[str]) -> dict[str, ScheduleRecord]:
+        wanted = list(ids)
+        found: dict[str, ScheduleRecord] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._state.read(
+                f"SELECT {_COLUMNS} FROM schedules WHERE id IN ({marks})", tuple(chunk)
+            ):
+                found[row[0]] = _row(row)
+        return found
+
+    def list_schedules(
+        self, *, status: ScheduleStatus | None, group: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        where, params = ["id > ?"], [after]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if group is not None:
+            where.append("grp = ?")
+            params.append(group)
+        rows = self._state.read(
+            f"SELECT {_COLUMNS} FROM schedules WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [_row(row) for row in rows]
+
+    def cancel_schedule(self, id: str, now: datetime) -> ScheduleRecord | None:
+        with self._lock:
+            record = self.get_schedule(id)
+            if record is None or record.status != "active":
+                return record
+            self._write(
+                (
+                    "UPDATE schedules SET status = 'cancelled', updated = ?, finished = ? "
+                    "WHERE id = ?",
+                    (_us(now), _us(now), id),
+                )
+            )
+            self._active = self._count() - 1
+        return replace(record, status="cancelled", updated=now, finished=now)
+
+    def finish_schedule(
+        self, id: str, revision: int, status: ScheduleStatus, now: datetime
+    ) -> bool:
+        with self._lock:
+            record = self.get_schedule(id)
+            if record is None or record.revision != revision or record.status != "active":
+                return False
+            self._write(
+                (
+                    "UPDATE schedules SET status = ?, updated = ?, finished = ? WHERE id = ?",
+                    (status, _us(now), _us(now), id),
+                )
+            )
+            self._active = self._count() - 1
+        self._state.forget(RUNTIME_PREFIX + id)
+        return True
+
+    def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
+        rows = self._state.read(
+            "SELECT id, anchor, first FROM schedules WHERE status = 'active' ORDER BY id"
+        )
+        return ((id, _at(anchor) or _EPOCH, _at(first)) for id, anchor, first in rows)
+
+    def count_active(self) -> int:
+        with self._lock:
+            return self._count()
+
+    def purge_schedules(self, before: datetime) -> list[str]:
+        ids = [
+            id
+            for (id,) in self._state.read(
+                "SELECT id FROM schedules WHERE finished IS NOT NULL AND finished < ? LIMIT ?",
+                (_us(before), _PURGE_BATCH),
+            )
+        ]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        names = tuple(RUNTIME_PREFIX + id for id in ids)
+        self._state.write(
+            [
+                (f"DELETE FROM schedules WHERE id IN ({marks})", tuple(ids)),
+                (f"DELETE FROM jobs WHERE name IN ({marks})", names),
+                (f"DELETE FROM runs WHERE job IN ({marks})", names),
+            ],
+            wait=True,
+        )
+        for name in names:
+            self._state.forget(name)
+        return ids
+
+    def watch(self, on_change: Callable[[list[str]], None]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+# -------------------------------------------------------------------------------------------
+# The service the admin API and the clock use
+
+
+class ScheduleInvalid(ValueError):
+    """A PUT body that cannot become a schedule; the message names the field (422)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Validated:
+    spec: ScheduleSpec
+    job: Job
+    anchor: datetime
+    first: datetime | None
+
+
+def job_name(id: str) -> str:
+    return RUNTIME_PREFIX + id
+
+
+class RuntimeSchedules:
+    """Validation, limits and retention of runtime schedules, over a ScheduleStore."""
+
+    def __init__(
+        self,
+        store: ScheduleStore,
+        *,
+        timezone: str = "UTC",
+        limit: int = 100_000,
+        retention: float = 7 * 86400.0,
+    ) -> None:
+        self.store = store
+        self._timezone = timezone
+        self.limit = limit
+        self.retention = timedelta(seconds=retention)
+
+    # -- validation -------------------------------------------------------------------------
+
+    def validate(self, id: str, body: Any, now: datetime) -> Validated:
+        if not SCHEDULE_ID.fullmatch(id):
+            raise ScheduleInvalid(
+                f"id {id!r}: use 1-128 letters, digits and . _ : -, starting with a letter or digit"
+            )
+        if not isinstance(body, dict):
+            raise ScheduleInvalid("the body must be a JSON object with at least schedule, endpoint")
+        try:
+            spec = ScheduleSpec.model_validate(body)
+        except ValidationError as error:
+            detail = error.errors()[0]
+            where = ".".join(str(part) for part in detail["loc"]) or "body"
+            message = str(detail["msg"]).removeprefix("Value error, ")
+            if detail["type"] == "extra_forbidden":
+                message = f"unknown field; fields are {', '.join(ScheduleSpec.model_fields)}"
+            shown = f"={detail['input']!r}" if detail["type"] != "missing" else ""
+            raise ScheduleInvalid(f"{where}{shown[:200]}: {message}") from None
+        job = self._job(id, spec, revision=0, anchor=now)
+        anchor = now
+        if isinstance(job.schedule, Once):
+            at = job.schedule.next_after(_EPOCH)
+            if at is not None and at <= now:
+                if now - at > timedelta(seconds=spec.misfire_grace):
+                    raise ScheduleInvalid(
+                        f"schedule={spec.schedule!r}: {at:%Y-%m-%dT%H:%M:%SZ} is more than "
+                        f"misfire_grace ({format_seconds(spec.misfire_grace)}) in the past; "
+                        "it would never fire"
+                    )
+                anchor = at - timedelta(microseconds=1)  # a moment ago, within grace: now
+        if job.ends is not None and job.ends <= now:
+            raise ScheduleInvalid(f"expires_at={spec.expires_at}: is not in the future")
+        first = job.next_slot(anchor)
+        if first is None:
+            raise ScheduleInvalid(
+                f"schedule={spec.schedule!r}: no slot before expires_at={spec.expires_at}; "
+                "it would never fire"
+            )
+        return Validated(spec=spec, job=replace(job, anchor=anchor), anchor=anchor, first=first)
+
+    def _job(self, id: str, spec: ScheduleSpec, *, revision: int, anchor: datetime) -> Job:
+        zone = spec.timezone or self._timezone
+        try:
+            schedule = parse(
+                spec.schedule,
+                timezone=zone,
+                dst_gap=spec.dst_gap or "shift",
+                dst_repeat=spec.dst_repeat or "first",
+            )
+        except ScheduleError as error:
+            field = "timezone" if "time zone" in str(error) and spec.timezone else "schedule"
+            raise ScheduleInvalid(f"{field}: {error}") from None
+        ends = spec.expires_at
+        if ends is not None and ends.tzinfo is None:
+            ends = ends.replace(tzinfo=schedule.tzinfo)
+        return Job(
+            name=job_name(id),
+            schedule=schedule,
+            endpoint=spec.endpoint,
+            method=spec.method,
+            timeout=spec.timeout,
+            headers=tuple(spec.headers.items()),
+            body=spec.body,
+            overlap=spec.overlap,
+            retries=spec.retries,
+            catchup=spec.catchup,
+            misfire_grace=spec.misfire_grace,
+            source="admin API",
+            schedule_id=id,
+            revision=revision,
+            group=spec.group,
+            anchor=anchor,
+            ends=ends.astimezone(UTC) if ends is not None else None,
+        )
+
+    # -- changes ----------------------------------------------------------------------------
+
+    def put(self, id: str, body: Any, now: datetime) -> tuple[ScheduleRecord, Change]:
+        """Validate and store; ScheduleInvalid, LimitReached or StoreUnavailable."""
+        checked = self.validate(id, body, now)
+        spec = json.dumps(
+            checked.spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+        )
+        return self.store.put_schedule(
+            id,
+            spec=spec,
+            group=checked.spec.group,
+            anchor=checked.anchor,
+            first=checked.first,
+            now=now,
+            limit=self.limit,
+        )
+
+    def job(self, record: ScheduleRecord) -> Job:
+        """The job a stored schedule runs as."""
+        spec = ScheduleSpec.model_validate_json(record.spec)
+        return self._job(record.id, spec, revision=record.revision, anchor=record.anchor)
+
+    def jobs(self, ids: Iterable[str]) -> dict[str, Job]:
+        """The jobs of the active schedules among `ids` (by id)."""
+        records = self.store.get_schedules(ids)
+        return {id: self.job(record) for id, record in records.items() if record.status == "active"}
+
+    def finish(self, job: Job, status: ScheduleStatus, now: datetime) -> bool:
+        assert job.schedule_id is not None
+        return self.store.finish_schedule(job.schedule_id, job.revision, status, now)
+
+    def purge(self, now: datetime) -> list[str]:
+        """Ended schedules older than the retention, deleted (at most a batch per call)."""
+        return self.store.purge_schedules(now - self.retention)

@@ -1,0 +1,367 @@
+"""Runtime schedules through the admin API (TestClient, virtual time): every endpoint, every
+validation, firing, endings, retention, on the memory and the SQLite store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.scheduler.schedules import SqliteSchedules
+from services.scheduler.state import SqliteStateStore
+from tests.scheduler.test_admin import T0, World
+
+LOG = structlog.get_logger()
+SOON = T0 + timedelta(seconds=53)  # 10:01:00
+
+
+def at(instant: datetime) -> str:
+    return f"at {instant.astimezone(UTC):%Y-%m-%dT%H:%M:%S}Z"
+
+
+def body(**fields: Any) -> dict[str, Any]:
+    return {"schedule": at(SOON), "endpoint": "/api/remind"} | fields
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
+    if request.param == "memory":
+        w = World()
+    else:
+        store = SqliteStateStore(tmp_path / "state.db", log=LOG)
+        w = World(store=store, schedule_store=SqliteSchedules(store))
+    yield w
+    w.close()
+    w.store.close()
+
+
+def calls(world: World) -> list[Any]:
+    """The calls of runtime schedules (the World's static jobs fire too)."""
+    return [r for r in world.requests if r.headers["X-Scheduler-Job"].startswith("schedule/")]
+
+
+def run_until(world: World, instant: datetime) -> None:
+    """Let the loop fire everything due up to `instant` (once the calls before are over)."""
+    assert eventually(lambda: not world.dispatcher.in_flight())
+    world.clock.set(instant)
+    world.scheduler.fire_due(world.clock.now())
+
+
+def status(world: World, id: str) -> str:
+    return str(world.client.get(f"/api/schedules/{id}").json()["status"])
+
+
+class TestPut:
+    def test_create_then_the_same_again_then_a_replacement(self, world: World) -> None:
+        created = world.client.put("/api/schedules/r1", json=body(group="reminders"))
+        assert created.status_code == 201
+        view = created.json()
+        assert view["change"] == "created" and view["status"] == "active"
+        assert view["revision"] == 1 and view["group"] == "reminders"
+        assert view["schedule"] == "at 2026-11-22T10:01+00:00" and view["timezone"] == "UTC"
+        assert view["next_run"] == "2026-11-22T10:01:00.000Z"
+        assert view["method"] == "POST" and view["endpoint"] == "/api/remind"
+
+        again = world.client.put("/api/schedules/r1", json=body(group="reminders"))
+        assert again.status_code == 200
+        assert again.json()["change"] == "unchanged" and again.json()["revision"] == 1
+
+        later = SOON + timedelta(minutes=5)
+        replaced = world.client.put(
+            "/api/schedules/r1", json=body(schedule=at(later), group="reminders")
+        )
+        assert replaced.status_code == 200
+        assert replaced.json()["change"] == "replaced" and replaced.json()["revision"] == 2
+        assert replaced.json()["next_run"] == "2026-11-22T10:06:00.000Z"
+        assert replaced.json()["created"] == view["created"]
+
+    def test_every_field_is_kept(self, world: World) -> None:
+        full = body(
+            schedule="daily 09:00",
+            timezone="Asia/Makassar",
+            method="put",
+            headers={"X-User": "42"},
+            body={"user": 42, "text": "hello"},
+            timeout="10s",
+            retries=2,
+            overlap="queue",
+            catchup="none",
+            misfire_grace=60,
+            group="digest",
+            expires_at="2026-12-01T00:00:00+08:00",
+        )
+        view = world.client.put("/api/schedules/digest-42", json=full).json()
+        assert view["schedule"] == "daily 09:00 in Asia/Makassar"
+        assert view["timezone"] == "Asia/Makassar" and view["method"] == "PUT"
+        assert view["headers"] == {"X-User": "42"}
+        assert view["body"] == {"user": 42, "text": "hello"}
+        assert (view["timeout"], view["retries"], view["overlap"]) == (10.0, 2, "queue")
+        assert (view["catchup"], view["misfire_grace"]) == ("none", 60.0)
+        assert view["expires_at"] == "2026-11-30T16:00:00.000Z"
+        assert view["next_run"] == "2026-11-23T01:00:00.000Z"
+        assert view["next_run_local"] == "2026-11-23T09:00:00+08:00"
+
+    @pytest.mark.parametrize(
+        ("fields", "message"),
+        [
+            ({"schedule": None}, "schedule"),
+            ({"schedule": "every fortnight"}, "schedule: "),
+            ({"schedule": "daily 25:00"}, "schedule: "),
+            ({"endpoint": "http://evil.example/x"}, "endpoint="),
+            ({"endpoint": "//evil.example/x"}, "must be a path under API_URL"),
+            ({"endpoint": "/api/../admin"}, "'..' segments"),
+            ({"endpoint": "/api/x y"}, "must be a path under API_URL"),
+            ({"endpoint": "/" + "a" * 3000}, "endpoint="),
+            ({"method": "TRACE"}, "method='TRACE'"),
+            ({"headers": {"Authorization": "Bearer x"}}, "cronclock sets Authorization itself"),
+            ({"headers": {"Idempotency-Key": "x"}}, "cronclock sets Idempotency-Key itself"),
+            ({"headers": {"bad name": "x"}}, "not a valid header name"),
+            ({"headers": {"X-A": "a\r\nX-B: b"}}, "control character"),
+            ({"headers": {f"X-{n}": "v" for n in range(33)}}, "at most 32 headers"),
+            ({"headers": {"X-Big": "v" * 9000}}, "at most 8192"),
+            ({"body": {"text": "x" * 70_000}}, "at most 65536"),
+            ({"timeout": 0}, "timeout=0"),
+            ({"timeout": "forever"}, "not a duration"),
+            ({"retries": 21}, "retries=21"),
+            ({"timezone": "Mars/Olympus"}, "timezone"),
+            ({"group": "no spaces"}, "group='no spaces'"),
+            ({"expires_at": "2026-11-22T09:00:00Z"}, "expires_at=2026-11-22 09:00:00+00:00"),
+            ({"expires_at": "2026-11-22T10:00:30Z"}, "no slot before expires_at"),
+            ({"schedule": at(T0 - timedelta(minutes=10))}, "more than misfire_grace (5m)"),
+            ({"colour": "blue"}, "colour='blue': unknown field"),
+        ],
+    )
+    def test_invalid_bodies_are_422_naming_the_field(
+        self, world: World, fields: dict[str, Any], message: str
+    ) -> None:
+        sent = {k: v for k, v in (body() | fields).items() if v is not None}
+        response = world.client.put("/api/schedules/bad", json=sent)
+        assert response.status_code == 422, response.text
+        assert message in response.json()["error"]
+        assert world.client.get("/api/schedules/bad").status_code == 404
+
+    def test_the_body_must_be_a_json_object(self, world: World) -> None:
+        not_json = world.client.put("/api/schedules/x", content=b"{nope")
+        assert not_json.status_code == 422 and "JSON" in not_json.json()["error"]
+        array = world.client.put("/api/schedules/x", json=[1, 2])
+        assert array.status_code == 422 and "JSON object" in array.json()["error"]
+
+    def test_an_oversized_request_is_413_before_it_is_read(self, world: World) -> None:
+        response = world.client.put(
+            "/api/schedules/x", content=b"{" + b" " * 300_000 + b"}",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        assert response.status_code == 413
+
+    @pytest.mark.parametrize("id", ["-starts-with-dash", "has/slash", "a" * 129, "sp ace", "a@b"])
+    def test_a_bad_id_is_422(self, world: World, id: str) -> None:
+        response = world.client.put(f"/api/schedules/{id}", json=body())
+        assert response.status_code in (404, 422)  # a slash never reaches the route
+
+    def test_a_time_just_past_within_its_grace_fires_at_once(self, world: World) -> None:
+        view = world.client.put(
+            "/api/schedules/now", json=body(schedule=at(T0 - timedelta(seconds=7)))
+        ).json()
+        assert view["next_run"] == "2026-11-22T10:00:00.000Z"
+        run_until(world, T0)
+        assert eventually(lambda: len(calls(world)) == 1)
+
+    def test_the_limit_counts_active_schedules(self) -> None:
+        world = World(limit=2)
+        for id in ("a", "b"):
+            assert world.client.put(f"/api/schedules/{id}", json=body()).status_code == 201
+        refused = world.client.put("/api/schedules/c", json=body())
+        assert refused.status_code == 422
+        assert "limit is 2" in refused.json()["error"]
+        assert "SCHEDULER_MAX_RUNTIME_SCHEDULES" in refused.json()["error"]
+        assert world.client.put("/api/schedules/a", json=body(retries=1)).status_code == 200
+        world.client.delete("/api/schedules/b")
+        assert world.client.put("/api/schedules/c", json=body()).status_code == 201
+        world.close()
+
+    def test_without_the_token_nothing_is_created(self, world: World) -> None:
+        from fastapi.testclient import TestClient
+
+        anonymous = TestClient(world.app)
+        assert anonymous.put("/api/schedules/x", json=body()).status_code == 401
+        assert anonymous.get("/api/schedules").status_code == 401
+        assert anonymous.get("/api/schedules/x").status_code == 401
+        assert anonymous.delete("/api/schedules/x").status_code == 401
+        assert world.client.get("/api/schedules/x").status_code == 404
+
+
+class TestReadAndCancel:
+    def test_list_filters_by_status_and_group_a_page_at_a_time(self, world: World) -> None:
+        for n in range(7):
+            group = "even" if n % 2 == 0 else "odd"
+            world.client.put(f"/api/schedules/s{n}", json=body(group=group))
+        world.client.delete("/api/schedules/s0")
+        page = world.client.get("/api/schedules", params={"limit": 3}).json()
+        assert [s["id"] for s in page["schedules"]] == ["s0", "s1", "s2"]
+        assert page["next_after"] == "s2"
+        rest = world.client.get("/api/schedules", params={"limit": 3, "after": "s2"}).json()
+        assert [s["id"] for s in rest["schedules"]] == ["s3", "s4", "s5"]
+        last = world.client.get("/api/schedules", params={"limit": 3, "after": "s5"}).json()
+        assert [s["id"] for s in last["schedules"]] == ["s6"] and last["next_after"] is None
+        even = world.client.get("/api/schedules", params={"group": "even"}).json()
+        assert [s["id"] for s in even["schedules"]] == ["s0", "s2", "s4", "s6"]
+        active_even = world.client.get(
+            "/api/schedules", params={"group": "even", "status": "active"}
+        ).json()
+        assert [s["id"] for s in active_even["schedules"]] == ["s2", "s4", "s6"]
+        cancelled = world.client.get("/api/schedules", params={"status": "cancelled"}).json()
+        assert [s["id"] for s in cancelled["schedules"]] == ["s0"]
+        bad = world.client.get("/api/schedules", params={"status": "done"})
+        assert bad.status_code == 422 and "status" in bad.json()["error"]
+
+    def test_a_cancelled_schedule_never_fires(self, world: World) -> None:
+        world.client.put("/api/schedules/c1", json=body())
+        cancelled = world.client.delete("/api/schedules/c1")
+        assert cancelled.status_code == 200
+        assert cancelled.json()["status"] == "cancelled" and cancelled.json()["finished"]
+        assert cancelled.json()["next_run"] is None
+        assert world.client.delete("/api/schedules/c1").status_code == 200  # again: fine
+        run_until(world, SOON + timedelta(seconds=1))
+        time.sleep(0.2)
+        assert calls(world) == []
+        assert status(world, "c1") == "cancelled"
+
+    def test_cancel_unknown_is_404_and_ended_is_409(self, world: World) -> None:
+        assert world.client.delete("/api/schedules/nope").status_code == 404
+        world.client.put("/api/schedules/done", json=body())
+        run_until(world, SOON)
+        assert eventually(lambda: status(world, "done") == "executed")
+        ended = world.client.delete("/api/schedules/done")
+        assert ended.status_code == 409 and "executed" in ended.json()["error"]
+
+    def test_a_cancelled_schedule_put_again_is_armed_again(self, world: World) -> None:
+        world.client.put("/api/schedules/c2", json=body())
+        world.client.delete("/api/schedules/c2")
+        again = world.client.put("/api/schedules/c2", json=body())
+        assert again.json()["change"] == "replaced" and again.json()["status"] == "active"
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 1)
+
+
+class TestFiring:
+    def test_a_one_time_schedule_fires_once_like_a_job_then_is_executed(self, world: World) -> None:
+        world.client.put(
+            "/api/schedules/pay-7", json=body(headers={"X-Payment": "7"}, body={"id": 7})
+        )
+        run_until(world, SOON - timedelta(seconds=1))
+        assert calls(world) == []
+        run_until(world, SOON)
+        assert eventually(lambda: status(world, "pay-7") == "executed")
+        run_until(world, SOON + timedelta(hours=1))
+        time.sleep(0.1)
+        assert len(calls(world)) == 1
+        request = calls(world)[0]
+        assert request.url == "http://app/api/remind" and request.method == "POST"
+        assert request.headers["X-Scheduler-Job"] == "schedule/pay-7"
+        assert request.headers["X-Scheduled-For"] == "2026-11-22T10:01:00.000Z"
+        assert request.headers["Idempotency-Key"] == f"schedule/pay-7@{int(SOON.timestamp())}000"
+        assert request.headers["X-Payment"] == "7" and request.content == b'{"id":7}'
+        view = world.client.get("/api/schedules/pay-7").json()
+        assert view["finished"] and view["next_run"] is None
+        assert view["last_run"]["outcome"] == "success" and view["last_run"]["status"] == 200
+        assert [run["outcome"] for run in view["runs"]] == ["success"]
+
+    def test_missed_beyond_its_grace_it_expires_without_a_call(self, world: World) -> None:
+        world.client.put("/api/schedules/late", json=body(misfire_grace=30))
+        run_until(world, SOON + timedelta(seconds=31))
+        assert eventually(lambda: status(world, "late") == "expired")
+        assert calls(world) == []
+        runs = world.client.get("/api/schedules/late").json()["runs"]
+        assert [run["outcome"] for run in runs] == ["missed"]
+
+    def test_a_recurring_schedule_fires_each_slot_until_it_expires(self, world: World) -> None:
+        world.client.put(
+            "/api/schedules/tick",
+            json=body(schedule="every 1m", expires_at="2026-11-22T10:03:30Z"),
+        )
+        for minute in (1, 2, 3):
+            run_until(world, T0.replace(second=0) + timedelta(minutes=minute))
+            assert eventually(lambda minute=minute: len(calls(world)) == minute)
+        run_until(world, T0 + timedelta(minutes=10))
+        assert eventually(lambda: status(world, "tick") == "expired")
+        assert len(calls(world)) == 3
+
+    def test_a_replacement_keeps_the_history(self, world: World) -> None:
+        world.client.put("/api/schedules/h", json=body(schedule="every 1m"))
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 1)
+        world.client.put("/api/schedules/h", json=body(schedule="every 1m", retries=3))
+        run_until(world, SOON + timedelta(minutes=1))
+        assert eventually(lambda: len(calls(world)) == 2)
+        view = world.client.get("/api/schedules/h").json()
+        assert view["revision"] == 2 and len(view["runs"]) == 2
+        keys = [request.headers["Idempotency-Key"] for request in calls(world)]
+        assert len(set(keys)) == 2
+
+    def test_metrics_count_runtime_schedules_by_group(self, world: World) -> None:
+        world.client.put("/api/schedules/m1", json=body(group="mail"))
+        world.client.put("/api/schedules/m2", json=body())
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 2)
+        assert eventually(lambda: status(world, "m1") == status(world, "m2") == "executed")
+        text = world.client.get("/metrics").text
+        runs = {
+            sample.labels["job"]: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "cronclock_job_runs_total"
+        }
+        assert runs == {"schedules/mail": 1.0, "schedules": 1.0}
+        assert "schedule/m1" not in text
+
+    def test_ended_schedules_are_purged_after_the_retention_active_ones_never(
+        self, world: World
+    ) -> None:
+        world.client.put("/api/schedules/old", json=body())
+        world.client.put("/api/schedules/forever", json=body(schedule="every 1h"))
+        run_until(world, SOON)
+        assert eventually(lambda: status(world, "old") == "executed")
+        run_until(world, SOON + timedelta(days=6))
+        assert world.client.get("/api/schedules/old").status_code == 200
+        world.clock.advance(120)  # past the purge interval (monotonic)
+        run_until(world, SOON + timedelta(days=7, minutes=1))
+        assert world.client.get("/api/schedules/old").status_code == 404
+        assert world.store.runs("schedule/old") == []
+        assert status(world, "forever") == "active"
+
+
+def test_sqlite_keeps_schedules_and_a_new_process_plans_them(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path, log=LOG)
+    first = World(store=store, schedule_store=SqliteSchedules(store))
+    first.client.put("/api/schedules/p1", json=body())
+    first.client.put("/api/schedules/p2", json=body(schedule="every 1m"))
+    run_until(first, SOON)
+    assert eventually(lambda: status(first, "p1") == "executed" and len(calls(first)) == 2)
+    first.close()
+    store.close()
+
+    store = SqliteStateStore(path, log=LOG)
+    second = World(store=store, schedule_store=SqliteSchedules(store), start=SOON + timedelta(
+        seconds=30))  # fmt: skip
+    assert status(second, "p1") == "executed"
+    run_until(second, SOON + timedelta(minutes=1))
+    assert eventually(lambda: len(calls(second)) == 1)
+    assert calls(second)[0].headers["X-Scheduler-Job"] == "schedule/p2"
+    second.close()
+    store.close()
