@@ -13,9 +13,11 @@ import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.scheduler.coordination import RedisSchedules, RedisStateStore
 from services.scheduler.schedules import SqliteSchedules
 from services.scheduler.state import SqliteStateStore
 from tests.scheduler.test_admin import T0, World
+from tests.support import RedisServer
 
 LOG = structlog.get_logger()
 SOON = T0 + timedelta(seconds=53)  # 10:01:00
@@ -38,13 +40,24 @@ def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
     return condition()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def redis_world(server: RedisServer, **kwargs: Any) -> World:
+    """A World on Redis state, holding the lease (claims check it)."""
+    server.client().set("cc:leader", "me")
+    store = RedisStateStore(server.client(), namespace="cc", lease_value="me", claim_ttl=300,
+                            log=LOG)  # fmt: skip
+    return World(store=store, schedule_store=RedisSchedules(server.client(), store,
+                                                            namespace="cc", log=LOG), **kwargs)  # fmt: skip
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     if request.param == "memory":
         w = World()
-    else:
+    elif request.param == "sqlite":
         store = SqliteStateStore(tmp_path / "state.db", log=LOG)
         w = World(store=store, schedule_store=SqliteSchedules(store))
+    else:
+        w = redis_world(request.getfixturevalue("redis_server"))
     yield w
     w.close()
     w.store.close()
@@ -181,8 +194,15 @@ class TestPut:
         run_until(world, T0)
         assert eventually(lambda: len(calls(world)) == 1)
 
-    def test_the_limit_counts_active_schedules(self) -> None:
-        world = World(limit=2)
+    @pytest.mark.parametrize("kind", ["memory", "redis"])
+    def test_the_limit_counts_active_schedules(
+        self, kind: str, request: pytest.FixtureRequest
+    ) -> None:
+        world = (
+            World(limit=2)
+            if kind == "memory"
+            else redis_world(request.getfixturevalue("redis_server"), limit=2)
+        )
         for id in ("a", "b"):
             assert world.client.put(f"/api/schedules/{id}", json=body()).status_code == 201
         refused = world.client.put("/api/schedules/c", json=body())
@@ -365,3 +385,50 @@ def test_sqlite_keeps_schedules_and_a_new_process_plans_them(tmp_path: Path) -> 
     assert calls(second)[0].headers["X-Scheduler-Job"] == "schedule/p2"
     second.close()
     store.close()
+
+
+class TestRedis:
+    def test_the_claim_refuses_a_cancelled_schedule_at_the_instant(
+        self, redis_server: RedisServer
+    ) -> None:
+        world = redis_world(redis_server)
+        world.client.put("/api/schedules/x", json=body())
+        other = RedisSchedules(redis_server.client(), world.store, namespace="cc", log=LOG)  # type: ignore[arg-type]
+        other.cancel_schedule("x", T0)  # another replica, not yet heard of here
+        key = f"schedule/x@{int(SOON.timestamp())}000"
+        assert world.store.mark_started([("schedule/x", SOON, key)]) == {key: "inactive"}
+        run_until(world, SOON)
+        time.sleep(0.2)
+        assert calls(world) == []
+        world.close()
+
+    def test_runtime_jobs_stay_out_of_the_job_set_read_every_lease_cycle(
+        self, redis_server: RedisServer
+    ) -> None:
+        world = redis_world(redis_server)
+        world.client.put("/api/schedules/y", json=body(schedule="every 1m"))
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 1)
+        assert isinstance(world.store, RedisStateStore)
+        assert world.store.flush()
+        client = redis_server.client()
+        assert "schedule/y" not in client.smembers("cc:jobs")
+        assert client.hget("cc:job:schedule/y", "last_slot")
+        world.store.refresh()
+        assert world.store.job_state("schedule/y").last_slot == SOON
+        world.close()
+
+    def test_changes_on_any_replica_reach_every_watcher(self, redis_server: RedisServer) -> None:
+        state = RedisStateStore(redis_server.client(), namespace="cc", lease_value="a",
+                                claim_ttl=300, log=LOG)  # fmt: skip
+        a = RedisSchedules(redis_server.client(), state, namespace="cc", log=LOG,
+                           block_seconds=0.1)  # fmt: skip
+        b = RedisSchedules(redis_server.client(), state, namespace="cc", log=LOG)
+        heard: list[list[str]] = []
+        a.watch(heard.append)
+        time.sleep(0.3)  # the watcher reads from now on
+        b.put_schedule("w1", spec="{}", group=None, anchor=T0, first=SOON, now=T0, limit=10)
+        b.cancel_schedule("w1", T0)
+        assert eventually(lambda: sum(heard, []).count("w1") >= 1)
+        a.close()
+        state.close()
