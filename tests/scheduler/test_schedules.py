@@ -429,6 +429,6 @@ class TestRedis:
         time.sleep(0.3)  # the watcher reads from now on
         b.put_schedule("w1", spec="{}", group=None, anchor=T0, first=SOON, now=T0, limit=10)
         b.cancel_schedule("w1", T0)
-        assert eventually(lambda: sum(heard, []).count("w1") >= 1)
+        assert eventually(lambda: any("w1" in ids for ids in heard))
         a.close()
         state.close()
