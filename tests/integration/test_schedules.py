@@ -1,0 +1,277 @@
+"""Runtime schedules against the real daemon (subprocess), a real loopback target and, for
+two replicas, a real redis-server: each one-time schedule fires once, through restarts,
+kills, cancellation, a burst of 1,000, and either replica."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.integration import test_ha as ha
+from tests.integration.conftest import Daemon
+from tests.integration.test_ha import Cluster
+from tests.support import Arrival, RedisServer, Target, free_port
+
+TOKEN = "app-token"
+ADMIN = "admin-token"
+QUIET_JOBS = '[jobs.quiet]\nschedule = "daily 04:00"\nendpoint = "/quiet"\n'
+
+
+class Admin:
+    def __init__(self, url: str, token: str = ADMIN) -> None:
+        self.url = url
+        # One client, shared (its pool is thread-safe): building one per request costs more
+        # than the request.
+        self._client = httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=10,
+            limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+        )  # fmt: skip
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        return self._client.request(method, path, **kwargs)
+
+    def put(self, id: str, body: dict[str, Any]) -> httpx.Response:
+        return self.request("PUT", f"/api/schedules/{id}", json=body)
+
+    def get(self, id: str) -> dict[str, Any]:
+        response = self.request("GET", f"/api/schedules/{id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the admin API at {self.url} did not answer")
+
+
+def whole_second(seconds_ahead: float) -> datetime:
+    """A whole second at least `seconds_ahead` from now."""
+    ahead = datetime.now(UTC) + timedelta(seconds=seconds_ahead)
+    return datetime.fromtimestamp(math.ceil(ahead.timestamp()), UTC)
+
+
+def one_time(instant: datetime, path: str = "/remind", **fields: Any) -> dict[str, Any]:
+    return {"schedule": f"at {instant:%Y-%m-%dT%H:%M:%S}Z", "endpoint": path} | fields
+
+
+def wait_until(instant: datetime) -> None:
+    time.sleep(max(0.0, (instant - datetime.now(UTC)).total_seconds()))
+
+
+def keys(calls: list[Arrival]) -> Counter[str]:
+    return Counter(call.header("Idempotency-Key") or "" for call in calls)
+
+
+class Solo:
+    """One daemon on a SQLite file that survives restarts."""
+
+    def __init__(self, daemon: Callable[..., Daemon], target: Target, tmp_path: Path) -> None:
+        jobs = tmp_path / "jobs.toml"
+        jobs.write_text("include_builtin = false\n" + QUIET_JOBS)
+        self.port = free_port()
+        self.env = {
+            "API_URL": target.url, "SCHEDULER_API_TOKEN": TOKEN,
+            "SCHEDULER_JOBS_FILE": str(jobs),
+            "SCHEDULER_STATE_URL": f"sqlite:///{tmp_path}/state.db",
+            "SCHEDULER_ADMIN_BIND": f"127.0.0.1:{self.port}", "SCHEDULER_ADMIN_TOKEN": ADMIN,
+        }  # fmt: skip
+        self._daemon = daemon
+        self.admin = Admin(f"http://127.0.0.1:{self.port}")
+        self.process = self.start()
+
+    def start(self) -> Daemon:
+        self.process = self._daemon(**self.env)
+        self.admin.wait_ready()
+        return self.process
+
+
+def solo(daemon: Callable[..., Daemon], target: Target, tmp_path: Path) -> Solo:
+    return Solo(daemon, target, tmp_path)
+
+
+def test_a_one_time_schedule_fires_once_at_its_time(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(2)
+    created = cronclock.admin.put("pay-1", one_time(when, body={"payment": 1}))
+    assert created.status_code == 201, created.text
+    assert target.wait_for(lambda calls: len(calls) >= 1, timeout=15)
+    time.sleep(1.5)
+    calls = target.calls("/remind")
+    assert len(calls) == 1
+    call = calls[0]
+    assert call.at >= when and (call.at - when).total_seconds() < 1.0
+    assert call.header("X-Scheduler-Job") == "schedule/pay-1"
+    assert call.header("Authorization") == f"Bearer {TOKEN}"
+    assert call.scheduled_for == when and call.body == b'{"payment":1}'
+    view = cronclock.admin.get("pay-1")
+    assert view["status"] == "executed" and view["runs"][0]["outcome"] == "success"
+    assert cronclock.process.stop() == 0
+
+
+def test_it_fires_once_when_the_daemon_restarts_before_its_time(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(5)
+    assert cronclock.admin.put("r-1", one_time(when)).status_code == 201
+    assert cronclock.process.stop() == 0
+    cronclock.start()
+    wait_until(when + timedelta(seconds=2))
+    assert target.wait_for(lambda calls: len(calls) >= 1, timeout=10)
+    time.sleep(1)
+    calls = target.calls("/remind")
+    assert len(calls) == 1 and calls[0].scheduled_for == when
+    assert calls[0].at >= when
+    assert cronclock.admin.get("r-1")["status"] == "executed"
+    assert cronclock.process.stop() == 0
+
+
+def test_it_fires_once_when_killed_and_restarted_after_its_time_within_grace(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(2)
+    assert cronclock.admin.put("k-1", one_time(when, misfire_grace="1m")).status_code == 201
+    cronclock.process.signal(signal.SIGKILL)
+    cronclock.process.process.wait(10)
+    wait_until(when + timedelta(seconds=2))
+    assert target.calls() == []
+    second = cronclock.start()
+    assert target.wait_for(lambda calls: len(calls) >= 1, timeout=15)
+    time.sleep(1)
+    calls = target.calls("/remind")
+    assert len(calls) == 1 and calls[0].scheduled_for == when
+    assert second.events("catch-up fire")
+    assert cronclock.admin.get("k-1")["status"] == "executed"
+    assert second.stop() == 0
+    # ... and once more, killed after the call: not again
+    third = cronclock.start()
+    time.sleep(2)
+    assert len(target.calls("/remind")) == 1
+    assert third.stop() == 0
+
+
+def test_beyond_its_grace_after_a_restart_it_expires_without_a_call(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(1)
+    assert cronclock.admin.put("e-1", one_time(when, misfire_grace="1s")).status_code == 201
+    cronclock.process.signal(signal.SIGKILL)
+    cronclock.process.process.wait(10)
+    wait_until(when + timedelta(seconds=3))
+    cronclock.start()
+    deadline = time.monotonic() + 10
+    while cronclock.admin.get("e-1")["status"] != "expired" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    view = cronclock.admin.get("e-1")
+    assert view["status"] == "expired" and view["runs"][0]["outcome"] == "missed"
+    assert target.calls() == []
+    assert cronclock.process.stop() == 0
+
+
+def test_a_cancelled_schedule_never_fires(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(2)
+    assert cronclock.admin.put("c-1", one_time(when)).status_code == 201
+    assert cronclock.admin.put("c-2", one_time(when, "/kept")).status_code == 201
+    cancelled = cronclock.admin.request("DELETE", "/api/schedules/c-1")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert target.wait_for(lambda calls: len(calls) >= 1, timeout=15)
+    time.sleep(1)
+    assert [call.path for call in target.calls()] == ["/kept"]
+    assert cronclock.admin.get("c-1")["status"] == "cancelled"
+    assert cronclock.process.stop() == 0
+
+
+def test_a_thousand_one_time_schedules_due_in_the_same_second_all_fire_once(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(20)
+    ids = [f"burst-{n:04d}" for n in range(1000)]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(
+                lambda id: cronclock.admin.put(id, one_time(when, f"/b/{id}")).status_code, ids
+            )
+        )
+    assert Counter(statuses) == {201: 1000}
+    assert datetime.now(UTC) < when, "creating 1,000 schedules took longer than 20 s"
+    assert target.wait_for(lambda calls: len(calls) >= 1000, timeout=60)
+    time.sleep(1)
+    calls = target.calls()
+    assert len(calls) == 1000
+    assert set(keys(calls).values()) == {1}
+    assert {call.path for call in calls} == {f"/b/{id}" for id in ids}
+    assert all(call.scheduled_for == when for call in calls)
+    executed: list[str] = []
+    after = ""
+    while True:
+        page = cronclock.admin.request(
+            "GET", "/api/schedules", params={"status": "executed", "limit": 300, "after": after}
+        ).json()
+        executed += [item["id"] for item in page["schedules"]]
+        if page["next_after"] is None:
+            break
+        after = page["next_after"]
+    assert executed == ids
+    assert cronclock.process.stop() == 0
+
+
+def test_with_two_replicas_on_redis_schedules_created_through_either_fire_exactly_once(
+    daemon: Callable[..., Daemon],
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    redis_server: RedisServer,
+) -> None:
+    cluster = Cluster(daemon, target, jobs_file(QUIET_JOBS), redis_server, ttl=3.0)
+    replicas = [cluster.add(), cluster.add()]
+    leader = cluster.leader()
+    standby = next(r for r in replicas if r is not leader)
+    admins = {"leader": Admin(leader.admin, ha.ADMIN), "standby": Admin(standby.admin, ha.ADMIN)}
+    when = whole_second(4)
+    for role, admin in admins.items():
+        for n in range(20):
+            response = admin.put(
+                f"{role}-{n}", one_time(when + timedelta(seconds=n % 3), f"/{role}/{n}")
+            )
+            assert response.status_code == 201, response.text
+    # A recurring one created on the standby, and one that outlives the leader.
+    assert admins["standby"].put("tick", {"schedule": "every 1s", "endpoint": "/tick"}).is_success
+    late = whole_second(12)
+    assert admins["standby"].put("after-failover", one_time(late, "/late")).is_success
+    assert target.wait_for(lambda calls: len([c for c in calls if c.path != "/tick"]) >= 40, 20)
+    leader.daemon.signal(signal.SIGKILL)
+    leader.daemon.process.wait(10)
+    assert target.wait_for(lambda calls: any(c.path == "/late" for c in calls), timeout=30)
+    time.sleep(2)
+    cluster.stop_all()
+    calls = target.calls()
+    assert set(keys(calls).values()) == {1}  # nothing twice, failover included
+    paths = Counter(call.path for call in calls if call.path != "/tick")
+    assert paths == Counter([f"/{role}/{n}" for role in admins for n in range(20)] + ["/late"])
+    ticks = sorted(call.scheduled_for for call in calls if call.path == "/tick")
+    assert len(ticks) >= 8
+    fencing = {call.header("X-Scheduler-Fencing-Token") for call in calls if call.path == "/late"}
+    assert fencing == {"2"}  # fired by the replica that took over
