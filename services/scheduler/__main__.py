@@ -1,4 +1,5 @@
-"""cronclock command line: run (default) | check | next | fire | demo."""
+"""cronclock command line: run (default) | check | next | fire | demo | status | pause |
+resume | trigger | schedules."""
 
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             return cmd_demo(args.duration)
         if command in ("status", "pause", "resume", "trigger"):
             return cmd_admin(load_settings(env), command, getattr(args, "job", None))
+        if command == "schedules":
+            if args.action is None:
+                parser.parse_args(["schedules", "--help"])
+            return cmd_schedules(load_settings(env), args)
         return cmd_run(env)
     except ConfigError as error:
         print(f"cronclock: config error: {error}", file=sys.stderr)
@@ -88,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     for action, text in (("pause", "pause a job"), ("resume", "resume a job"),
                          ("trigger", "fire a job now")):  # fmt: skip
         sub.add_parser(action, help=f"{text} in the running daemon (admin API)").add_argument("job")
+    schedules = sub.add_parser(
+        "schedules", help="list, show or cancel runtime schedules in the running daemon"
+    )
+    actions = schedules.add_subparsers(dest="action", metavar="ACTION")
+    listing = actions.add_parser("list", help="runtime schedules, ordered by id")
+    listing.add_argument("--status", choices=["active", "executed", "cancelled", "expired"])
+    listing.add_argument("--group", help="only this group")
+    listing.add_argument("--after", default="", help="start after this id (the next page)")
+    listing.add_argument("-n", "--limit", type=int, default=100, help="at most this many")
+    actions.add_parser("show", help="one schedule with its next run and history").add_argument("id")
+    actions.add_parser("cancel", help="cancel a schedule: it never fires again").add_argument("id")
     demo = sub.add_parser("demo", help="run against a built-in demo application on loopback")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     return parser
@@ -172,36 +188,48 @@ def admin_url(settings: Settings) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
+def _ask(
+    settings: Settings, command: str, calls: Callable[[httpx.Client], list[httpx.Response]]
+) -> list[Any] | None:
+    """The JSON bodies of admin API calls, or None after printing why they failed."""
     base = admin_url(settings)
     headers = {}
     if settings.admin_token is not None:
         headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
     try:
         with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
-            if command == "status":
-                health = client.get("/healthz").json()
-                response = client.get("/api/jobs")
-            else:
-                response = client.post(f"/api/jobs/{job}/{command}")
+            responses = calls(client)
     except httpx.HTTPError as error:
         print(
             f"cronclock: cannot reach the admin API at {base} ({error}); is the daemon running "
             "with this SCHEDULER_ADMIN_BIND?",
             file=sys.stderr,
         )
+        return None
+    for response in responses:
+        if response.status_code >= 400:
+            try:
+                message = response.json().get("error", response.text)
+            except ValueError:
+                message = response.text
+            print(f"cronclock: {command} failed (HTTP {response.status_code}): {message}",
+                  file=sys.stderr)  # fmt: skip
+            return None
+    return [response.json() for response in responses]
+
+
+def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
+    def calls(client: httpx.Client) -> list[httpx.Response]:
+        if command == "status":
+            return [client.get("/healthz"), client.get("/api/jobs")]
+        return [client.post(f"/api/jobs/{job}/{command}")]
+
+    answers = _ask(settings, command, calls)
+    if answers is None:
         return 1
-    if response.status_code >= 400:
-        try:
-            message = response.json().get("error", response.text)
-        except ValueError:
-            message = response.text
-        print(
-            f"cronclock: {command} failed (HTTP {response.status_code}): {message}", file=sys.stderr
-        )
-        return 1
-    body = response.json()
+    body = answers[-1]
     if command == "status":
+        health = answers[0]
         print(_describe(health))
         rows = [("JOB", "SCHEDULE", "NEXT (UTC)", "LAST", "STATUS", "PAUSED", "IN FLIGHT")]
         for item in body:
@@ -222,6 +250,52 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
         print(f"{body['job']}: triggered, Idempotency-Key {body['idempotency_key']}")
     else:
         print(f"{body['job']}: {'paused' if body['paused'] else 'resumed'}")
+    return 0
+
+
+def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:
+    """`schedules list|show|cancel` through the running daemon's admin API."""
+    action = args.action
+    if action == "list":
+        params = {"limit": str(args.limit), "after": args.after}
+        params |= {k: v for k, v in (("status", args.status), ("group", args.group)) if v}
+        answers = _ask(settings, f"schedules {action}",
+                       lambda client: [client.get("/api/schedules", params=params)])  # fmt: skip
+        if answers is None:
+            return 1
+        page = answers[0]
+        rows = [("ID", "STATUS", "GROUP", "SCHEDULE", "NEXT (UTC)", "ENDPOINT")]
+        for item in page["schedules"]:
+            endpoint = f"{item['method']} {item['endpoint']}"
+            rows.append((item["id"], item["status"], item["group"] or "-", item["schedule"],
+                         item["next_run"] or "-", endpoint))  # fmt: skip
+        _table(rows, sys.stdout)
+        if page["next_after"]:
+            print(f"(more: cronclock schedules list --after {page['next_after']})")
+        return 0
+    path = f"/api/schedules/{args.id}"
+    answers = _ask(
+        settings,
+        f"schedules {action}",
+        lambda client: [client.get(path) if action == "show" else client.delete(path)],
+    )
+    if answers is None:
+        return 1
+    item = answers[0]
+    if action == "cancel":
+        print(f"{item['id']}: {item['status']}")
+        return 0
+    for label, key in (("id", "id"), ("status", "status"), ("group", "group"),
+                       ("schedule", "schedule"), ("endpoint", "endpoint"),
+                       ("next run", "next_run"), ("next local", "next_run_local"),
+                       ("expires", "expires_at"), ("created", "created"),
+                       ("finished", "finished"), ("revision", "revision")):  # fmt: skip
+        value = item[key] if key != "endpoint" else f"{item['method']} {item['endpoint']}"
+        print(f"{label + ':':<12}{value if value is not None else '-'}")
+    print("runs (newest first):" if item["runs"] else "runs: none yet")
+    for run in item["runs"]:
+        print(f"  {run['slot']}  {run['outcome']:<16}{run['status'] or '-'}  "
+              f"attempt {run['attempt']}{'  ' + run['error'] if run['error'] else ''}")  # fmt: skip
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from tests.integration import test_ha as ha
-from tests.integration.conftest import Daemon
+from tests.integration.conftest import Daemon, base_env, run_cli
 from tests.integration.test_ha import Cluster
 from tests.support import Arrival, RedisServer, Target, free_port
 
@@ -275,3 +275,34 @@ def test_with_two_replicas_on_redis_schedules_created_through_either_fire_exactl
     assert len(ticks) >= 8
     fencing = {call.header("X-Scheduler-Fencing-Token") for call in calls if call.path == "/late"}
     assert fencing == {"2"}  # fired by the replica that took over
+
+
+def test_the_cli_lists_shows_and_cancels_schedules(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    cronclock = solo(daemon, target, tmp_path)
+    env = base_env(**cronclock.env)
+    later = whole_second(3600)
+    for n in range(3):
+        body = one_time(later, group="mail" if n else None, headers={"X-N": str(n)})
+        assert cronclock.admin.put(f"cli-{n}", body).status_code == 201
+    listed = run_cli("schedules", "list", "--limit", "2", env=env)
+    assert listed.returncode == 0, listed.stderr
+    header, first, second, more = listed.stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "GROUP", "SCHEDULE", "NEXT", "(UTC)", "ENDPOINT"]
+    assert first.split()[:3] == ["cli-0", "active", "-"] and second.startswith("cli-1 ")
+    assert more == "(more: cronclock schedules list --after cli-1)"
+    mail = run_cli("schedules", "list", "--group", "mail", env=env).stdout.splitlines()
+    assert [line.split()[0] for line in mail[1:]] == ["cli-1", "cli-2"]
+    shown = run_cli("schedules", "show", "cli-2", env=env)
+    assert shown.returncode == 0 and "status:     active" in shown.stdout
+    assert f"next run:   {later:%Y-%m-%dT%H:%M:%S}.000Z" in shown.stdout
+    assert "runs: none yet" in shown.stdout
+    cancelled = run_cli("schedules", "cancel", "cli-2", env=env)
+    assert cancelled.stdout.strip() == "cli-2: cancelled"
+    assert "cli-2" in run_cli("schedules", "list", "--status", "cancelled", env=env).stdout
+    missing = run_cli("schedules", "show", "nope", env=env)
+    assert missing.returncode == 1 and "no schedule with id 'nope'" in missing.stderr
+    bare = run_cli("schedules", env=env)
+    assert bare.returncode == 0 and "list" in bare.stdout and "cancel" in bare.stdout
+    assert cronclock.process.stop() == 0
