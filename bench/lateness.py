@@ -68,8 +68,9 @@ class Cronclock:
         admin_port: int | None = None,
         extra_env: dict[str, str] | None = None,
         wait_ready: bool = True,
+        directory: Path | None = None,
     ) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="cronclock-bench-"))
+        self.dir = directory or Path(tempfile.mkdtemp(prefix="cronclock-bench-"))
         self.log = self.dir / "daemon.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCHEDULER_")}
         env.update(
