@@ -399,6 +399,7 @@ def serve(
         timezone=settings.timezone,
         limit=settings.max_runtime_schedules,
         retention=settings.runtime_retention,
+        log=log,
     )
     reporter = make_reporter(_secret(settings.posthog_api_key), settings.posthog_host, log)
     if config.api_token is None:

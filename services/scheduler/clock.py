@@ -554,25 +554,25 @@ class Scheduler:
             self._cache.clear()
         try:
             entries = list(self._runtime.store.active_plan())
+            read: list[str] = []
+            for id, _anchor, first in entries:
+                name = RUNTIME_PREFIX + id
+                last = self._store.job_state(name).last_slot
+                if first is not None and first > now and (last is None or last < first):
+                    self._plan_schedule(name, first)
+                else:
+                    read.append(name)
+            for start in range(0, len(read), _LOAD_BATCH):
+                jobs = self._schedule_jobs(read[start : start + _LOAD_BATCH])
+                for job in jobs.values():
+                    self._plan_runtime(job, now, restart=True)
         except StoreUnavailable as error:
-            self._log.error("runtime schedules not planned: store unavailable; retrying",
-                            error=str(error))  # fmt: skip
-            self._next_purge = -float("inf")
+            if self._store_trouble.ready():
+                self._log.error("runtime schedules not planned: store unavailable; retrying",
+                                error=str(error))  # fmt: skip
             self._retry_plan = True
             return
         self._retry_plan = False
-        read: list[str] = []
-        for id, _anchor, first in entries:
-            name = RUNTIME_PREFIX + id
-            last = self._store.job_state(name).last_slot
-            if first is not None and first > now and (last is None or last < first):
-                self._plan_schedule(name, first)
-            else:
-                read.append(name)
-        for start in range(0, len(read), _LOAD_BATCH):
-            jobs = self._schedule_jobs(read[start : start + _LOAD_BATCH])
-            for job in jobs.values():
-                self._plan_runtime(job, now, restart=True)
         if entries:
             self._log.info("runtime schedules planned", active=len(entries), read=len(read))
 

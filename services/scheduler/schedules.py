@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 from pydantic import ValidationError, field_validator
+from structlog.typing import FilteringBoundLogger
 
 from schedule_grammar import Once, ScheduleError, parse
 
@@ -485,8 +486,10 @@ class RuntimeSchedules:
         timezone: str = "UTC",
         limit: int = 100_000,
         retention: float = 7 * 86400.0,
+        log: FilteringBoundLogger | None = None,
     ) -> None:
         self.store = store
+        self._log = log
         self._timezone = timezone
         self.limit = limit
         self.retention = timedelta(seconds=retention)
@@ -591,9 +594,19 @@ class RuntimeSchedules:
         return self._job(record.id, spec, revision=record.revision, anchor=record.anchor)
 
     def jobs(self, ids: Iterable[str]) -> dict[str, Job]:
-        """The jobs of the active schedules among `ids` (by id)."""
-        records = self.store.get_schedules(ids)
-        return {id: self.job(record) for id, record in records.items() if record.status == "active"}
+        """The jobs of the active schedules among `ids` (by id). One whose stored definition
+        no longer validates (a time zone gone from tzdata, say) is logged and left out."""
+        jobs = {}
+        for id, record in self.store.get_schedules(ids).items():
+            if record.status != "active":
+                continue
+            try:
+                jobs[id] = self.job(record)
+            except ValueError as error:
+                if self._log is not None:
+                    self._log.error("stored schedule unusable; not fired",
+                                    job=record.job_name, error=str(error))  # fmt: skip
+        return jobs
 
     def finish(self, job: Job, status: ScheduleStatus, now: datetime) -> bool:
         assert job.schedule_id is not None

@@ -53,6 +53,7 @@ class World:
             schedule_store if schedule_store is not None else MemorySchedules(self.store),
             limit=limit,
             retention=7 * 86400,
+            log=structlog.get_logger(),
         )
         self.metrics = Metrics()
         log = structlog.get_logger()

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import structlog
+from structlog.testing import capture_logs
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.scheduler.coordination import RedisSchedules, RedisStateStore
 from services.scheduler.schedules import SqliteSchedules
-from services.scheduler.state import SqliteStateStore
+from services.scheduler.state import SqliteStateStore, StoreUnavailable
 from tests.scheduler.test_admin import T0, World
 from tests.support import RedisServer
 
@@ -432,3 +433,43 @@ class TestRedis:
         assert eventually(lambda: any("w1" in ids for ids in heard))
         a.close()
         state.close()
+
+
+class TestTrouble:
+    def test_a_store_away_at_planning_is_retried_and_the_loop_lives(self) -> None:
+        world = World()
+        world.client.put("/api/schedules/t1", json=body())
+        store = world.schedules.store
+        real = store.active_plan
+
+        def away() -> Any:
+            raise StoreUnavailable("cannot reach Redis at redis://r:6379/0: refused")
+
+        store.active_plan = away  # type: ignore[method-assign]
+        world.scheduler.start(world.clock.now())  # a new term while the store is away
+        assert world.scheduler.seconds_until_next(world.clock.now()) <= 1.0  # retry soon
+        store.active_plan = real  # type: ignore[method-assign]
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 1)
+        world.close()
+
+    def test_a_stored_schedule_that_no_longer_validates_is_logged_and_skipped(
+        self, world: World
+    ) -> None:
+        world.client.put("/api/schedules/ok", json=body())
+        world.client.put("/api/schedules/broken", json=body())
+        real = world.schedules.job
+
+        def job(record: Any) -> Any:
+            if record.id == "broken":
+                raise ValueError("time zone 'Gone/Zone' is not known")
+            return real(record)
+
+        world.schedules.job = job  # type: ignore[method-assign]
+        world.scheduler.start(world.clock.now())
+        with capture_logs() as logs:
+            run_until(world, SOON)
+            assert eventually(lambda: len(calls(world)) == 1)
+        assert calls(world)[0].headers["X-Scheduler-Job"] == "schedule/ok"
+        unusable = [e for e in logs if e["event"] == "stored schedule unusable; not fired"]
+        assert unusable[0]["job"] == "schedule/broken" and "Gone/Zone" in unusable[0]["error"]
