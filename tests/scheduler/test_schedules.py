@@ -1,5 +1,5 @@
 """Runtime schedules through the admin API (TestClient, virtual time): every endpoint, every
-validation, firing, endings, retention, on the memory and the SQLite store."""
+validation, firing, endings, retention, on the memory, SQLite and Redis stores."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 import structlog
-from structlog.testing import capture_logs
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from services.scheduler.coordination import RedisSchedules, RedisStateStore
 from services.scheduler.schedules import SqliteSchedules
