@@ -473,3 +473,35 @@ class TestTrouble:
         assert calls(world)[0].headers["X-Scheduler-Job"] == "schedule/ok"
         unusable = [e for e in logs if e["event"] == "stored schedule unusable; not fired"]
         assert unusable[0]["job"] == "schedule/broken" and "Gone/Zone" in unusable[0]["error"]
+
+    def test_a_state_file_that_refuses_writes_refuses_changes_with_503(
+        self, tmp_path: Path
+    ) -> None:
+        store = SqliteStateStore(tmp_path / "state.db", log=LOG)
+        world = World(store=store, schedule_store=SqliteSchedules(store))
+        assert world.client.put("/api/schedules/kept", json=body()).status_code == 201
+        assert store._db is not None
+        with store._lock:
+            store._db.execute("PRAGMA query_only = 1")  # every write now fails
+        refused = world.client.put("/api/schedules/new", json=body())
+        assert refused.status_code == 503 and "readonly" in refused.json()["error"]
+        cancel = world.client.delete("/api/schedules/kept")
+        assert cancel.status_code == 503
+        with store._lock:
+            store._db.execute("PRAGMA query_only = 0")
+        assert world.client.get("/api/schedules/new").status_code == 404
+        assert status(world, "kept") == "active"
+        assert world.client.put("/api/schedules/new", json=body()).status_code == 201
+        world.close()
+        store.close()
+
+    def test_redis_away_is_503_and_nothing_is_half_done(self, redis_server: RedisServer) -> None:
+        world = redis_world(redis_server)
+        assert world.client.put("/api/schedules/kept", json=body()).status_code == 201
+        redis_server.stop()
+        refused = world.client.put("/api/schedules/new", json=body())
+        assert refused.status_code == 503 and "Redis" in refused.json()["error"]
+        assert world.client.get("/api/schedules").status_code == 503
+        redis_server.start()
+        assert world.client.get("/api/schedules/new").status_code == 404
+        world.close()
