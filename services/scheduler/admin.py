@@ -7,7 +7,11 @@ the dispatcher; none of them can block the clock loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
+import html
+import importlib.resources
+import string
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,7 +21,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, SecretStr
@@ -123,6 +127,23 @@ class Paused(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str
+
+
+class JobStatus(JobView):
+    runs: list[RunView]  # newest first
+
+
+class GroupView(BaseModel):
+    group: str | None  # null: schedules without a group
+    active: int
+    ended: int
+
+
+class Overview(BaseModel):
+    health: Health
+    jobs: list[JobStatus]
+    groups: list[GroupView]
+    generated: str
 
 
 class ScheduleView(BaseModel):
@@ -282,10 +303,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
             ),
         )
 
-    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-    def healthz() -> JSONResponse:
-        """200 while the clock loop's heartbeat is fresh and the state store (and Redis, when
-        coordinated) healthy; a healthy standby answers 200 with status `standby`."""
+    def health() -> Health:
         age = ctx.clock.monotonic() - ctx.scheduler.heartbeat
         leadership = ctx.coordinator.status()
         reason = None
@@ -298,7 +316,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
         elif (problem := ctx.store.problem()) is not None:
             reason = f"state store: {problem}"
         status = "unhealthy" if reason else "standby" if leadership.role == "standby" else "ok"
-        body = Health(
+        return Health(
             status=status,
             reason=reason,
             heartbeat_age_seconds=round(age, 3),
@@ -308,7 +326,57 @@ def create_app(ctx: AdminContext) -> FastAPI:
             leader=leadership.leader,
             fencing_token=leadership.epoch,
         )
-        return JSONResponse(body.model_dump(), status_code=200 if reason is None else 503)
+
+    @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+    def healthz() -> JSONResponse:
+        """200 while the clock loop's heartbeat is fresh and the state store (and Redis, when
+        coordinated) healthy; a healthy standby answers 200 with status `standby`."""
+        body = health()
+        return JSONResponse(body.model_dump(), status_code=200 if body.reason is None else 503)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def status_page() -> HTMLResponse:
+        """The status page for people: health rendered here, the rest by its script."""
+        body = health()
+        leader = f"; leader {body.leader or 'unknown'}" if body.role == "standby" else ""
+        values = {
+            "version": __version__,
+            "status": body.status,
+            "replica": body.replica,
+            "role": body.role,
+            "leader_text": leader,
+            "reason_text": f" — {body.reason}" if body.reason else "",
+        }
+        page = _asset("status.html").substitute({k: html.escape(v) for k, v in values.items()})
+        return HTMLResponse(page, headers=PAGE_HEADERS)
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    def asset(name: str) -> Response:
+        media = {"status.js": "text/javascript", "status.css": "text/css"}.get(name)
+        if media is None:
+            raise HTTPException(404, f"no asset {name!r}")
+        return Response(_asset(name).template, media_type=media, headers=PAGE_HEADERS)
+
+    @app.get("/api/overview", dependencies=auth, responses=ERRORS)
+    def overview(runs: Annotated[int, Query(ge=0, le=100)] = 30) -> Overview:
+        """Everything the status page shows, in one request: health, every job with its
+        latest `runs`, and the runtime schedule groups."""
+        planned, in_flight = ctx.scheduler.planned(), ctx.dispatcher.in_flight()
+        jobs = []
+        try:
+            for job in ctx.scheduler.jobs().values():
+                history = [_run_view(run) for run in ctx.store.runs(job.name, runs)] if runs else []
+                jobs.append(JobStatus(**view(job, planned, in_flight).model_dump(), runs=history))
+            counts = ctx.schedules.store.group_counts() if ctx.schedules is not None else {}
+        except StoreUnavailable as error:
+            raise HTTPException(503, f"state unavailable: {error}") from None
+        groups = [
+            GroupView(group=group, active=active, ended=ended)
+            for group, (active, ended) in sorted(counts.items(), key=lambda kv: kv[0] or "")
+        ]
+        return Overview(
+            health=health(), jobs=jobs, groups=groups, generated=format_slot(ctx.clock.now())
+        )
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
@@ -528,6 +596,25 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             raise HTTPException(409, f"schedule {id!r} has already ended: {record.status}")
         ctx.scheduler.schedules_changed([id])
         return detail(record)
+
+
+# The status page: no inline script, nothing from elsewhere, never cached, never framed.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@functools.cache
+def _asset(name: str) -> string.Template:
+    """A file of the status page, shipped in the package (services/scheduler/static)."""
+    text = importlib.resources.files(__package__).joinpath("static", name).read_text("utf-8")
+    return string.Template(text)
 
 
 def _run_view(record: RunRecord) -> RunView:

@@ -26,6 +26,7 @@ Runtime schedules (the job of schedule <id> is named `schedule/<id>`; it is not 
     ns:schedules:status:<s>    sorted set (by id): the schedules in status s
     ns:schedules:group:<g>     sorted set (by id): the schedules of group g
     ns:schedules:ended         sorted set (by end time): ended schedules, for retention
+    ns:schedules:groups        set: every group name ever used (counts per group)
     ns:schedules:changes       stream of changed ids: the leader plans what any replica wrote
 """
 
@@ -923,7 +924,10 @@ redis.call('HSET', key, 'revision', revision, 'spec', spec, 'status', 'active', 
 redis.call('ZADD', ns .. ':schedules', 0, id)
 redis.call('ZADD', ns .. ':schedules:status:active', 0, id)
 redis.call('ZREM', ns .. ':schedules:ended', id)
-if group ~= '' then redis.call('ZADD', ns .. ':schedules:group:' .. group, 0, id) end
+if group ~= '' then
+  redis.call('ZADD', ns .. ':schedules:group:' .. group, 0, id)
+  redis.call('SADD', ns .. ':schedules:groups', group)
+end
 redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
 return {change, tostring(revision), created}
 """
@@ -1108,6 +1112,32 @@ class RedisSchedules:
     def count_active(self) -> int:
         key = f"{self._ns}:schedules:status:active"
         return int(self._call(lambda: self._client.zcard(key)))
+
+    def group_counts(self) -> dict[str | None, tuple[int, int]]:
+        ns = self._ns
+        active_key = f"{ns}:schedules:status:active"
+
+        def read() -> tuple[list[str], list[int]]:
+            groups = sorted(cast(set[str], self._client.smembers(f"{ns}:schedules:groups")))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zcard(f"{ns}:schedules")
+            pipe.zcard(active_key)
+            for group in groups:
+                pipe.zcard(f"{ns}:schedules:group:{group}")
+                pipe.zintercard(2, [f"{ns}:schedules:group:{group}", active_key])
+            return groups, [int(value) for value in pipe.execute()]
+
+        groups, values = cast(tuple[list[str], list[int]], self._call(read))
+        total, active = values[0], values[1]
+        counts: dict[str | None, tuple[int, int]] = {}
+        for index, group in enumerate(groups):
+            in_group, live = values[2 + 2 * index], values[3 + 2 * index]
+            if in_group:
+                counts[group] = (live, in_group - live)
+                total, active = total - in_group, active - live
+        if total:
+            counts[None] = (active, total - active)
+        return counts
 
     def purge_schedules(self, before: datetime) -> list[str]:
         key = f"{self._ns}:schedules:ended"

@@ -124,6 +124,10 @@ class ScheduleStore(Protocol):
 
     def count_active(self) -> int: ...
 
+    def group_counts(self) -> dict[str | None, tuple[int, int]]:
+        """Per group (None: no group): how many schedules are active and how many ended."""
+        ...
+
     def purge_schedules(self, before: datetime) -> list[str]:
         """Delete schedules that ended before `before`, with their state and history."""
         ...
@@ -248,6 +252,15 @@ class MemorySchedules:
     def count_active(self) -> int:
         with self._lock:
             return self._active()
+
+    def group_counts(self) -> dict[str | None, tuple[int, int]]:
+        counts: dict[str | None, tuple[int, int]] = {}
+        with self._lock:
+            for record in self._records.values():
+                active, ended = counts.get(record.group, (0, 0))
+                live = record.status == "active"
+                counts[record.group] = (active + live, ended + (not live))
+        return counts
 
     def purge_schedules(self, before: datetime) -> list[str]:
         with self._lock:
@@ -424,6 +437,14 @@ class SqliteSchedules:
     def count_active(self) -> int:
         with self._lock:
             return self._count()
+
+    def group_counts(self) -> dict[str | None, tuple[int, int]]:
+        counts: dict[str | None, tuple[int, int]] = {}
+        for group, active, total in self._state.read(
+            "SELECT grp, SUM(status = 'active'), COUNT(*) FROM schedules GROUP BY grp"
+        ):
+            counts[group] = (active, total - active)
+        return counts
 
     def purge_schedules(self, before: datetime) -> list[str]:
         ids = [

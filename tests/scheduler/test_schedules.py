@@ -505,3 +505,51 @@ class TestTrouble:
         redis_server.start()
         assert world.client.get("/api/schedules/new").status_code == 404
         world.close()
+
+
+class TestStatusPage:
+    def test_the_page_is_served_with_health_and_a_strict_policy(self) -> None:
+        from fastapi.testclient import TestClient
+
+        world = World()
+        page = TestClient(world.app).get("/")  # no token needed: it shows health only
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert page.headers["cache-control"] == "no-store"
+        assert 'data-status="ok"' in page.text and '<table id="jobs">' in page.text
+        assert "data-refresh" not in page.text  # jobs only with the token
+        script = TestClient(world.app).get("/ui/status.js")
+        assert script.status_code == 200 and "sessionStorage" in script.text
+        assert script.headers["content-type"].startswith("text/javascript")
+        assert TestClient(world.app).get("/ui/status.css").status_code == 200
+        assert TestClient(world.app).get("/ui/secrets.txt").status_code == 404
+        world.clock.advance(120)
+        stale = TestClient(world.app).get("/").text
+        assert 'data-status="unhealthy"' in stale and "the clock loop has not run for 120s" in stale
+        world.close()
+
+    def test_the_overview_has_jobs_with_their_runs_and_the_groups(self, world: World) -> None:
+        from fastapi.testclient import TestClient
+
+        assert TestClient(world.app).get("/api/overview").status_code == 401
+        world.client.put("/api/schedules/g1", json=body(group="mail"))
+        world.client.put("/api/schedules/g2", json=body(group="mail"))
+        world.client.put("/api/schedules/u1", json=body())
+        world.client.delete("/api/schedules/g2")
+        run_until(world, T0.replace(minute=15, second=0))
+        assert eventually(lambda: not world.dispatcher.in_flight())
+        overview = world.client.get("/api/overview", params={"runs": 5}).json()
+        assert overview["health"]["status"] == "ok"
+        jobs = {job["name"]: job for job in overview["jobs"]}
+        assert set(jobs) == {"data-refresh", "nightly", "both"}
+        assert [run["outcome"] for run in jobs["data-refresh"]["runs"]] == ["success"]
+        assert jobs["nightly"]["runs"] == [] and jobs["nightly"]["timezone"] == "Asia/Makassar"
+        # g1 and u1 ran at 10:01 (executed), g2 was cancelled
+        assert overview["groups"] == [
+            {"group": None, "active": 0, "ended": 1},
+            {"group": "mail", "active": 0, "ended": 2},
+        ]
+        world.client.put("/api/schedules/g3", json=body(group="mail", schedule="every 1h"))
+        groups = world.client.get("/api/overview").json()["groups"]
+        assert groups[1] == {"group": "mail", "active": 1, "ended": 2}

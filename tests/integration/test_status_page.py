@@ -1,0 +1,207 @@
+"""The status page end to end: headless Chromium (Debian's chromium + chromedriver, driven by
+Selenium) against the real daemon and a loopback target. A screenshot is saved to
+test-artifacts/status-page.png."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration import test_ha as ha
+from tests.integration.conftest import ROOT, Daemon
+from tests.integration.test_ha import Cluster
+from tests.support import RedisServer, Target, free_port
+
+TOKEN = "app-token"
+ADMIN = "page-admin-token"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them: "
+    "apt-get install chromium chromium-driver)",
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                     "--window-size=1400,900", "--disable-gpu"):  # fmt: skip
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    driver.implicitly_wait(0)
+    yield driver
+    driver.quit()
+
+
+def wait(condition: Callable[[], object], timeout: float = 15.0) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = condition()
+        except Exception:  # the element is not there yet, or was just re-rendered
+            value = None
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {condition}")
+
+
+def test_the_page_lists_jobs_triggers_pauses_and_refuses_a_wrong_token(
+    browser: object,
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    jobs = jobs_file(
+        '[jobs.tick]\nschedule = "every 1s"\nendpoint = "/tick"\n'
+        '[jobs.hourly]\nschedule = "every 1h"\nendpoint = "/hourly"\n'
+        '[jobs.berlin]\nschedule = "daily 02:30"\ntimezone = "Europe/Berlin"\nendpoint = "/b"\n'
+    )
+    port = free_port()
+    admin = f"http://127.0.0.1:{port}"
+    process = daemon(
+        API_URL=target.url, SCHEDULER_API_TOKEN=TOKEN, SCHEDULER_JOBS_FILE=str(jobs),
+        SCHEDULER_STATE_URL=f"sqlite:///{tmp_path}/state.db",
+        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
+    )  # fmt: skip
+    wait(lambda: httpx.get(f"{admin}/healthz", timeout=1).status_code == 200)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    created = httpx.put(
+        f"{admin}/api/schedules/remind-1",
+        json={"schedule": f"at {later:%Y-%m-%dT%H:%M:%S}Z", "endpoint": "/r", "group": "reminders"},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    assert created.status_code == 201
+
+    # Without a token: health only.
+    driver.get(admin)
+    assert driver.title == "cronclock status"
+    assert driver.find_element(By.ID, "health").get_attribute("data-status") == "ok"
+    assert driver.find_element(By.ID, "login").is_displayed()
+    assert not driver.find_element(By.ID, "jobs-section").is_displayed()
+    assert "tick" not in driver.find_element(By.TAG_NAME, "body").text
+
+    # A wrong token is refused and forgotten.
+    driver.find_element(By.ID, "token").send_keys("not-the-token")
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait(lambda: "refused" in driver.find_element(By.ID, "login-message").text)
+    assert not driver.find_element(By.ID, "jobs-section").is_displayed()
+    assert driver.execute_script("return sessionStorage.length") == 0
+
+    # The right token: every job, its next run, its runs.
+    driver.find_element(By.ID, "token").send_keys(ADMIN)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait(lambda: driver.find_element(By.ID, "jobs-section").is_displayed())
+    names = [
+        row.get_attribute("data-job")
+        for row in driver.find_elements(By.CSS_SELECTOR, "#jobs tbody tr")
+    ]
+    assert names == ["tick", "hourly", "berlin"]
+    row = driver.find_element(By.CSS_SELECTOR, 'tr[data-job="berlin"]')
+    assert "Europe/Berlin" in row.text and "UTC" in row.text and "in " in row.text
+    wait(
+        lambda: (
+            len(
+                driver.find_elements(
+                    By.CSS_SELECTOR, 'tr[data-job="tick"] .strip li[data-outcome="success"]'
+                )
+            )
+            >= 3
+        )
+    )
+    cell = driver.find_element(
+        By.CSS_SELECTOR, 'tr[data-job="tick"] .strip li[data-outcome="success"]'
+    )
+    assert "success" in (cell.get_attribute("title") or "") and "HTTP 200" in (
+        cell.get_attribute("title") or ""
+    )
+    assert "late " in (cell.get_attribute("title") or "")
+    groups = driver.find_element(By.ID, "groups").text
+    assert "reminders" in groups and "1" in groups
+    headers = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "#jobs thead th[scope=col]")]
+    assert headers[:4] == ["Job", "Schedule", "Time zone", "Next run"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "status-page.png"))
+
+    # Trigger: a call reaches the target.
+    driver.find_element(By.CSS_SELECTOR, 'button[aria-label="Trigger hourly now"]').click()
+    assert target.wait_for(lambda calls: any(c.path == "/hourly" for c in calls), timeout=15)
+    hourly = target.calls("/hourly")[0]
+    assert (hourly.header("Idempotency-Key") or "").startswith("hourly@manual-")
+    wait(lambda: "hourly: triggered" in driver.find_element(By.ID, "message").text)
+
+    # Pause: shown as paused after a refresh, and the button offers resume.
+    driver.find_element(By.CSS_SELECTOR, 'button[aria-label="Pause tick"]').click()
+    wait(
+        lambda: (
+            "paused"
+            in driver.find_element(By.CSS_SELECTOR, 'tr[data-job="tick"] td:nth-of-type(4)').text
+        )
+    )
+    assert driver.find_elements(By.CSS_SELECTOR, 'button[aria-label="Resume tick"]')
+    status = httpx.get(f"{admin}/api/jobs/tick", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert status.json()["paused"] is True
+    driver.refresh()  # still signed in (this tab's sessionStorage), still paused
+    wait(lambda: "paused" in driver.find_element(By.CSS_SELECTOR, 'tr[data-job="tick"]').text)
+
+    # The token is in no URL and no log line; the page broke no rule of its CSP.
+    assert ADMIN not in driver.current_url
+    # (the network log holds the wrong token's expected 401; a CSP breach is a console error)
+    severe = [
+        e for e in driver.get_log("browser") if e["level"] == "SEVERE" and e["source"] != "network"
+    ]
+    assert severe == []
+    assert process.stop() == 0
+    assert ADMIN not in process.log_path.read_text()
+
+
+def test_a_standby_names_its_leader_and_redis_away_shows_unhealthy(
+    browser: object,
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    redis_server: RedisServer,
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    cluster = Cluster(daemon, target, jobs_file('[jobs.a]\nschedule = "every 1h"\nendpoint = "/a"\n'),
+                      redis_server, ttl=3.0)  # fmt: skip
+    replicas = [cluster.add(), cluster.add()]
+    leader = cluster.leader()
+    standby = next(r for r in replicas if r is not leader)
+    leader_name = str(leader.health()["replica"])
+    driver.get(standby.admin)
+    driver.find_element(By.ID, "token").send_keys(ha.ADMIN)
+    driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    banner = wait(lambda: driver.find_element(By.CSS_SELECTOR, ".banner-standby").text)
+    assert f"standby: {leader_name} leads" in str(banner)
+    assert driver.find_element(By.ID, "health").get_attribute("data-status") == "standby"
+    redis_server.stop()
+    alert = wait(lambda: driver.find_element(By.CSS_SELECTOR, ".banner-error").text, timeout=20)
+    assert "Unhealthy" in str(alert) and "Redis" in str(alert)
+    assert driver.find_element(By.ID, "health").get_attribute("data-status") == "unhealthy"
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "status-page-unhealthy-standby.png"))
+    redis_server.start()
+    cluster.stop_all()
