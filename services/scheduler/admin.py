@@ -456,7 +456,6 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
     def view(record: ScheduleRecord, cls: type[ScheduleView] = ScheduleView) -> Any:
         schedules = runtime()
         job = schedules.job(record)
-        spec = ScheduleSpec.model_validate_json(record.spec)
         upcoming = None
         if record.status == "active":
             upcoming = ctx.scheduler.planned_schedule(job.name)
@@ -481,7 +480,7 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             overlap=job.overlap,
             catchup=job.catchup,
             misfire_grace=job.misfire_grace,
-            expires_at=_iso(job.ends) if spec.expires_at is not None else None,
+            expires_at=_iso(job.ends),
             created=format_slot(record.created),
             updated=format_slot(record.updated),
             finished=_iso(record.finished),

@@ -339,6 +339,29 @@ class CallSpec(BaseModel):
             raise ValueError(f"the body takes {size} bytes as JSON; at most {MAX_BODY_BYTES}")
         return value
 
+    def parse_schedule(self, zone: str) -> Schedule:
+        """The schedule in `zone` (unless it names its own), with the DST policy; ScheduleError."""
+        return parse(
+            self.schedule,
+            timezone=zone,
+            dst_gap=self.dst_gap or "shift",
+            dst_repeat=self.dst_repeat or "first",
+        )
+
+    def call_fields(self) -> dict[str, Any]:
+        """The Job fields that say how to call (same for jobs and runtime schedules)."""
+        return {
+            "endpoint": self.endpoint,
+            "method": self.method,
+            "timeout": self.timeout,
+            "headers": tuple(self.headers.items()),
+            "body": self.body,
+            "overlap": self.overlap,
+            "retries": self.retries,
+            "catchup": self.catchup,
+            "misfire_grace": self.misfire_grace,
+        }
+
 
 class JobSpec(CallSpec):
     """One job as configured, before its schedule is parsed."""
@@ -717,12 +740,7 @@ def _build_job(
     zone = spec.timezone or settings.timezone
     schedule_source = sources.get("schedule", "built-in")
     try:
-        schedule = parse(
-            spec.schedule,
-            timezone=zone,
-            dst_gap=spec.dst_gap or "shift",
-            dst_repeat=spec.dst_repeat or "first",
-        )
+        schedule = spec.parse_schedule(zone)
     except ScheduleError as error:
         where = sources.get("timezone", "") if "time zone" in str(error) else schedule_source
         raise ConfigError(f"{where or schedule_source}: job {name!r}: {error}") from None
@@ -737,16 +755,8 @@ def _build_job(
     return Job(
         name=name,
         schedule=schedule,
-        endpoint=spec.endpoint,
-        method=spec.method,
-        timeout=spec.timeout,
-        headers=tuple(spec.headers.items()),
-        body=spec.body,
+        **spec.call_fields(),
         enabled=spec.enabled,
-        overlap=spec.overlap,
-        retries=spec.retries,
-        catchup=spec.catchup,
-        misfire_grace=spec.misfire_grace,
         spread=spec.spread,
         run_on_start=spec.run_on_start,
         source=schedule_source,

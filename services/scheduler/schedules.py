@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 from pydantic import ValidationError, field_validator
 from structlog.typing import FilteringBoundLogger
 
-from schedule_grammar import Once, ScheduleError, parse
+from schedule_grammar import Once, ScheduleError
 
 from .config import CallSpec, Job, format_seconds
 from .state import (
@@ -559,12 +559,7 @@ class RuntimeSchedules:
     def _job(self, id: str, spec: ScheduleSpec, *, revision: int, anchor: datetime) -> Job:
         zone = spec.timezone or self._timezone
         try:
-            schedule = parse(
-                spec.schedule,
-                timezone=zone,
-                dst_gap=spec.dst_gap or "shift",
-                dst_repeat=spec.dst_repeat or "first",
-            )
+            schedule = spec.parse_schedule(zone)
         except ScheduleError as error:
             field = "timezone" if "time zone" in str(error) and spec.timezone else "schedule"
             raise ScheduleInvalid(f"{field}: {error}") from None
@@ -574,15 +569,7 @@ class RuntimeSchedules:
         return Job(
             name=job_name(id),
             schedule=schedule,
-            endpoint=spec.endpoint,
-            method=spec.method,
-            timeout=spec.timeout,
-            headers=tuple(spec.headers.items()),
-            body=spec.body,
-            overlap=spec.overlap,
-            retries=spec.retries,
-            catchup=spec.catchup,
-            misfire_grace=spec.misfire_grace,
+            **spec.call_fields(),
             source="admin API",
             schedule_id=id,
             revision=revision,
