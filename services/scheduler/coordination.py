@@ -1109,10 +1109,6 @@ class RedisSchedules:
                     plan.append((id, _dt(anchor) or _EPOCH, _dt(first)))
         return iter(plan)
 
-    def count_active(self) -> int:
-        key = f"{self._ns}:schedules:status:active"
-        return int(self._call(lambda: self._client.zcard(key)))
-
     def group_counts(self) -> dict[str | None, tuple[int, int]]:
         ns = self._ns
         active_key = f"{ns}:schedules:status:active"

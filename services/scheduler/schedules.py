@@ -33,7 +33,6 @@ from .state import (
 )
 
 ScheduleStatus = Literal["active", "executed", "cancelled", "expired"]
-STATUSES: tuple[ScheduleStatus, ...] = ("active", "executed", "cancelled", "expired")
 Change = Literal["created", "replaced", "unchanged"]
 SCHEDULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
@@ -121,8 +120,6 @@ class ScheduleStore(Protocol):
     def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
         """(id, anchor, first) of every active schedule; job state for them is loaded."""
         ...
-
-    def count_active(self) -> int: ...
 
     def group_counts(self) -> dict[str | None, tuple[int, int]]:
         """Per group (None: no group): how many schedules are active and how many ended."""
@@ -248,10 +245,6 @@ class MemorySchedules:
         with self._lock:
             active = [r for r in self._records.values() if r.status == "active"]
         return iter([(r.id, r.anchor, r.first) for r in active])
-
-    def count_active(self) -> int:
-        with self._lock:
-            return self._active()
 
     def group_counts(self) -> dict[str | None, tuple[int, int]]:
         counts: dict[str | None, tuple[int, int]] = {}
@@ -434,10 +427,6 @@ class SqliteSchedules:
         )
         return ((id, _at(anchor) or _EPOCH, _at(first)) for id, anchor, first in rows)
 
-    def count_active(self) -> int:
-        with self._lock:
-            return self._count()
-
     def group_counts(self) -> dict[str | None, tuple[int, int]]:
         counts: dict[str | None, tuple[int, int]] = {}
         for group, active, total in self._state.read(
@@ -488,7 +477,6 @@ class ScheduleInvalid(ValueError):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Validated:
     spec: ScheduleSpec
-    job: Job
     anchor: datetime
     first: datetime | None
 
@@ -554,7 +542,7 @@ class RuntimeSchedules:
                 f"schedule={spec.schedule!r}: no slot before expires_at={spec.expires_at}; "
                 "it would never fire"
             )
-        return Validated(spec=spec, job=replace(job, anchor=anchor), anchor=anchor, first=first)
+        return Validated(spec=spec, anchor=anchor, first=first)
 
     def _job(self, id: str, spec: ScheduleSpec, *, revision: int, anchor: datetime) -> Job:
         zone = spec.timezone or self._timezone
