@@ -60,6 +60,21 @@ def wait(condition: Callable[[], object], timeout: float = 15.0) -> object:
     raise AssertionError(f"not within {timeout}s: {condition}")
 
 
+def click(driver: object, selector: str) -> None:
+    """Click what `selector` finds; the page re-renders its table every 5 s, so an element found
+    a moment before may be replaced by then: find it again."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    page: WebDriver = driver  # type: ignore[assignment]
+
+    def attempt() -> bool:
+        page.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    wait(attempt)
+
+
 def test_the_page_lists_jobs_triggers_pauses_and_refuses_a_wrong_token(
     browser: object,
     target: Target,
@@ -143,14 +158,14 @@ def test_the_page_lists_jobs_triggers_pauses_and_refuses_a_wrong_token(
     assert driver.save_screenshot(str(ARTIFACTS / "status-page.png"))
 
     # Trigger: a call reaches the target.
-    driver.find_element(By.CSS_SELECTOR, 'button[aria-label="Trigger hourly now"]').click()
+    click(driver, 'button[aria-label="Trigger hourly now"]')
     assert target.wait_for(lambda calls: any(c.path == "/hourly" for c in calls), timeout=15)
     hourly = target.calls("/hourly")[0]
     assert (hourly.header("Idempotency-Key") or "").startswith("hourly@manual-")
     wait(lambda: "hourly: triggered" in driver.find_element(By.ID, "message").text)
 
     # Pause: shown as paused after a refresh, and the button offers resume.
-    driver.find_element(By.CSS_SELECTOR, 'button[aria-label="Pause tick"]').click()
+    click(driver, 'button[aria-label="Pause tick"]')
     wait(
         lambda: (
             "paused"
@@ -191,6 +206,7 @@ def test_a_standby_names_its_leader_and_redis_away_shows_unhealthy(
     leader = cluster.leader()
     standby = next(r for r in replicas if r is not leader)
     leader_name = str(leader.health()["replica"])
+    wait(lambda: standby.health().get("role") == "standby")  # its admin API is up
     driver.get(standby.admin)
     driver.find_element(By.ID, "token").send_keys(ha.ADMIN)
     driver.find_element(By.CSS_SELECTOR, "#login-form button").click()
