@@ -21,6 +21,8 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0  # seconds before answering
+    drip: float = 0.0  # send the body one byte every `drip` seconds (a slow-loris answer)
+    size: int = 0  # answer with a body of this many bytes, streamed (never held in memory)
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,29 @@ class Target:
             if reply.delay:
                 time.sleep(reply.delay)
             data = json.dumps({"status": reply.status}).encode()
+            if reply.drip:
+                data = b"x" * 200
+            length = reply.size or len(data)
             request.send_response(reply.status)
             for name, value in reply.headers.items():
                 request.send_header(name, value)
             request.send_header("Content-Type", "application/json")
-            request.send_header("Content-Length", str(len(data)))
+            request.send_header("Content-Length", str(length))
             request.end_headers()
-            request.wfile.write(data)
+            try:
+                if reply.size:
+                    chunk = b"y" * 65536
+                    for start in range(0, reply.size, len(chunk)):
+                        request.wfile.write(chunk[: reply.size - start])
+                elif reply.drip:
+                    for byte in range(len(data)):
+                        request.wfile.write(data[byte : byte + 1])
+                        request.wfile.flush()
+                        time.sleep(reply.drip)
+                else:
+                    request.wfile.write(data)
+            except OSError:  # the client went away (a bounded read, a timeout)
+                request.close_connection = True
         finally:
             with self._lock:
                 self.active -= 1

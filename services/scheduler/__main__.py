@@ -3,9 +3,17 @@ resume | trigger | schedules."""
 
 from __future__ import annotations
 
+# `python -m services.scheduler`: signal handlers before the slow imports below (the
+# `cronclock` console script installs them in services.scheduler.cli).
+if __name__ == "__main__":
+    from services.scheduler.signals import ProcessSignals
+
+    _EARLY: ProcessSignals | None = ProcessSignals.install()
+else:
+    _EARLY = None
+
 import argparse
 import os
-import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +24,7 @@ import httpx
 from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
-from schedule_grammar import dst_warnings, next_fires
+from schedule_grammar import ScheduleError, dst_warnings, next_fires
 
 from . import __version__
 from .admin import AdminContext, AdminServer, create_app
@@ -37,17 +45,29 @@ from .coordination import open_state
 from .demo import DemoTarget, demo_config
 from .dispatch import Dispatcher, manual_key
 from .schedules import RuntimeSchedules
+from .signals import ProcessSignals
 from .state import StateInUse, open_store
-from .telemetry import Metrics, configure_logging, make_reporter
+from .telemetry import Metrics, ThreadDeaths, configure_logging, make_reporter
 
 EXIT_CONFIG = 2
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    signals: ProcessSignals | None = None,
+) -> int:
+    signals = signals or _EARLY
     parser = _parser()
     args = parser.parse_args(argv)
     env = os.environ if environ is None else environ
     command = args.command or "run"
+    if signals is not None and command not in ("run", "demo"):
+        signals.restore()  # a command that is not a daemon stops as commands do
+        if (code := signals.exit_code()) is not None:
+            return code
+        signals = None
     try:
         if command == "check":
             return cmd_check(load_config(env), sys.stdout)
@@ -56,15 +76,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if command == "fire":
             return cmd_fire(load_config(env), args.job, env)
         if command == "demo":
-            return cmd_demo(args.duration)
+            return cmd_demo(args.duration, signals)
         if command in ("status", "pause", "resume", "trigger"):
             return cmd_admin(load_settings(env), command, getattr(args, "job", None))
         if command == "schedules":
             if args.action is None:
                 parser.parse_args(["schedules", "--help"])
             return cmd_schedules(load_settings(env), args)
-        return cmd_run(env)
-    except ConfigError as error:
+        return cmd_run(env, signals)
+    except (ConfigError, ScheduleError) as error:  # ScheduleError: fires not computable
         print(f"cronclock: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
@@ -350,7 +370,7 @@ def _secret(value: SecretStr | None) -> str | None:
 # -- run / demo -----------------------------------------------------------------------------
 
 
-def cmd_run(env: Mapping[str, str]) -> int:
+def cmd_run(env: Mapping[str, str], signals: ProcessSignals | None = None) -> int:
     config = load_config(env)
     require_auth(config)
     log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
@@ -358,10 +378,10 @@ def cmd_run(env: Mapping[str, str]) -> int:
     def reload() -> tuple[Job, ...]:
         return load_jobs(config.settings, os.environ)
 
-    return serve(config, log=log, clock=SystemClock(), reload=reload)
+    return serve(config, log=log, clock=SystemClock(), reload=reload, signals=signals)
 
 
-def cmd_demo(duration: float | None) -> int:
+def cmd_demo(duration: float | None, signals: ProcessSignals | None = None) -> int:
     target = DemoTarget().start()
     config = demo_config(target.url, target.token)
     log = configure_logging(fmt="console", level="info", stream=sys.stderr)
@@ -372,7 +392,7 @@ def cmd_demo(duration: float | None) -> int:
         flush=True,
     )
     try:
-        return serve(config, log=log, clock=SystemClock(), stop_after=duration)
+        return serve(config, log=log, clock=SystemClock(), stop_after=duration, signals=signals)
     finally:
         target.stop()
 
@@ -384,8 +404,32 @@ def serve(
     clock: Clock,
     reload: Callable[[], tuple[Job, ...]] | None = None,
     stop_after: float | None = None,
+    signals: ProcessSignals | None = None,
 ) -> int:
-    """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop."""
+    """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop,
+    1 when the loop or another internal thread died. `signals`: handlers installed at the
+    start of the process (else serve installs its own and restores them when done)."""
+    own_signals = signals is None
+    signals = signals or ProcessSignals.install()
+    deaths = ThreadDeaths(log, on_death=clock.wake).install()
+    try:
+        return _serve(config, log, clock, reload, stop_after, signals, deaths)
+    finally:
+        signals.detach()
+        deaths.uninstall()
+        if own_signals:
+            signals.restore()
+
+
+def _serve(
+    config: Config,
+    log: FilteringBoundLogger,
+    clock: Clock,
+    reload: Callable[[], tuple[Job, ...]] | None,
+    stop_after: float | None,
+    signals: ProcessSignals,
+    deaths: ThreadDeaths,
+) -> int:
     settings = config.settings
     try:
         opened = open_state(settings, log)
@@ -431,6 +475,18 @@ def serve(
         coordinator=coordinator,
         runtime=runtime,
     )
+
+    def on_stop(name: str) -> None:
+        log.info("stop requested", signal=name)
+        scheduler.stop()
+
+    def on_hup() -> None:
+        log.info("reload requested", signal="SIGHUP")
+        scheduler.request_reload()
+
+    # A signal that came during start-up is delivered now; a stop then ends the daemon
+    # cleanly (exit 0) right after it has started.
+    signals.attach(on_stop=on_stop, on_reload=on_hup if reload is not None else None)
     opened.schedules.watch(scheduler.schedules_changed)
     admin: AdminServer | None = None
     if settings.admin_bind != "off":
@@ -445,6 +501,7 @@ def serve(
             tick_seconds=settings.tick_seconds,
             coordinator=coordinator,
             schedules=runtime,
+            thread_deaths=deaths,
         )
         admin = AdminServer(create_app(context), settings.admin_bind, log)
         try:
@@ -463,23 +520,6 @@ def serve(
             )
         log.info("admin API listening", url=url)
     loop = threading.Thread(target=scheduler.run, name="clock", daemon=True)
-
-    def on_stop(signum: int, frame: object) -> None:
-        log.info("stop requested", signal=signal.Signals(signum).name)
-        scheduler.stop()
-
-    def on_hup(signum: int, frame: object) -> None:
-        log.info("reload requested", signal="SIGHUP")
-        scheduler.request_reload()
-
-    previous = {
-        signum: signal.getsignal(signum)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    }
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    if reload is not None:
-        signal.signal(signal.SIGHUP, on_hup)
     enabled = [job.name for job in config.jobs if job.enabled]
     log.info(
         "cronclock started",
@@ -497,11 +537,11 @@ def serve(
         loop.join(0.2)
         if stop_after is not None and clock.monotonic() - started >= stop_after:
             scheduler.stop()
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
-    crashed = not scheduler.stopping  # the loop ended without being asked to
+        if deaths.reason is not None and not scheduler.stopping:
+            scheduler.stop()
+    crashed = deaths.reason is not None or not scheduler.stopping  # not asked to end
     if crashed:
-        log.error("the clock loop ended unexpectedly; stopping")
+        log.error("the daemon stops unexpectedly", reason=deaths.reason or "the clock loop ended")
     left = dispatcher.shutdown(settings.shutdown_grace_seconds)
     coordinator.stop()
     if admin is not None:

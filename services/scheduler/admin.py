@@ -46,7 +46,7 @@ from .schedules import (
     ScheduleStatus,
 )
 from .state import RunRecord, StateStore, StoreUnavailable
-from .telemetry import Metrics
+from .telemetry import Metrics, ThreadDeaths
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,6 +63,7 @@ class AdminContext:
     tick_seconds: float
     coordinator: Coordinator = field(default_factory=Solo)
     schedules: RuntimeSchedules | None = None
+    thread_deaths: ThreadDeaths | None = None
 
 
 # -- response models ------------------------------------------------------------------------
@@ -307,7 +308,9 @@ def create_app(ctx: AdminContext) -> FastAPI:
         age = ctx.clock.monotonic() - ctx.scheduler.heartbeat
         leadership = ctx.coordinator.status()
         reason = None
-        if ctx.scheduler.stopping:
+        if ctx.thread_deaths is not None and ctx.thread_deaths.reason is not None:
+            reason = ctx.thread_deaths.reason
+        elif ctx.scheduler.stopping:
             reason = "shutting down"
         elif age > 2 * ctx.tick_seconds + 5:
             reason = f"the clock loop has not run for {age:.0f}s"

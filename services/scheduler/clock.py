@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from structlog.typing import FilteringBoundLogger
 
-from schedule_grammar import Once
+from schedule_grammar import Once, ScheduleError
 
 from .config import Job
 from .coordination import Coordinator, Solo
@@ -66,20 +66,44 @@ class Clock(Protocol):
     def wake(self) -> None: ...
 
 
-class SystemClock:
-    """The real clock; `wait` is interruptible by `wake` (signals, reloads, admin actions)."""
+# A sleep looks at the wall clock this often: a step of more than STEP_TOLERANCE (an NTP
+# correction, an operator's `date -s`) ends it, so a slot the step brought nearer is not
+# overslept by up to a tick. NTP's slewing (at most 0.5 ms/s) stays far below it.
+STEP_CHECK_SECONDS = 1.0
+STEP_TOLERANCE_SECONDS = 0.05
 
-    def __init__(self) -> None:
+
+class SystemClock:
+    """The real clock; `wait` is interruptible by `wake` (signals, reloads, admin actions)
+    and ends early when the wall clock steps."""
+
+    def __init__(
+        self,
+        *,
+        wall: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._event = threading.Event()
+        self._wall = wall
+        self._mono = monotonic
 
     def now(self) -> datetime:
-        return datetime.now(UTC)
+        return datetime.fromtimestamp(self._wall(), UTC)
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return self._mono()
 
     def wait(self, timeout: float) -> bool:
-        woken = self._event.wait(max(0.0, timeout))
+        end = self._mono() + max(0.0, timeout)
+        offset = self._wall() - self._mono()
+        woken = False
+        while (left := end - self._mono()) > 0:
+            if self._event.wait(min(left, STEP_CHECK_SECONDS)):
+                woken = True
+                break
+            if abs(self._wall() - self._mono() - offset) > STEP_TOLERANCE_SECONDS:
+                woken = True  # the wall clock stepped: plan again from the new time
+                break
         self._event.clear()
         return woken
 
@@ -230,7 +254,10 @@ class Scheduler:
             if not job.enabled:
                 continue
             last = self._store.job_state(job.name).last_slot
-            upcoming = job.next_slot(max(now, last) if last else now)
+            try:
+                upcoming = job.next_slot(max(now, last) if last else now)
+            except ScheduleError:
+                continue
             if upcoming is not None:
                 projected[job.name] = upcoming
         return projected
@@ -244,8 +271,14 @@ class Scheduler:
     def run(self) -> None:
         self._coordinator.start(self._clock.wake)
         self._metrics.is_leader.set(0)
+        offset = self._clock.now().timestamp() - self._clock.monotonic()
         while not self._stopping.is_set():
             self.heartbeat = self._clock.monotonic()
+            stepped = self._clock.now().timestamp() - self.heartbeat - offset
+            if abs(stepped) >= 1.0:
+                offset += stepped
+                self._log.warning("wall clock stepped; planning from the new time",
+                                  seconds=round(stepped, 3))  # fmt: skip
             try:
                 self._follow_leadership()
             except Exception:  # the caller sees the loop end unasked and exits non-zero
@@ -319,7 +352,10 @@ class Scheduler:
             )
         self._term = term
         for job in self._jobs.values():
-            self._plan_first(job, now)
+            try:
+                self._plan_first(job, now)
+            except ScheduleError as error:
+                self._unplannable(job, error)
         self._has_led = True
         self._plan_schedules(now)
         self._hand_on()
@@ -348,13 +384,15 @@ class Scheduler:
                 continue  # removed or replanned by a reload
             try:
                 self._handle(job, slot, now)
+            except ScheduleError as error:
+                self._unplannable(job, error)
             except Exception:
                 # The slot was popped: plan the job's next one, or it would silently stop.
                 self._log.exception(
                     "handling a slot failed; the job continues", job=name, slot=format_slot(slot)
                 )
                 if self._planned.get(name) == slot:
-                    self._plan(job, job.next_slot(max(slot, now)))
+                    self._replan(job, max(slot, now))
         if due_runtime:
             self._fire_schedules(due_runtime, now)
         self._hand_on()
@@ -363,6 +401,22 @@ class Scheduler:
             self._purge(now)
 
     # -- internals ------------------------------------------------------------------------
+
+    def _replan(self, job: Job, after: datetime) -> None:
+        try:
+            self._plan(job, job.next_slot(after))
+        except ScheduleError as error:
+            self._unplannable(job, error)
+
+    def _unplannable(self, job: Job, error: ScheduleError) -> None:
+        """A schedule whose next fire cannot be computed: the job is not planned (until a
+        reload or a new definition), loudly, and the other jobs go on."""
+        with self._lock:
+            self._planned.pop(job.name, None)
+            self._planned_runtime.pop(job.name, None)
+        self._metrics.planned(job.name, None)
+        self._log.error("job not planned: its schedule cannot be evaluated; fix the "
+                        "schedule and reload", job=job.name, error=str(error))  # fmt: skip
 
     def _plan_first(self, job: Job, now: datetime) -> None:
         if not job.enabled:
@@ -373,9 +427,13 @@ class Scheduler:
             start_slot = now.replace(microsecond=now.microsecond // 1000 * 1000)
             self._log.info("run on start", job=job.name, slot=format_slot(start_slot))
             self._fire(job, [start_slot], job.next_slot(now))
-        last = self._store.job_state(job.name).last_slot
+        state = self._store.job_state(job.name)
+        last = state.last_slot
         if last is None or run_on_start:
             self._plan(job, job.next_slot(now))
+            return
+        if state.uncertain:
+            self._plan_uncertain(job, last, now)
             return
         # Continue after the last handled slot. A wall clock now behind it plans the slot
         # after it anyway: a slot already fired is never fired again.
@@ -384,6 +442,31 @@ class Scheduler:
             self._handle(job, first_due, now, restart=True)
         else:
             self._plan(job, first_due)
+
+    def _plan_uncertain(self, job: Job, last: datetime, now: datetime) -> None:
+        """The shared store lost its data and `last` is only what this replica knew: the
+        previous leader may have fired later slots, so none is caught up (as at a first
+        start); the slots since `last` are recorded as not fired here, with the reason."""
+        first_due = job.next_slot(last)
+        if first_due is not None and first_due <= now:
+            decision = decide(job, first_due, now)
+            unknown = decision.missed + decision.fire
+            count = len(unknown)
+            self._metrics.outcome(job.label, "missed", count)
+            self._store.advance(job.name, unknown[-1])
+            error = (
+                f"{'at least ' if decision.missed_more else ''}{count} slot(s) from "
+                f"{format_slot(unknown[0])} to {format_slot(unknown[-1])} not fired by this "
+                "replica: the shared state was lost (Redis reset); the previous leader may "
+                "have fired them"
+            )
+            self._store.record_run(
+                RunRecord(job=job.name, slot=unknown[-1], key=f"{job.name}@missed", attempt=0,
+                          started=now, outcome="missed", count=count, error=error)
+            )  # fmt: skip
+            self._log.warning("not caught up: the shared state was lost", job=job.name,
+                              slot=format_slot(unknown[-1]), count=count)  # fmt: skip
+        self._plan(job, job.next_slot(max(now, last)))
 
     def _plan(self, job: Job, slot: datetime | None) -> None:
         if job.schedule_id is not None:
@@ -441,7 +524,7 @@ class Scheduler:
 
     def _hand_on(self) -> None:
         """Record every slot of this beat as started (one durable write), then submit them."""
-        handoffs, self._handoffs = self._handoffs, []
+        handoffs, self._handoffs = self._unhanded(self._handoffs), []
         if not handoffs:
             return
         refused = self._store.mark_started(
@@ -467,6 +550,29 @@ class Scheduler:
             self._coordinator.step_down()
             self._step_down()
 
+    def _unhanded(
+        self, handoffs: list[tuple[Job, list[datetime], datetime | None]]
+    ) -> list[tuple[Job, list[datetime], datetime | None]]:
+        """The hand-offs without any slot at or before its job's last handled slot: whatever
+        path planned it (a reload, a clock step, a new term), a slot is handed on once."""
+        kept = []
+        for job, slots, next_slot in handoffs:
+            last = self._store.job_state(job.name).last_slot
+            fresh = []
+            for slot in slots:
+                if last is not None and slot <= last:
+                    self._log.error(
+                        "not handed on again: the slot was already handled (at most once "
+                        "per slot)", job=job.name, slot=format_slot(slot),
+                        last_handled=format_slot(last),
+                    )  # fmt: skip
+                    continue
+                fresh.append(slot)
+                last = slot
+            if fresh:
+                kept.append((job, fresh, next_slot))
+        return kept
+
     def _refused(self, job: Job, slot: datetime, reason: Refusal) -> None:
         """A slot the shared store would not let this replica call."""
         fields = {"job": job.name, "slot": format_slot(slot)}
@@ -488,8 +594,12 @@ class Scheduler:
             outcome, error = "skipped_claimed", "claimed by another replica, which fired it"
             self._log.warning("skipped: slot claimed by another replica", **fields)
         else:
-            outcome, error = "missed", "not fired: the slot could not be claimed (store away)"
-            self._log.error("not fired: the slot could not be claimed", **fields)
+            outcome = "missed"
+            problem = self._store.problem() or "the state store cannot be reached"
+            error = (f"not fired: its start could not be recorded ({problem}); a slot is "
+                     "called only once its start is stored")  # fmt: skip
+            self._log.error("not fired: the slot's start could not be recorded", **fields,
+                            error=problem)  # fmt: skip
         self._metrics.outcome(job.label, outcome)
         self._store.record_run(not_called(job.name, slot, key, outcome, error, self._clock.now()))
 
@@ -565,7 +675,10 @@ class Scheduler:
             for start in range(0, len(read), _LOAD_BATCH):
                 jobs = self._schedule_jobs(read[start : start + _LOAD_BATCH])
                 for job in jobs.values():
-                    self._plan_runtime(job, now, restart=True)
+                    try:
+                        self._plan_runtime(job, now, restart=True)
+                    except ScheduleError as error:
+                        self._unplannable(job, error)
         except StoreUnavailable as error:
             if self._store_trouble.ready():
                 self._log.error("runtime schedules not planned: store unavailable; retrying",
@@ -665,13 +778,15 @@ class Scheduler:
                 continue
             try:
                 self._handle(job, slot, now)
+            except ScheduleError as error:
+                self._unplannable(job, error)
             except Exception:
                 self._log.exception(
                     "handling a slot failed; the schedule continues", job=name,
                     slot=format_slot(slot),
                 )  # fmt: skip
                 if self._planned_runtime.get(name) == slot:
-                    self._plan(job, job.next_slot(max(slot, now)))
+                    self._replan(job, max(slot, now))
 
     def call_finished(self, job: Job, result: CallResult | None, deadline: datetime | None) -> None:
         """A batch of calls is over (from the dispatcher's threads): a runtime schedule
@@ -728,7 +843,10 @@ class Scheduler:
                 self._planned.pop(name, None)
             job = new[name]
             if job.enabled and self._term is not None:  # a standby plans when it leads
-                self._plan(job, job.next_slot(now))
+                # From the last handled slot, never from `now` alone: the slot handed on a
+                # lead ahead (or before a backward clock step) is not planned again.
+                last = self._store.job_state(name).last_slot
+                self._replan(job, max(now, last) if last else now)
         self._log.info(
             "job table reloaded", added=added, removed=removed, changed=changed, jobs=len(new)
         )

@@ -401,6 +401,7 @@ for i = 6, #ARGV, 4 do
   if result ~= 'inactive' and slot ~= ''
       and (not state[2] or tonumber(state[2]) < tonumber(slot)) then
     redis.call('HSET', jk, 'last_slot', slot)
+    redis.call('HDEL', jk, 'restored')
     if not state[2] and not runtime then redis.call('SADD', ns .. ':jobs', job) end
   end
   if result == 'ok' then
@@ -416,9 +417,20 @@ _ADVANCE = """
 local last = redis.call('HGET', KEYS[1], 'last_slot')
 if not last or tonumber(last) < tonumber(ARGV[1]) then
   redis.call('HSET', KEYS[1], 'last_slot', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'restored')
   if string.sub(ARGV[2], 1, 9) ~= 'schedule/' then redis.call('SADD', KEYS[2], ARGV[2]) end
 end
 return 1
+"""
+
+# Who this Redis is: a random value set once. A replica that saw one value and then finds
+# another (or none) knows that Redis lost its data (restarted without persistence, flushed,
+# failed over to an empty replica).
+_INSTANCE = """
+local value = redis.call('GET', KEYS[1])
+if value then return value end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 """
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -470,6 +482,8 @@ class RedisStateStore:
         self._monotonic = monotonic
         self._claim = client.register_script(_CLAIM)
         self._advance = client.register_script(_ADVANCE)
+        self._instance_script = client.register_script(_INSTANCE)
+        self._instance: str | None = None  # the Redis this replica has seen
         self._lock = threading.Lock()
         self._states: dict[str, JobState] = {}
         self._registered: set[str] = set()  # jobs this process has added to ns:jobs
@@ -500,10 +514,17 @@ class RedisStateStore:
             return self._states.get(job, JobState())
 
     def refresh(self) -> None:
-        """Pull every job's state from Redis. A job Redis has no record of (a Redis that lost
-        its data) keeps what this replica knew, written back."""
+        """Pull every job's state from Redis. A job Redis has no record of keeps what this
+        replica knew, written back; when Redis lost its data, that knowledge is marked
+        uncertain (restored), so no leader catches up from it."""
         try:
-            names = sorted(cast(set[str], self._client.smembers(f"{self._ns}:jobs")))
+            pipe = self._client.pipeline(transaction=False)
+            self._instance_script(
+                keys=[f"{self._ns}:instance"], args=[secrets.token_hex(8)], client=pipe
+            )
+            pipe.smembers(f"{self._ns}:jobs")
+            instance, members = pipe.execute()
+            names = sorted(cast(set[str], members))
             pipe = self._client.pipeline(transaction=False)
             for name in names:
                 pipe.hgetall(self._job_key(name))
@@ -513,7 +534,18 @@ class RedisStateStore:
             return
         self._healthy()
         fetched = {name: _job_state(row) for name, row in zip(names, rows, strict=True) if row}
+        reset = self._instance is not None and instance != self._instance
+        self._instance = instance
+        if reset:
+            self._log.error(
+                "Redis lost its state (its data was reset); slots this replica cannot be "
+                "sure about are not fired, and the state it knew is written back as restored",
+                redis=self._where,
+                jobs=len(self._states),
+            )
         with self._lock:
+            if reset:
+                self._states = {n: replace(s, uncertain=True) for n, s in self._states.items()}
             lost = {n: s for n, s in self._states.items() if n not in fetched and not is_runtime(n)}
             runtime = {n: s for n, s in self._states.items() if is_runtime(n)}
             self._states = (
@@ -578,7 +610,7 @@ class RedisStateStore:
             for (job, slot, key), result in zip(handed, results, strict=True):
                 state = self._states.get(job, JobState())
                 if state.last_slot is None or slot > state.last_slot:
-                    state = replace(state, last_slot=slot)
+                    state = replace(state, last_slot=slot, uncertain=False)
                 if result != "ok":
                     refused[key] = cast(Refusal, result)
                     state = replace(state, paused=state.paused or result == "paused")
@@ -618,7 +650,7 @@ class RedisStateStore:
         with self._lock:
             state = self._states.get(job, JobState())
             if state.last_slot is None or slot > state.last_slot:
-                self._states[job] = replace(state, last_slot=slot)
+                self._states[job] = replace(state, last_slot=slot, uncertain=False)
         job_key, jobs_key, value = self._job_key(job), f"{self._ns}:jobs", _us(slot)
         self._enqueue(
             lambda pipe: self._advance(keys=[job_key, jobs_key], args=[value, job], client=pipe)
@@ -811,6 +843,7 @@ def _job_state(row: dict[str, str]) -> JobState:
         last_run=_dt(row.get("last_run")),
         last_success=_dt(row.get("last_success")),
         paused=row.get("paused") == "1",
+        uncertain=row.get("restored") == "1",
     )
 
 
@@ -823,7 +856,9 @@ def _merge(local: JobState | None, fetched: JobState) -> JobState:
     if local.last_slot is not None and (
         fetched.last_slot is None or local.last_slot > fetched.last_slot
     ):
-        merged = replace(merged, last_slot=local.last_slot)
+        merged = replace(merged, last_slot=local.last_slot, uncertain=local.uncertain)
+    elif local.uncertain and local.last_slot == fetched.last_slot:
+        merged = replace(merged, uncertain=True)
     if local.last_run is not None and (
         fetched.last_run is None or local.last_run > fetched.last_run
     ):
@@ -854,6 +889,8 @@ def _write_state(ns: str, job: str, state: JobState) -> Op:
     fields = _outcome_fields(state) | {"paused": int(state.paused)}
     if state.last_slot is not None:
         fields["last_slot"] = _us(state.last_slot)
+    if state.uncertain:
+        fields["restored"] = 1
 
     def write(pipe: Any) -> None:
         pipe.hset(f"{ns}:job:{job}", mapping=fields)

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
+import httpcore
 import httpx
 from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
@@ -31,6 +32,10 @@ RETRY_AFTER_CAP_SECONDS = 3600.0
 LATE_WARNING_SECONDS = 1.0
 CONNECT_RETRY_DELAY_SECONDS = 0.2
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# Of an answer, at most this much is read (the rest is dropped with the connection), and the
+# first ERROR_TEXT_CHARS of it go into the run's error text.
+BODY_READ_CAP = 64 * 1024
+ERROR_TEXT_CHARS = 200
 
 
 def classify(status: int) -> OutcomeClass:
@@ -98,6 +103,103 @@ class CallResult:
     duration: float
 
 
+# -- the wire: one deadline for the whole exchange -------------------------------------------
+#
+# httpx's timeouts bound each socket operation, so an answer dripped one byte at a time never
+# times out. The network backend below bounds every connect, read and write by what is left
+# of the current call's deadline, kept per thread (each call runs on one pool thread).
+
+_deadline = threading.local()
+
+
+def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
+    until: float | None = getattr(_deadline, "until", None)
+    if until is None:
+        return timeout
+    left = until - time.monotonic()
+    if left <= 0:
+        raise error("the job's timeout ran out")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: Any,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, bounded, local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Any = None
+    ) -> httpcore.NetworkStream:
+        bounded = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, bounded, socket_options))
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def http_client(max_concurrency: int) -> httpx.Client:
+    """The client calls go out on: keep-alive connections whose every socket operation is
+    bounded by the call's deadline."""
+    limits = httpx.Limits(
+        max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+    )
+    context = httpx.create_ssl_context()
+    transport = httpx.HTTPTransport(verify=context, limits=limits)
+    # httpx takes no network backend, so the transport's pool is rebuilt with ours.
+    transport._pool = httpcore.ConnectionPool(
+        ssl_context=context,
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=_DeadlineBackend(),
+    )
+    return httpx.Client(transport=transport)
+
+
+def _error_text(status: int, prefix: bytes) -> str:
+    """`HTTP 500: <the answer's first characters>`, on one line, printable."""
+    text = " ".join(prefix.decode("utf-8", "replace").split())[:ERROR_TEXT_CHARS]
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+
 class Dispatcher:
     """Runs calls on a pool of `max_concurrency` threads; never the same job twice at once
     unless its overlap policy is `allow`."""
@@ -133,10 +235,7 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._stopping = threading.Event()
         self._sleep = sleep or self._stopping.wait
-        limits = httpx.Limits(
-            max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-        )
-        self._client = client or httpx.Client(limits=limits)
+        self._client = client or http_client(max_concurrency)
         self._base = httpx.URL(api_url.rstrip("/"))
         self._urls: dict[str, httpx.URL] = {}
         self._pause = pause
@@ -414,12 +513,16 @@ class Dispatcher:
         status: int | None = None
         retry_after: float | None = None
         unsent = False
+        _deadline.until = time.monotonic() + job.timeout
         try:
-            response = self._client.send(request, follow_redirects=False)
-            response.close()
-            status = response.status_code
-            kind = classify(status)
-            error = None if kind == "success" else f"HTTP {status}"
+            response = self._client.send(request, follow_redirects=False, stream=True)
+            try:
+                status = response.status_code
+                kind = classify(status)
+                prefix = self._read_prefix(response)
+            finally:
+                response.close()  # what was not read is dropped with the connection
+            error = None if kind == "success" else _error_text(status, prefix)
             if kind == "transient":
                 retry_after = parse_retry_after(
                     response.headers.get("Retry-After"), self._clock.now()
@@ -431,6 +534,8 @@ class Dispatcher:
             kind, error = "transient", f"timed out after {job.timeout:g}s"
         except httpx.HTTPError as failure:
             kind, error = "transient", f"{type(failure).__name__}: {failure}"
+        finally:
+            _deadline.until = None
         return Sent(
             kind=kind,
             status=status,
@@ -440,6 +545,21 @@ class Dispatcher:
             started=started,
             duration=self._clock.monotonic() - t0,
         )
+
+    @staticmethod
+    def _read_prefix(response: httpx.Response) -> bytes:
+        """Read at most BODY_READ_CAP bytes of the answer (so a connection whose answer was
+        short is kept alive); the first of them explain a failure."""
+        if response.is_stream_consumed:  # an answer built in memory (a mock transport)
+            return response.content[: ERROR_TEXT_CHARS * 4]
+        kept, read = b"", 0
+        for chunk in response.iter_raw(16384):
+            if len(kept) < ERROR_TEXT_CHARS * 4:
+                kept += chunk[: ERROR_TEXT_CHARS * 4 - len(kept)]
+            read += len(chunk)
+            if read >= BODY_READ_CAP:
+                break
+        return kept
 
     def _backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: 1s, 2s, 4s ... capped at 60s, each times 0.5-1."""

@@ -523,6 +523,12 @@ class RuntimeSchedules:
             shown = f"={detail['input']!r}" if detail["type"] != "missing" else ""
             raise ScheduleInvalid(f"{where}{shown[:200]}: {message}") from None
         job = self._job(id, spec, revision=0, anchor=now)
+        try:
+            return self._first(spec, job, now)
+        except ScheduleError as error:  # a schedule whose next fire cannot be computed
+            raise ScheduleInvalid(f"schedule={spec.schedule!r}: {error}") from None
+
+    def _first(self, spec: ScheduleSpec, job: Job, now: datetime) -> Validated:
         anchor = now
         if isinstance(job.schedule, Once):
             at = job.schedule.next_after(_EPOCH)

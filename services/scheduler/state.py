@@ -8,9 +8,14 @@ through to disk, so a restart continues where the last process stopped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
+import socket
 import sqlite3
+import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -67,6 +72,9 @@ class JobState:
     last_run: datetime | None = None
     last_success: datetime | None = None
     paused: bool = False
+    # Restored by a replica after the shared store (Redis) lost its data: this replica may
+    # not know every slot the previous leader fired, so nothing is caught up from it.
+    uncertain: bool = False
 
 
 class StateStore(Protocol):
@@ -179,6 +187,11 @@ class MemoryStateStore:
     def mark_finished(self, job: str, key: str) -> None:
         with self._lock:
             self._in_flight.pop(key, None)
+
+    def in_flight(self) -> dict[str, tuple[str, datetime, datetime]]:
+        """key -> (job, slot, since) of the calls started and not finished."""
+        with self._lock:
+            return dict(self._in_flight)
 
     def recover_interrupted(self, now: datetime) -> list[RunRecord]:
         with self._lock:
@@ -311,6 +324,16 @@ def _dt(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
+class _Commit:
+    """A waiter's view of its write: set once committed (`ok`) or refused."""
+
+    __slots__ = ("event", "ok")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.ok = False
+
+
 class UnusableStateFile(Exception):
     """The state file is corrupt or from a newer cronclock."""
 
@@ -342,13 +365,14 @@ class SqliteStateStore:
         self._complaints = Throttle(monotonic=monotonic)  # "not written" once a minute
         self._dirty = False  # job state changed while the disk refused writes
         self._records = 0
-        self._queue: list[tuple[list[Statement], threading.Event | None]] = []
+        self._queue: list[tuple[list[Statement], _Commit | None]] = []
         self._queue_changed = threading.Condition()
         self._committing = False
         self._flushers = 0  # threads waiting in flush(): the writer commits at once
         self._closed = False
+        self._dead: str | None = None  # why the writer thread stopped, if it did
         self._db: sqlite3.Connection | None = None
-        self._lock_file = _lock_exclusively(path)
+        self._lock_file = StateLock.acquire(path)
         try:
             self._db = self._open()
         except UnusableStateFile as error:
@@ -364,6 +388,7 @@ class SqliteStateStore:
             self._degrade(f"cannot open {path}: {error}")
         except OSError as error:
             self._degrade(f"cannot open {path}: {error.strerror or error}")
+        self._identity = _identity(path)
         if self._db is not None:
             self._load()
         self._writer = threading.Thread(
@@ -448,21 +473,43 @@ class SqliteStateStore:
     # for the disk. Only mark_started and set_paused wait for their commit: a slot must be
     # on disk before its call, and a pause before it is acknowledged.
 
-    def _write(self, statements: list[Statement], *, wait: bool = False) -> None:
-        done = threading.Event() if wait else None
+    def _write(self, statements: list[Statement], *, wait: bool = False) -> bool:
+        """Queue statements for the writer; with `wait`, True once they are committed."""
+        done = _Commit() if wait else None
         with self._queue_changed:
+            if self._dead is not None:
+                return False
             if self._closed:
-                self._commit(statements)  # after close: write through, in the caller
-                return
+                return self._commit(statements)  # after close: write through, in the caller
             self._queue.append((statements, done))
             # Wake the writer for the first item or for a waiter; others ride along in the
             # transaction it is gathering (waking it per call would cost the calls CPU).
             if done is not None or len(self._queue) == 1:
                 self._queue_changed.notify_all()
-        if done is not None:
-            done.wait()
+        if done is None:
+            return False
+        done.event.wait()
+        return done.ok
 
     def _drain_forever(self) -> None:
+        try:
+            self._drain()
+        except BaseException as error:
+            # Nobody may wait for a writer that is gone: release every waiter (their writes
+            # failed), refuse writes from now on, and let the thread die loudly (the daemon's
+            # thread hook turns health 503 and stops the process).
+            with self._queue_changed:
+                self._dead = f"the state writer thread stopped: {type(error).__name__}: {error}"
+                self._problem = self._dead
+                batch, self._queue = self._queue, []
+                self._committing = False
+                self._queue_changed.notify_all()
+            for _, done in batch:
+                if done is not None:
+                    done.event.set()
+            raise
+
+    def _drain(self) -> None:
         while True:
             with self._queue_changed:
                 while not self._queue and not self._closed:
@@ -481,13 +528,20 @@ class SqliteStateStore:
                     self._queue_changed.wait(left)
                 batch, self._queue = self._queue, []
                 self._committing = True
-            self._commit([statement for statements, _ in batch for statement in statements])
+            try:
+                ok = self._commit(
+                    [statement for statements, _ in batch for statement in statements]
+                )
+            except BaseException:
+                self._queue[:0] = batch  # released as failed by _drain_forever
+                raise
             with self._queue_changed:
                 self._committing = False
                 self._queue_changed.notify_all()
             for _, done in batch:
                 if done is not None:
-                    done.set()
+                    done.ok = ok
+                    done.event.set()
 
     def flush(self) -> None:
         """Wait until everything queued is committed (or refused)."""
@@ -495,18 +549,20 @@ class SqliteStateStore:
             self._flushers += 1
             self._queue_changed.notify_all()
             try:
-                while self._queue or self._committing:
+                while (self._queue or self._committing) and self._dead is None:
                     self._queue_changed.wait()
             finally:
                 self._flushers -= 1
 
-    def _commit(self, statements: list[Statement]) -> None:
-        """Run statements in one transaction; on failure keep going in memory."""
+    def _commit(self, statements: list[Statement]) -> bool:
+        """Run statements in one transaction; True when committed. On failure the job state
+        stays in memory and is written whole once the file accepts writes again."""
         with self._lock:
+            self._follow_path()
             if self._db is None:
                 self._dirty = True
                 self._complain()
-                return
+                return False
             try:
                 self._db.execute("BEGIN IMMEDIATE")
                 if self._dirty:
@@ -518,10 +574,42 @@ class SqliteStateStore:
                 self._rollback()
                 self._dirty = True
                 self._degrade(f"cannot write {self.path}: {error}")
-                return
+                return False
             if self._problem is not None:
-                self._log.info("state file writable again", state_file=str(self.path))
+                self._log.info("state file writable again; firing resumes",
+                               state_file=str(self.path))  # fmt: skip
             self._problem, self._dirty = None, False
+            return True
+
+    def _follow_path(self) -> None:
+        """The state file must still be the one this process opened: a deleted or replaced
+        file (`rm -rf` of the state directory, a tmp cleaner) is re-created at its path and
+        the job state kept in memory written to it whole. The lock survives the deletion
+        (see StateLock), so no other process can have started on the path meanwhile."""
+        if self._db is None or self._lock_file is None:
+            return
+        if self._lock_file.current() and _identity(self.path) == self._identity:
+            return
+        self._log.error(
+            "state file deleted or replaced while running; re-creating it with the job "
+            "state kept in memory (run history before now is lost)",
+            state_file=str(self.path),
+        )
+        self._db.close()
+        self._db = None
+        try:
+            self._lock_file.renew()
+            self._db = self._open()
+        except (sqlite3.Error, OSError, UnusableStateFile) as error:
+            self._degrade(f"cannot re-create {self.path}: {error}")
+            return
+        self._identity = _identity(self.path)
+        self._dirty = True
+        for key, (job, slot, since) in self._memory.in_flight().items():
+            self._db.execute(
+                "INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
+                (key, job, _us(slot), _us(since)),
+            )
 
     def _rollback(self) -> None:
         assert self._db is not None
@@ -535,7 +623,7 @@ class SqliteStateStore:
     def _complain(self) -> None:
         if self._complaints.ready():
             self._log.error(
-                "state not written to disk; firing continues with in-memory state",
+                "state not written to disk; slots are not fired until it can be written",
                 state_file=str(self.path),
                 error=self._problem,
             )
@@ -567,8 +655,14 @@ class SqliteStateStore:
              (key, job, _us(slot), since))
             for job, slot, key in handed
         ]  # fmt: skip
-        self._write(statements, wait=True)
-        return {}
+        if self._write(statements, wait=True):
+            return {}
+        # The starts are not on disk, so a process killed now would fire these slots again
+        # after its restart: they are not called (at most once per slot). Memory keeps them
+        # handled, and the file gets them when it accepts writes again.
+        for job, _, key in handed:
+            self._memory.mark_finished(job, key)
+        return {key: "unavailable" for _, _, key in handed}
 
     def claim(self, job: str, key: str) -> Refusal | None:
         return None
@@ -669,6 +763,15 @@ class SqliteStateStore:
         self._memory.forget(job)
 
     def problem(self) -> str | None:
+        lock = self._lock_file
+        if (
+            self._problem is None
+            and self._db is not None
+            and lock is not None
+            and (not lock.current() or _identity(self.path) != self._identity)
+        ):
+            self._write([])  # the writer re-creates the file at once
+            return f"{self.path} was deleted or replaced; re-creating it"
         return self._problem
 
     # -- for the runtime schedules kept in the same file (SqliteSchedules) -------------------
@@ -693,7 +796,7 @@ class SqliteStateStore:
         with self._queue_changed:
             self._closed = True
             self._queue_changed.notify_all()
-        self._writer.join()
+        self._writer.join(10)  # a dead writer has already released its waiters
         with self._lock:
             if self._db is not None:
                 try:
@@ -711,11 +814,66 @@ class StateInUse(Exception):
     """Another live cronclock process holds this state file."""
 
 
-def _lock_exclusively(path: Path) -> TextIO | None:
-    """Hold `<state file>.lock` for the life of the store: two processes planning from one
-    SQLite file would both fire every slot. None when the directory cannot be written (the
-    store then runs degraded, in memory, and says so)."""
-    lock_path = path.with_name(path.name + ".lock")
+class StateLock:
+    """One process per state file, held for the life of the store: two processes planning
+    from one SQLite file would both fire every slot.
+
+    Two locks: `flock` on `<state file>.lock` (seen by every process that opens that file,
+    in any container), and an abstract unix socket named after the file's path and file
+    system, which lives in the kernel, so it survives the state directory being deleted: a
+    second daemon started on the same path then is refused even though the lock file is gone.
+    """
+
+    def __init__(self, path: Path, handle: TextIO, beacon: socket.socket | None) -> None:
+        self._path = path.with_name(path.name + ".lock")
+        self._handle = handle
+        self._beacon = beacon
+
+    @classmethod
+    def acquire(cls, path: Path) -> StateLock | None:
+        """None when the directory cannot be written (the store then says so)."""
+        beacon = _beacon(path)
+        try:
+            handle = _flock(path.with_name(path.name + ".lock"))
+        except BaseException:
+            if beacon is not None:
+                beacon.close()
+            raise
+        if handle is None:
+            if beacon is not None:
+                beacon.close()
+            return None
+        return cls(path, handle, beacon)
+
+    def current(self) -> bool:
+        """True while the lock file at the path is the one this process holds."""
+        try:
+            return _identity(self._path) == _identity_of(self._handle)
+        except OSError:
+            return False
+
+    def renew(self) -> None:
+        """Lock the file at the path again (after it was deleted)."""
+        handle = _flock(self._path)
+        if handle is None:
+            raise OSError(f"cannot create {self._path}")
+        self._handle.close()
+        self._handle = handle
+
+    def close(self) -> None:
+        self._handle.close()  # releases the flock
+        if self._beacon is not None:
+            self._beacon.close()
+
+
+def _in_use(path: Path, holder: str) -> StateInUse:
+    return StateInUse(
+        f"{path} is in use by another cronclock process (pid {holder}); run one process "
+        "per SQLite file, or redis:// state for several replicas"
+    )
+
+
+def _flock(lock_path: Path) -> TextIO | None:
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         handle = lock_path.open("a+")
@@ -727,15 +885,60 @@ def _lock_exclusively(path: Path) -> TextIO | None:
         handle.seek(0)
         holder = handle.read().strip() or "unknown"
         handle.close()
-        raise StateInUse(
-            f"{path} is in use by another cronclock process (pid {holder}); run one process "
-            "per SQLite file, or redis:// state for several replicas"
-        ) from None
+        raise _in_use(lock_path.with_suffix(""), holder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def _beacon(path: Path) -> socket.socket | None:
+    """Listen on the abstract socket of this state file; StateInUse when another process
+    does. None where abstract sockets do not exist (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    absolute = Path(os.path.abspath(path))
+    anchor = next((p for p in (absolute, *absolute.parents) if p.exists()), Path("/"))
+    digest = hashlib.sha256(f"{absolute}\0{anchor.stat().st_dev}".encode()).hexdigest()[:40]
+    name = f"\0cronclock-state-{digest}"
+    beacon = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        beacon.bind(name)
+        beacon.listen(1)
+    except OSError as error:
+        beacon.close()
+        if error.errno != errno.EADDRINUSE:
+            return None
+        raise _in_use(path, _peer_pid(name)) from None
+    return beacon
+
+
+def _peer_pid(name: str) -> str:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1)
+        probe.connect(name)
+        credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        return str(struct.unpack("3i", credentials)[0])
+    except OSError:
+        return "unknown"
+    finally:
+        probe.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _identity_of(handle: TextIO) -> tuple[int, int]:
+    stat = os.fstat(handle.fileno())
+    return stat.st_dev, stat.st_ino
 
 
 def _upsert(name: str, state: JobState) -> Statement:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -177,3 +178,41 @@ class Throttle:
             return False
         self._last = now
         return True
+
+
+class ThreadDeaths:
+    """The first uncaught exception of any internal thread (state writer, lease, admin
+    server, ...). A daemon missing one of its threads may look alive while it fires nothing:
+    health turns 503 at once and the process stops with exit 1, so a supervisor restarts it."""
+
+    def __init__(self, log: FilteringBoundLogger, on_death: Callable[[], None]) -> None:
+        self._log = log
+        self._on_death = on_death
+        self.reason: str | None = None
+        self._previous: Callable[[threading.ExceptHookArgs], Any] | None = None
+
+    def install(self) -> ThreadDeaths:
+        self._previous = threading.excepthook
+        threading.excepthook = self._hook
+        return self
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            threading.excepthook = self._previous
+            self._previous = None
+
+    def _hook(self, args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "unknown"
+        if self.reason is None:
+            error = f"{args.exc_type.__name__}: {args.exc_value}"
+            self.reason = f"internal thread {name!r} died: {error}"
+        self._log.error(
+            "internal thread died; the daemon stops so that it is restarted",
+            thread=name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+            if args.exc_value is not None
+            else None,
+        )
+        self._on_death()

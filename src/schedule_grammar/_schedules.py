@@ -19,6 +19,19 @@ _MICROSECOND = timedelta(microseconds=1)
 _UNITS = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
 # How far back a `dst_repeat="last"` walk looks: longer than any repeated period on record.
 _REPEAT_LOOKBACK = timedelta(hours=25)
+# Every search for a next fire gives up after this many candidates with a ScheduleError, so
+# no evaluator bug (a cron walk that cycles, say) can freeze the daemon's loop or a request.
+# Real schedules need far fewer: the longest skip is a repeated hour of 6-field cron seconds.
+MAX_STEPS = 100_000
+
+
+def _stuck(schedule: Schedule, dt: datetime) -> ScheduleError:
+    return ScheduleError(
+        f"{schedule.describe()!r}: no next fire found after {dt.isoformat()} within "
+        f"{MAX_STEPS:,} steps; the evaluator does not advance for this schedule (please "
+        "report it); write it another way meanwhile"
+    )
+
 
 DstGap = Literal["shift", "skip"]
 DstRepeat = Literal["first", "last", "both"]
@@ -175,7 +188,7 @@ class _WallSequence(Schedule, ABC):
         if repeat == "last":
             # A wall time behind `dt`'s may still have its second copy ahead of `dt`.
             wall -= _REPEAT_LOOKBACK
-        while True:
+        for _ in range(MAX_STEPS):
             nominal = self.next_nominal(wall)
             if nominal is None:
                 return None
@@ -184,7 +197,10 @@ class _WallSequence(Schedule, ABC):
             # fired (first occurrence), so keep walking until the fire is really after `dt`.
             if instant is not None and instant > dt:
                 return instant
+            if nominal <= wall:
+                raise _stuck(self, dt)  # a walk that does not move forward never ends
             wall = nominal
+        raise _stuck(self, dt)
 
     def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
         nominal = self.next_nominal(start - _MICROSECOND)
@@ -315,11 +331,13 @@ class Cron(_WallSequence):
         # the two to it), so hand it the aware time; only the second copy of a repeated hour
         # needs the loop, where cronsim's wall-clock walk answers a time before `dt`.
         _require_aware(dt)
-        for fire in CronSim(self.fields, dt.astimezone(self.tzinfo)):
+        for step, fire in enumerate(CronSim(self.fields, dt.astimezone(self.tzinfo))):
             instant = fire.astimezone(UTC)
             if instant > dt:
                 return instant
-        return None
+            if step >= MAX_STEPS:
+                raise _stuck(self, dt)
+        return None  # cronsim ran out of fires (none within its horizon)
 
     def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
         if not self.wall_clock_times:

@@ -126,3 +126,42 @@ class TestSecondsToSchedule:
     def test_it_rejects_what_is_not_a_positive_whole_number(self, value: object) -> None:
         with pytest.raises(ScheduleError, match="whole number of seconds above 0"):
             seconds_to_schedule(value)  # type: ignore[arg-type]
+
+
+class TestEveryComputationIsBounded:
+    """Issue 15.9: no evaluator bug may freeze the loop or a request."""
+
+    def test_a_cron_walk_that_does_not_advance_ends_with_a_clear_error(self) -> None:
+        from datetime import UTC, datetime
+
+        from schedule_grammar import ScheduleError, parse
+
+        schedule = parse("cron */5 3 * * * in Pacific/Chatham")
+        after = datetime(2026, 4, 4, 13, 55, tzinfo=UTC)
+        try:
+            fire = schedule.next_after(after)
+        except ScheduleError as error:  # until the evaluator is fixed (issue 17)
+            assert "no next fire found" in str(error)
+            assert "'cron */5 3 * * * in Pacific/Chatham'" in str(error)
+        else:  # it returns or says why; it never hangs
+            assert fire is not None and fire > after
+
+    def test_a_wall_clock_walk_that_does_not_advance_ends_with_a_clear_error(self) -> None:
+        from datetime import UTC, datetime
+
+        import pytest
+
+        from schedule_grammar import ScheduleError, parse
+
+        schedule = parse("daily 03:00")
+        stuck = type(schedule).next_nominal
+
+        def frozen(self: object, wall: datetime) -> datetime:
+            return wall  # a bug: never moves forward
+
+        type(schedule).next_nominal = frozen  # type: ignore[method-assign,assignment]
+        try:
+            with pytest.raises(ScheduleError, match="no next fire found"):
+                schedule.next_after(datetime(2026, 4, 4, tzinfo=UTC))
+        finally:
+            type(schedule).next_nominal = stuck  # type: ignore[method-assign]

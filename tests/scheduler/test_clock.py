@@ -191,6 +191,57 @@ class TestReload:
         assert {name for name, _, _ in firer.fired} == {"a", "c"}
         assert all(slot.minute % 2 == 0 for slot in firer.slots("a"))
 
+    @pytest.mark.parametrize("overlap", ["skip", "queue", "allow"])
+    def test_a_reload_just_before_a_slot_does_not_hand_that_slot_on_again(
+        self, overlap: str
+    ) -> None:
+        # Issue 15.1: the loop hands a slot on `lead` ahead of its instant; a reload of the
+        # changed job in that window planned from `now` and handed the same slot on again.
+        table = [job("a", "every 1m", overlap=overlap)]
+        clock = VirtualClock(utc(2026, 11, 22, 10, 0, 30))
+        firer, store = RecordingFirer(), MemoryStateStore()
+        scheduler = Scheduler(jobs=table, firer=firer, store=store, clock=clock,
+                              log=structlog.get_logger(), tick_seconds=30,
+                              reload=lambda: tuple(table), lead_seconds=0.05)  # fmt: skip
+        scheduler.start(clock.now())
+        clock.set(utc(2026, 11, 22, 10, 0, 59, 970_000))  # 30 ms before 10:01
+        scheduler.fire_due(clock.now())
+        assert firer.slots("a") == [utc(2026, 11, 22, 10, 1)]
+        table[:] = [job("a", "every 1m", overlap=overlap, timeout=5.0)]  # changed
+        scheduler._do_reload()
+        run_for(scheduler, clock, 120)
+        slots = firer.slots("a")
+        assert slots == [
+            utc(2026, 11, 22, 10, 1),
+            utc(2026, 11, 22, 10, 2),
+            utc(2026, 11, 22, 10, 3),
+        ]
+
+    def test_a_reload_after_a_backward_clock_step_plans_after_the_last_handled_slot(
+        self,
+    ) -> None:
+        table = [job("a", "every 1m", overlap="allow")]
+        scheduler, clock, firer, _ = make(*table, reload=lambda: tuple(table))
+        run_for(scheduler, clock, 180)
+        handled = firer.slots("a")
+        clock.set(clock.now() - timedelta(seconds=150))  # behind three handled slots
+        table[:] = [job("a", "every 1m", overlap="allow", retries=1)]
+        scheduler._do_reload()
+        run_for(scheduler, clock, 300)
+        slots = firer.slots("a")
+        assert len(slots) == len(set(slots)), slots
+        assert slots[: len(handled)] == handled and slots == sorted(slots)
+
+    def test_a_slot_already_handed_on_is_never_handed_on_again(self) -> None:
+        # The structural guard behind every planning path: the loop compares each slot with
+        # the job's last handled slot before it is marked started.
+        scheduler, clock, firer, _ = make(job("a", "every 1m", overlap="allow"))
+        run_for(scheduler, clock, 120)
+        again = firer.slots("a")[-1]
+        scheduler._fire(scheduler.jobs()["a"], [again], None)
+        scheduler._hand_on()
+        assert firer.slots("a").count(again) == 1
+
     def test_an_invalid_table_is_rejected_and_the_old_one_kept(self) -> None:
         def broken() -> tuple[Job, ...]:
             raise ValueError("bad file")
@@ -251,3 +302,70 @@ class TestResilience:
         store.job_state = broken_once  # type: ignore[method-assign]
         run_for(scheduler, clock, 180)
         assert firer.slots("j") == [utc(2026, 11, 22, 10, 2), utc(2026, 11, 22, 10, 3)]
+
+
+class TestAScheduleThatCannotBeEvaluated:
+    """Issue 15.9: an evaluator that cannot find the next fire costs that job, loudly, and
+    nothing else: the loop and every other job go on."""
+
+    class _Stuck(type(parse("every 1m"))):  # type: ignore[misc]
+        def next_after(self, dt: datetime) -> datetime | None:
+            from schedule_grammar import ScheduleError
+
+            raise ScheduleError("'stuck': no next fire found")
+
+    def test_at_start_the_job_is_not_planned_and_the_others_fire(self) -> None:
+        from structlog.testing import capture_logs
+
+        stuck = Job(name="stuck", schedule=self._Stuck(seconds=60), endpoint="/x")
+        with capture_logs() as logs:
+            scheduler, clock, firer, _ = make(stuck, job("ok", "every 1m"))
+            run_for(scheduler, clock, 180)
+        assert len(firer.slots("ok")) == 3 and not firer.slots("stuck")
+        (line,) = [e for e in logs if e["event"].startswith("job not planned")]
+        assert line["job"] == "stuck" and "no next fire found" in line["error"]
+
+    def test_when_a_slot_is_handled_the_job_is_unplanned_and_the_loop_goes_on(self) -> None:
+        table = [job("a", "every 1m"), job("ok", "every 1m")]
+        scheduler, clock, firer, _ = make(*table)
+        run_for(scheduler, clock, 60)
+        scheduler._jobs["a"] = Job(name="a", schedule=self._Stuck(seconds=60), endpoint="/x")
+        run_for(scheduler, clock, 180)
+        assert len(firer.slots("ok")) == 4
+        assert "a" not in scheduler.planned()
+
+
+class TestTheSystemClock:
+    """Issue 15.10: a wall-clock step during a long sleep ends the sleep."""
+
+    def test_a_forward_step_ends_a_long_sleep_within_a_second(self) -> None:
+        import threading
+        import time
+
+        from services.scheduler.clock import SystemClock
+
+        jump = {"by": 0.0}
+        clock = SystemClock(wall=lambda: time.time() + jump["by"])
+        threading.Timer(0.2, lambda: jump.update(by=120.0)).start()
+        begun = time.monotonic()
+        assert clock.wait(30) is True
+        assert time.monotonic() - begun < 5  # one step check, with room for a slow machine
+
+    def test_without_a_step_it_sleeps_the_whole_timeout(self) -> None:
+        import time
+
+        from services.scheduler.clock import SystemClock
+
+        clock = SystemClock()
+        begun = time.monotonic()
+        assert clock.wait(1.5) is False
+        assert time.monotonic() - begun >= 1.5
+
+    def test_wake_ends_the_sleep(self) -> None:
+        import threading
+
+        from services.scheduler.clock import SystemClock
+
+        clock = SystemClock()
+        threading.Timer(0.1, clock.wake).start()
+        assert clock.wait(30) is True

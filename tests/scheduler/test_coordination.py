@@ -26,7 +26,7 @@ from services.scheduler.coordination import (
     open_state,
 )
 from services.scheduler.schedules import MemorySchedules
-from services.scheduler.state import MemoryStateStore, RunRecord, StoreUnavailable
+from services.scheduler.state import JobState, MemoryStateStore, RunRecord, StoreUnavailable
 from tests.support import RecordingFirer, RedisServer, VirtualClock
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
@@ -349,6 +349,39 @@ class TestSharedState:
         fresh.refresh()
         assert fresh.job_state("j").last_slot == T and fresh.job_state("k").paused
 
+    def test_a_redis_reset_marks_what_each_replica_knew_as_uncertain(
+        self, redis_server: RedisServer, closing: Callable[[RedisStateStore], RedisStateStore]
+    ) -> None:
+        # Issue 15.2: a standby knew slot :00; the leader had fired :10 when Redis lost its
+        # data. What the standby knew is restored, marked so nobody catches up from it.
+        standby = closing(store(redis_server, "s"))
+        standby.advance("j", T)
+        assert standby.flush()
+        standby.refresh()
+        redis_server.restart()  # empty
+        with capture_logs() as logs:
+            standby.refresh()
+        assert [e for e in logs if e["event"].startswith("Redis lost its state")]
+        assert standby.job_state("j") == JobState(last_slot=T, uncertain=True)
+        assert standby.flush()
+        assert redis_server.client().hget("cc:job:j", "restored") == "1"
+        later = closing(store(redis_server, "l"))  # a replica started after the reset
+        later.refresh()
+        assert later.job_state("j").uncertain
+        redis_server.client().set("cc:leader", "l")
+        later.mark_started([("j", T + timedelta(minutes=1), "j@1")])  # a claim makes it certain
+        assert not later.job_state("j").uncertain
+        assert redis_server.client().hget("cc:job:j", "restored") is None
+
+    def test_no_reset_is_seen_on_a_first_start(
+        self, redis_server: RedisServer, closing: Callable[[RedisStateStore], RedisStateStore]
+    ) -> None:
+        db = closing(store(redis_server, "x"))
+        with capture_logs() as logs:
+            db.refresh()
+            db.refresh()
+        assert not [e for e in logs if e["event"].startswith("Redis lost its state")]
+
 
 class TestWiring:
     def test_the_state_url_selects_redis(self, redis_server: RedisServer) -> None:
@@ -431,6 +464,22 @@ class TestLoopFollowsLeadership:
             if scheduler.leading:
                 scheduler.fire_due(clock.now())
             clock.wait(min(1.0, end - clock.monotonic()))
+
+    def test_a_leader_never_catches_up_from_state_restored_after_a_reset(self) -> None:
+        from dataclasses import replace
+
+        scheduler, clock, firer, db, coordinator = self.make(job())
+        self.beat(scheduler, clock, 1)
+        # Redis lost its data; this replica knew the old leader's :00 only.
+        db.put("j", replace(db.job_state("j"), last_slot=T, uncertain=True))
+        clock.advance(15)  # :10 is due (maybe fired by the old leader)
+        coordinator.current = 7
+        self.beat(scheduler, clock, 10)
+        assert firer.slots("j") == [T + timedelta(seconds=20)]
+        (note,) = [r for r in db.runs("j") if r.outcome == "missed"]
+        assert note.slot == T + timedelta(seconds=10) and "shared state was lost" in (
+            note.error or ""
+        )
 
     def test_a_standby_plans_nothing_and_a_leader_plans_from_the_shared_state(self) -> None:
         scheduler, clock, firer, db, coordinator = self.make(job())

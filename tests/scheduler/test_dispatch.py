@@ -407,3 +407,58 @@ def test_respx_routes_see_the_same_contract() -> None:
         dispatcher.shutdown(0)
     assert result.outcome == "success"
     assert route.calls.last.request.headers["Idempotency-Key"] == "k"
+
+
+class TestTheWireIsBounded:
+    """Issue 15.5/15.6, against a real loopback server: the job timeout is a deadline for
+    the whole exchange, and only a small prefix of an answer is read."""
+
+    def _dispatcher(self, url: str) -> Dispatcher:
+        from services.scheduler.clock import SystemClock
+
+        return Dispatcher(api_url=url, token=SecretStr("t"), store=MemoryStateStore(),
+                          clock=SystemClock(), log=structlog.get_logger(),
+                          reporter=FakeReporter(), max_concurrency=2)  # fmt: skip
+
+    def test_a_body_dripped_one_byte_at_a_time_ends_at_the_timeout(self) -> None:
+        import time
+
+        from tests.support import Reply, Target
+
+        target = Target()
+        target.script["/slow"] = [Reply(drip=0.25)]
+        dispatcher = self._dispatcher(target.url)
+        try:
+            begun = time.monotonic()
+            result = dispatcher.call(job(endpoint="/slow", timeout=1.0), SLOT,
+                                     key="k", deadline=None)  # fmt: skip
+            took = time.monotonic() - begun
+        finally:
+            dispatcher.shutdown(0)
+            target.close()
+        assert result.outcome == "failed"
+        assert result.error == "timed out after 1s"
+        # 200 bytes at 4 per second would take 50 s; the deadline ended it (with slack for a
+        # loaded machine, far below the per-read timeout's 50 s).
+        assert took < 10
+
+    def test_a_huge_answer_is_not_read_into_memory(self) -> None:
+        import resource
+
+        from tests.support import Reply, Target
+
+        target = Target()
+        target.script["/big"] = [Reply(status=500, size=300_000_000)]
+        dispatcher = self._dispatcher(target.url)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        try:
+            result = dispatcher.call(job(endpoint="/big", timeout=30.0), SLOT,
+                                     key="k", deadline=None)  # fmt: skip
+        finally:
+            dispatcher.shutdown(0)
+            target.close()
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+        assert result.status == 500 and result.outcome == "failed"
+        assert result.error is not None and result.error.startswith("HTTP 500: yyyy")
+        assert len(result.error) < 300
+        assert grown_mb < 50, f"RSS grew by {grown_mb:.0f} MB for a 300 MB answer"

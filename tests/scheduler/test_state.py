@@ -213,13 +213,96 @@ class TestADiskThatRefuses:
         assert again.job_state("j").paused is True
         assert again.job_state("j").last_slot == T + timedelta(minutes=3)
 
-    def test_an_unopenable_path_starts_degraded_in_memory(self, tmp_path: Path) -> None:
+    def test_an_unopenable_path_starts_degraded_and_refuses_every_start(
+        self, tmp_path: Path
+    ) -> None:
         blocker = tmp_path / "file"
         blocker.write_text("a file where a directory should be")
         db = store(blocker / "state.db")
         assert db.problem() is not None and "cannot open" in db.problem()  # type: ignore[operator]
-        db.mark_started([("j", T, "k")])
+        assert db.mark_started([("j", T, "k")]) == {"k": "unavailable"}
+        assert db.job_state("j").last_slot == T, "handled: never planned again"
+
+    def test_a_start_that_is_not_on_disk_is_refused_and_written_once_the_disk_heals(
+        self, tmp_path: Path
+    ) -> None:
+        # Issue 15.3: a slot whose start is not durable would be fired again after a kill -9.
+        db = store(tmp_path / "state.db")
+        writable = db._db
+        db._db = sqlite3.connect(f"file:{tmp_path / 'state.db'}?mode=ro", uri=True,
+                                 check_same_thread=False, isolation_level=None)  # fmt: skip
+        assert db.mark_started([("j", T, "j@1"), ("k", T, "k@1")]) == {
+            "j@1": "unavailable", "k@1": "unavailable"}  # fmt: skip
         assert db.job_state("j").last_slot == T
+        db._db = writable
+        assert db.mark_started([("j", T + timedelta(minutes=1), "j@2")]) == {}
+        db.close()
+        again = store(tmp_path / "state.db")
+        assert again.job_state("k").last_slot == T, "the refused slot is handled on disk too"
+        assert [r.key for r in again.recover_interrupted(T)] == ["j@2"]
+
+
+class TestTheWriterThread:
+    def test_a_writer_that_dies_releases_its_waiters_and_refuses_writes(
+        self, tmp_path: Path
+    ) -> None:
+        # Issue 15.7: a writer thread killed by an unexpected error left mark_started waiting
+        # forever (firing stopped for good) and close() hanging.
+        import threading
+
+        db = store(tmp_path / "state.db")
+        died = threading.Event()
+        hook = threading.excepthook
+        threading.excepthook = lambda args: died.set()
+        try:
+
+            def explode(statements: object) -> bool:
+                raise OverflowError("Python int too large to convert to SQLite INTEGER")
+
+            db._commit = explode  # type: ignore[assignment,method-assign]
+            assert db.mark_started([("j", T, "k")]) == {"k": "unavailable"}
+            assert died.wait(5)
+        finally:
+            threading.excepthook = hook
+        assert "state writer thread stopped: OverflowError" in (db.problem() or "")
+        assert db.mark_started([("j", T + timedelta(minutes=1), "k2")]) == {"k2": "unavailable"}
+        db.flush()  # returns
+        db.close()  # returns
+
+
+class TestTheStateDirectoryDeleted:
+    def test_the_file_is_re_created_with_the_state_kept_in_memory(self, tmp_path: Path) -> None:
+        import shutil
+
+        directory = tmp_path / "state"
+        db = store(directory / "state.db")
+        db.mark_started([("j", T, "j@1")])
+        db.mark_finished("j", "j@1")
+        db.mark_started([("j", T + timedelta(minutes=1), "j@2")])
+        db.flush()
+        shutil.rmtree(directory)
+        assert "was deleted or replaced" in (db.problem() or "")
+        db.flush()
+        assert db.problem() is None
+        assert (directory / "state.db").exists() and (directory / "state.db.lock").exists()
+        db.mark_started([("j", T + timedelta(minutes=2), "j@3")])
+        db.close()
+        again = store(directory / "state.db")
+        assert again.job_state("j").last_slot == T + timedelta(minutes=2)
+        assert sorted(r.key for r in again.recover_interrupted(T)) == ["j@2", "j@3"]
+
+    def test_a_second_store_is_refused_after_the_directory_was_deleted(
+        self, tmp_path: Path
+    ) -> None:
+        import shutil
+
+        directory = tmp_path / "state"
+        first = store(directory / "state.db")
+        shutil.rmtree(directory)
+        with pytest.raises(StateInUse, match=rf"\(pid {os.getpid()}\)"):
+            store(directory / "state.db")
+        first.close()
+        store(directory / "state.db").close()
 
 
 class TestUrls:
