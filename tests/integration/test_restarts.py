@@ -248,22 +248,27 @@ def fill(path: Path) -> None:
 
 
 class TestADiskThatRefuses:
-    def test_a_read_only_directory_keeps_firing_in_memory_and_says_why(
+    def test_a_read_only_directory_fires_nothing_and_says_why(
         self,
         read_only_dir: Path,
         target: Target,
         jobs_file: Callable[[str], Path],
         daemon: Callable[..., Daemon],
     ) -> None:
+        # A slot is called only once its start is on disk (issue 15.3).
         jobs = jobs_file('[jobs.t]\nschedule = "every 1s"\nendpoint = "/t"\n')
         proc = daemon(**env_for(target, jobs, read_only_dir / "state.db"))
-        assert target.wait_for(lambda calls: len(calls) >= 3)
+        assert proc.wait_for_log("not fired: the slot's start could not be recorded")
+        time.sleep(2)
         assert proc.stop() == 0
-        complaints = proc.events("state not written to disk; firing continues with in-memory state")
+        assert target.calls() == []
+        complaints = proc.events(
+            "state not written to disk; slots are not fired until it can be written"
+        )
         assert len(complaints) == 1, "logged once per minute, not per write"
         assert str(read_only_dir / "state.db") == complaints[0]["state_file"]
 
-    def test_a_full_disk_keeps_firing_and_logs_once(
+    def test_a_full_disk_stops_firing_logs_once_and_resumes_when_space_returns(
         self,
         full_disk: Path,
         target: Target,
@@ -274,8 +279,16 @@ class TestADiskThatRefuses:
         proc = daemon(**env_for(target, jobs, full_disk / "state.db"))
         assert target.wait_for(lambda calls: len(calls) >= 1)
         fill(full_disk / "filler")
+        assert proc.wait_for_log("not fired: the slot's start could not be recorded")
         count = len(target.calls())
-        assert target.wait_for(lambda calls: len(calls) >= count + 3)
+        time.sleep(2)
+        assert len(target.calls()) <= count + 1, "at most the call already on its way"
+        (full_disk / "filler").unlink()
+        assert proc.wait_for_log("state file writable again; firing resumes")
+        resumed = len(target.calls())
+        assert target.wait_for(lambda calls: len(calls) >= resumed + 2)
         assert proc.stop() == 0
-        complaints = proc.events("state not written to disk; firing continues with in-memory state")
+        complaints = proc.events(
+            "state not written to disk; slots are not fired until it can be written"
+        )
         assert len(complaints) == 1 and "full" in complaints[0]["error"]
