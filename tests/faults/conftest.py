@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,8 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.conftest import ROOT, base_env, daemon, jobs_file, target  # noqa: F401
+from tests.integration import conftest as integration
+from tests.integration.conftest import ROOT, base_env
 from tests.support import Arrival, Target, free_port
+
+target = integration.target  # the recording loopback target, a fixture shared with integration/
 
 TOKEN = "fault-token"
 ADMIN = "fault-admin"
@@ -120,8 +124,6 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     for process in started:
         if process.process.poll() is None:
             process.process.terminate()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.process.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
         process.close()
