@@ -159,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the daemons' logs")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="cronclock-chaos-"))
@@ -248,7 +249,10 @@ def main() -> None:
         redis.stop()
         if tmpfs:
             subprocess.run(["umount", "-l", str(disk)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"logs kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def report(

@@ -28,7 +28,7 @@ from pydantic import BaseModel, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from structlog.typing import FilteringBoundLogger
 
-from schedule_grammar import dst_warnings
+from schedule_grammar import ScheduleError, dst_warnings
 
 from . import __version__
 from .clock import Clock, Scheduler, format_slot
@@ -64,6 +64,15 @@ class AdminContext:
     coordinator: Coordinator = field(default_factory=Solo)
     schedules: RuntimeSchedules | None = None
     thread_deaths: ThreadDeaths | None = None
+
+
+def dst_warning(job: Job, now: datetime) -> str | None:
+    """The first DST effect on the job's fires within a year; a schedule that cannot be
+    evaluated has none to show (the loop has logged why it is not planned)."""
+    try:
+        return next((w.message for w in dst_warnings(job.schedule, now)), None)
+    except ScheduleError:
+        return None
 
 
 # -- response models ------------------------------------------------------------------------
@@ -299,9 +308,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
             last_success=_iso(state.last_success),
             paused=state.paused,
             in_flight=in_flight.get(job.name, 0),
-            dst_warning=next(
-                (w.message for w in dst_warnings(job.schedule, ctx.clock.now())), None
-            ),
+            dst_warning=dst_warning(job, ctx.clock.now()),
         )
 
     def health() -> Health:

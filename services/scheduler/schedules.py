@@ -526,7 +526,7 @@ class RuntimeSchedules:
         try:
             return self._first(spec, job, now)
         except ScheduleError as error:  # a schedule whose next fire cannot be computed
-            raise ScheduleInvalid(f"schedule={spec.schedule!r}: {error}") from None
+            raise ScheduleInvalid(f"schedule: {error}") from None
 
     def _first(self, spec: ScheduleSpec, job: Job, now: datetime) -> Validated:
         anchor = now

@@ -308,6 +308,10 @@ MIGRATIONS: tuple[str, ...] = (
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+WAL_CHECKPOINT_PAGES = 100
+WAL_SIZE_LIMIT = 512 * 1024
+# Run records refused by the disk are kept (at most this many) and written when it heals.
+BACKLOG_CAP = 10_000
 # History and finished-call writes wait this long to share a commit. A process killed in that
 # window loses their rows (a finished call is then recorded `interrupted`, never re-fired).
 COALESCE_SECONDS = 0.25
@@ -364,6 +368,7 @@ class SqliteStateStore:
         self._problem: str | None = None
         self._complaints = Throttle(monotonic=monotonic)  # "not written" once a minute
         self._dirty = False  # job state changed while the disk refused writes
+        self._backlog: list[Statement] = []  # run records the disk refused
         self._records = 0
         self._queue: list[tuple[list[Statement], _Commit | None]] = []
         self._queue_changed = threading.Condition()
@@ -422,6 +427,10 @@ class SqliteStateStore:
             # NORMAL in WAL mode: a committed write survives a killed process (the case
             # at-most-once delivery guards against); only an OS crash may lose the last ones.
             db.execute("PRAGMA synchronous = NORMAL")
+            # A small WAL: SQLite's default checkpoint at 1,000 pages lets it grow to 4 MB,
+            # which alone fills a small volume; truncated back after each checkpoint.
+            db.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
             for step in range(version, SCHEMA_VERSION):
                 db.executescript(
                     f"BEGIN; {MIGRATIONS[step]}; PRAGMA user_version = {step + 1}; COMMIT;"
@@ -567,14 +576,20 @@ class SqliteStateStore:
                 self._db.execute("BEGIN IMMEDIATE")
                 if self._dirty:
                     self._write_all_jobs()
+                for sql, params in self._backlog:
+                    self._db.execute(sql, params)
                 for sql, params in statements:
                     self._db.execute(sql, params)
                 self._db.execute("COMMIT")
             except sqlite3.Error as error:
                 self._rollback()
                 self._dirty = True
+                self._keep_history(statements)
                 self._degrade(f"cannot write {self.path}: {error}")
+                with contextlib.suppress(sqlite3.Error):  # give the WAL's space back
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 return False
+            self._backlog = []
             if self._problem is not None:
                 self._log.info("state file writable again; firing resumes",
                                state_file=str(self.path))  # fmt: skip
@@ -610,6 +625,16 @@ class SqliteStateStore:
                 "INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
                 (key, job, _us(slot), _us(since)),
             )
+
+    def _keep_history(self, statements: list[Statement]) -> None:
+        """Run records the disk refused, kept for the next commit that succeeds (the job
+        state is written whole then anyway; refused starts were never called)."""
+        self._backlog += [st for st in statements if st[0].startswith("INSERT INTO runs")]
+        if len(self._backlog) > BACKLOG_CAP:
+            dropped = len(self._backlog) - BACKLOG_CAP
+            del self._backlog[:dropped]
+            self._log.error("run history dropped: the disk refused writes for too long",
+                            state_file=str(self.path), dropped=dropped)  # fmt: skip
 
     def _rollback(self) -> None:
         assert self._db is not None

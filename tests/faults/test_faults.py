@@ -53,6 +53,7 @@ def accounted(
 # -- 1. a reload just before a slot ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overlap", ["skip", "queue", "allow"])
 def test_a_reload_sent_just_before_each_slot_never_calls_a_slot_twice(
     overlap: str,
@@ -80,13 +81,18 @@ def test_a_reload_sent_just_before_each_slot_never_calls_a_slot_twice(
     proc.process.terminate()
     assert proc.wait() == 0
     assert len(proc.events("job table reloaded")) == 8
-    assert duplicates(target.calls()) == {}
+    calls = target.calls()
+    assert duplicates(calls) == {}
     assert not proc.events("skipped: overlap"), "no false skipped_overlap beside a success"
+    slots = sorted(call.scheduled_for for call in calls)
+    called = {call.header("Idempotency-Key") for call in calls}
+    assert grid_keys("j", slots[0], slots[-1]) - called == set(), "no slot lost to a reload"
 
 
 # -- 2. Redis restarted empty during a failover -----------------------------------------------
 
 
+@pytest.mark.slow
 def test_redis_reset_during_a_failover_never_fires_a_slot_again(
     tmp_path: Path, target: Target, spawn: Callable[..., Process], redis_server: RedisServer
 ) -> None:
@@ -148,6 +154,7 @@ def fill(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.slow
 def test_a_full_disk_then_kill_9_calls_no_slot_twice_and_loses_none_silently(
     small_tmpfs: Path, tmp_path: Path, target: Target, spawn: Callable[..., Process]
 ) -> None:
@@ -214,6 +221,7 @@ def test_a_deleted_state_directory_is_re_created_and_a_second_daemon_is_refused(
 # -- 5 and 6. the wire: a dripped answer, a huge answer ---------------------------------------
 
 
+@pytest.mark.slow
 def test_a_dripped_answer_ends_at_the_job_timeout_and_later_slots_fire(
     tmp_path: Path, target: Target, spawn: Callable[..., Process]
 ) -> None:

@@ -553,3 +553,23 @@ class TestStatusPage:
         world.client.put("/api/schedules/g3", json=body(group="mail", schedule="every 1h"))
         groups = world.client.get("/api/overview").json()["groups"]
         assert groups[1] == {"group": "mail", "active": 1, "ended": 2}
+
+
+class TestAScheduleThatCannotBeEvaluated:
+    def test_put_answers_422_naming_the_schedule_instead_of_freezing(self) -> None:
+        # Issue 15.9: at this instant cronsim's walk cycles for this text (issue 17); the
+        # request must answer, not hang the admin thread.
+        world = World(start=datetime(2026, 4, 4, 13, 55, tzinfo=UTC))
+        try:
+            text = "cron */5 3 * * * in Pacific/Chatham"
+            answer = world.client.put("/api/schedules/chatham",
+                                      json={"schedule": text, "endpoint": "/api/x"})  # fmt: skip
+            if answer.status_code == 422:
+                error = answer.json()["error"]
+                assert error.startswith(f"schedule: {text!r}:") and "no next fire found" in error
+            else:  # the evaluator was fixed: then it is simply created
+                assert answer.status_code == 201, answer.text
+            assert world.client.get("/healthz").status_code in (200, 503)
+        finally:
+            world.close()
+            world.store.close()
