@@ -367,6 +367,8 @@ class SqliteStateStore:
         self._lock = threading.Lock()
         self._problem: str | None = None
         self._complaints = Throttle(monotonic=monotonic)  # "not written" once a minute
+        self._monotonic = monotonic
+        self._next_open = -float("inf")  # when a file that would not open is tried again
         self._dirty = False  # job state changed while the disk refused writes
         self._backlog: list[Statement] = []  # run records the disk refused
         self._records = 0
@@ -457,23 +459,69 @@ class SqliteStateStore:
         return target
 
     def _load(self) -> None:
+        for name, state in self._stored_states().items():
+            self._memory.put(name, state)
+
+    def _stored_states(self) -> dict[str, JobState]:
         assert self._db is not None
-        for name, last_slot, outcome, status, last_run, last_success, paused in self._db.execute(
+        rows = self._db.execute(
             "SELECT name, last_slot, last_outcome, last_status, last_run, last_success, paused "
             "FROM jobs WHERE name NOT LIKE 'schedule/%' OR substr(name, 10) IN "
             "(SELECT id FROM schedules WHERE status = 'active')"
-        ):
-            self._memory.put(
-                name,
-                JobState(
-                    last_slot=_dt(last_slot),
-                    last_outcome=outcome,
-                    last_status=status,
-                    last_run=_dt(last_run),
-                    last_success=_dt(last_success),
-                    paused=bool(paused),
-                ),
+        )
+        return {
+            name: JobState(
+                last_slot=_dt(last_slot),
+                last_outcome=outcome,
+                last_status=status,
+                last_run=_dt(last_run),
+                last_success=_dt(last_success),
+                paused=bool(paused),
             )
+            for name, last_slot, outcome, status, last_run, last_success, paused in rows
+        }
+
+    def _open_late(self) -> list[Statement]:
+        """The file could not be opened at start (a volume not mounted yet, a full disk):
+        try again, at most once a second. Once open, what it says is merged into what this
+        process did meanwhile (the later slot, the later run; a pause from either side
+        holds), and calls a dead process left in flight are recorded `interrupted`. Returns
+        the statements that record them, for the transaction about to run."""
+        now = self._monotonic()
+        if now < self._next_open:
+            return []
+        self._next_open = now + 1.0
+        try:
+            lock = self._lock_file or StateLock.acquire(self.path)
+        except StateInUse as error:
+            self._problem = str(error)
+            return []
+        if lock is None:
+            return []
+        try:
+            db = self._open()
+        except (sqlite3.Error, OSError, UnusableStateFile) as error:
+            if self._lock_file is None:
+                lock.close()
+            self._problem = f"cannot open {self.path}: {error}"
+            return []
+        self._lock_file, self._db, self._identity = lock, db, _identity(self.path)
+        self._dirty = True
+        mine = self._memory.job_states()
+        for name, stored in self._stored_states().items():
+            self._memory.put(name, _merged(stored, mine.get(name)))
+        ours = self._memory.in_flight()
+        rows = db.execute("SELECT key, job, slot FROM in_flight ORDER BY slot").fetchall()
+        left = [(key, job, slot) for key, job, slot in rows if key not in ours]
+        statements: list[Statement] = []
+        wall = datetime.now(UTC)
+        for key, job, slot in left:
+            record = interrupted(job, _dt(slot) or wall, key, wall)
+            self._memory.record_run(record, keep=False)
+            statements += [_insert_run(record), ("DELETE FROM in_flight WHERE key = ?", (key,))]
+        self._log.info("state file opened; firing resumes", state_file=str(self.path),
+                       interrupted=len(left))  # fmt: skip
+        return statements
 
     # -- the write path ---------------------------------------------------------------------
     #
@@ -568,8 +616,11 @@ class SqliteStateStore:
         stays in memory and is written whole once the file accepts writes again."""
         with self._lock:
             self._follow_path()
+            if self._db is None and not self._closed:
+                statements = self._open_late() + statements
             if self._db is None:
                 self._dirty = True
+                self._keep_history(statements)
                 self._complain()
                 return False
             try:
@@ -718,25 +769,7 @@ class SqliteStateStore:
     def record_run(self, record: RunRecord) -> None:
         # History is read from the file; memory keeps it only while the file refuses writes.
         self._memory.record_run(record, keep=self._problem is not None)
-        statements: list[Statement] = [
-            (
-                "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
-                "error, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.job,
-                    _us(record.slot),
-                    record.key,
-                    record.attempt,
-                    _us(record.started),
-                    record.duration,
-                    record.status,
-                    record.outcome,
-                    record.error,
-                    record.count,
-                ),
-            ),
-            self._job_write(record.job),
-        ]
+        statements: list[Statement] = [_insert_run(record), self._job_write(record.job)]
         # History bounds, amortised: every 100th record (and at close) trims each job to its
         # newest max_runs and drops what is older than max_age.
         self._records += 1
@@ -964,6 +997,39 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def _identity_of(handle: TextIO) -> tuple[int, int]:
     stat = os.fstat(handle.fileno())
     return stat.st_dev, stat.st_ino
+
+
+def _insert_run(record: RunRecord) -> Statement:
+    return (
+        "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
+        "error, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            record.job,
+            _us(record.slot),
+            record.key,
+            record.attempt,
+            _us(record.started),
+            record.duration,
+            record.status,
+            record.outcome,
+            record.error,
+            record.count,
+        ),
+    )
+
+
+def _merged(stored: JobState, mine: JobState | None) -> JobState:
+    """A job's state from a file opened late and from what this process did meanwhile."""
+    if mine is None:
+        return stored
+    slots = [slot for slot in (stored.last_slot, mine.last_slot) if slot is not None]
+    later = mine if (mine.last_run or _EPOCH) >= (stored.last_run or _EPOCH) else stored
+    return replace(
+        later,
+        last_slot=max(slots, default=None),
+        last_success=max((t for t in (stored.last_success, mine.last_success) if t), default=None),
+        paused=stored.paused or mine.paused,
+    )
 
 
 def _upsert(name: str, state: JobState) -> Statement:

@@ -176,6 +176,9 @@ class TestUnusableFiles:
         assert not list(tmp_path.glob("state.db.corrupt-*"))
 
 
+clock = {"now": 0.0}
+
+
 class TestADiskThatRefuses:
     def test_it_keeps_working_in_memory_logs_once_a_minute_and_heals(self, tmp_path: Path) -> None:
         clock = {"now": 0.0}
@@ -222,6 +225,32 @@ class TestADiskThatRefuses:
         assert db.problem() is not None and "cannot open" in db.problem()  # type: ignore[operator]
         assert db.mark_started([("j", T, "k")]) == {"k": "unavailable"}
         assert db.job_state("j").last_slot == T, "handled: never planned again"
+
+    def test_a_file_that_could_not_be_opened_at_start_is_opened_once_it_can_be(
+        self, tmp_path: Path
+    ) -> None:
+        # The directory is a file at start (a volume not mounted yet, say), then fixed.
+        first = store(tmp_path / "old" / "state.db")
+        first.mark_started([("j", T, "j@0")])  # left in flight by a process that died
+        first.set_paused("p", True)
+        first.flush()
+        first._db.close()  # type: ignore[union-attr]  # "killed": nothing else is written
+        first._lock_file.close()  # type: ignore[union-attr]
+        first._db = None
+        (tmp_path / "state").write_text("not a directory yet")
+        db = store(tmp_path / "state" / "state.db", monotonic=lambda: clock["now"])
+        assert db.mark_started([("j", T + timedelta(minutes=1), "j@1")]) == {"j@1": "unavailable"}
+        (tmp_path / "state").unlink()
+        (tmp_path / "old").rename(tmp_path / "state")
+        clock["now"] += 5  # re-opening is tried at most once a second
+        assert db.mark_started([("j", T + timedelta(minutes=2), "j@2")]) == {}
+        assert db.problem() is None
+        assert db.job_state("p").paused, "what the file says is merged in"
+        assert db.job_state("j").last_slot == T + timedelta(minutes=2)
+        assert [r.key for r in db.runs("j") if r.outcome == "interrupted"] == ["j@0"]
+        with pytest.raises(StateInUse):
+            store(tmp_path / "state" / "state.db")
+        db.close()
 
     def test_a_start_that_is_not_on_disk_is_refused_and_written_once_the_disk_heals(
         self, tmp_path: Path
