@@ -3,7 +3,6 @@ that records every request, and (for HA) a real redis-server of the test's own."
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -25,7 +24,7 @@ from tests.faults.conftest import (
     sqlite_url,
     wait_until,
 )
-from tests.support import Arrival, RedisServer, Reply, Target
+from tests.support import Arrival, RedisServer, Reply, Target, fill, mount_tmpfs, unmount
 
 
 def grid_keys(job: str, first: datetime, last: datetime, step: float = 1.0) -> set[str]:
@@ -135,23 +134,10 @@ def test_redis_reset_during_a_failover_never_fires_a_slot_again(
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "tmpfs"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)  # fmt: skip
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root): {made.stderr.decode()}")
+    if (why := mount_tmpfs(mount, "2m")) is not None:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {why}")
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass  # ENOSPC
-    finally:
-        os.close(fd)
+    unmount(mount)
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import Daemon
-from tests.support import Reply, Target
+from tests.support import Reply, Target, fill, mount_tmpfs, unmount
 
 TOKEN = "restart-token"
 
@@ -224,27 +223,10 @@ def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 256 KiB tmpfs, mounted for the test (needs root)."""
     mount = tmp_path / "full"
     mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.decode().strip()}")
+    if (why := mount_tmpfs(mount, "256k")) is not None:
+        pytest.skip(f"cannot mount a small tmpfs here: {why}")
     yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Take every free byte of the file system `path` is on."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass  # ENOSPC: full
-    finally:
-        os.close(fd)
+    unmount(mount)
 
 
 class TestADiskThatRefuses:

@@ -34,6 +34,12 @@ def record(
     return RunRecord(**values)  # type: ignore[arg-type]
 
 
+def read_only(path: Path) -> sqlite3.Connection:
+    """The same file opened read-only: a real SQLite refusal of every write."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False,
+                           isolation_level=None)  # fmt: skip
+
+
 def store(path: Path, **kwargs: object) -> SqliteStateStore:
     return SqliteStateStore(path, log=structlog.get_logger(), **kwargs)  # type: ignore[arg-type]
 
@@ -258,8 +264,7 @@ class TestADiskThatRefuses:
         # Issue 15.3: a slot whose start is not durable would be fired again after a kill -9.
         db = store(tmp_path / "state.db")
         writable = db._db
-        db._db = sqlite3.connect(f"file:{tmp_path / 'state.db'}?mode=ro", uri=True,
-                                 check_same_thread=False, isolation_level=None)  # fmt: skip
+        db._db = read_only(tmp_path / "state.db")
         assert db.mark_started([("j", T, "j@1"), ("k", T, "k@1")]) == {
             "j@1": "unavailable", "k@1": "unavailable"}  # fmt: skip
         assert db.job_state("j").last_slot == T
@@ -277,8 +282,7 @@ class TestADiskThatRefuses:
         # kept in memory only, so the history lost them once the disk healed.
         db = store(tmp_path / "state.db")
         writable = db._db
-        db._db = sqlite3.connect(f"file:{tmp_path / 'state.db'}?mode=ro", uri=True,
-                                 check_same_thread=False, isolation_level=None)  # fmt: skip
+        db._db = read_only(tmp_path / "state.db")
         db.record_run(record(minutes=1, outcome="missed", error="not fired: disk full"))
         db.flush()
         assert db.problem() is not None
