@@ -450,22 +450,12 @@ class Scheduler:
         first_due = job.next_slot(last)
         if first_due is not None and first_due <= now:
             decision = decide(job, first_due, now)
-            unknown = decision.missed + decision.fire
-            count = len(unknown)
-            self._metrics.outcome(job.label, "missed", count)
-            self._store.advance(job.name, unknown[-1])
-            error = (
-                f"{'at least ' if decision.missed_more else ''}{count} slot(s) from "
-                f"{format_slot(unknown[0])} to {format_slot(unknown[-1])} not fired by this "
-                "replica: the shared state was lost (Redis reset); the previous leader may "
-                "have fired them"
-            )
-            self._store.record_run(
-                RunRecord(job=job.name, slot=unknown[-1], key=f"{job.name}@missed", attempt=0,
-                          started=now, outcome="missed", count=count, error=error)
+            self._record_missed(
+                job, decision.missed + decision.fire, decision.missed_more, now,
+                why=" by this replica: the shared state was lost (Redis reset); the previous "
+                "leader may have fired them",
+                event="not caught up: the shared state was lost",
             )  # fmt: skip
-            self._log.warning("not caught up: the shared state was lost", job=job.name,
-                              slot=format_slot(unknown[-1]), count=count)  # fmt: skip
         self._plan(job, job.next_slot(max(now, last)))
 
     def _plan(self, job: Job, slot: datetime | None) -> None:
@@ -499,7 +489,7 @@ class Scheduler:
             self._store.advance(job.name, (decision.fire or decision.missed)[-1])
         else:
             if decision.missed:
-                self._record_missed(job, decision, now)
+                self._record_missed(job, decision.missed, decision.missed_more, now)
             if restart or decision.missed:
                 for slot in decision.fire:
                     self._log.warning(
@@ -603,9 +593,21 @@ class Scheduler:
         self._metrics.outcome(job.label, outcome)
         self._store.record_run(not_called(job.name, slot, key, outcome, error, self._clock.now()))
 
-    def _record_missed(self, job: Job, decision: Decision, now: datetime) -> None:
-        missed = decision.missed
+    def _record_missed(
+        self,
+        job: Job,
+        missed: list[datetime],
+        more: bool,
+        now: datetime,
+        *,
+        why: str = "",
+        event: str = "missed slots",
+    ) -> None:
+        """One `missed` record (and log line) for slots not fired; the job moves past them.
+        `more`: there were more than were counted. `why`: after "not fired", the reason
+        (by default the catch-up policy)."""
         count = len(missed)
+        why = why or f" (catchup={job.catchup}, misfire_grace={job.misfire_grace:g}s)"
         self._metrics.outcome(job.label, "missed", count)
         self._store.advance(job.name, missed[-1])
         self._store.record_run(
@@ -618,18 +620,17 @@ class Scheduler:
                 outcome="missed",
                 count=count,
                 error=(
-                    f"{'at least ' if decision.missed_more else ''}{count} slot(s) from "
-                    f"{format_slot(missed[0])} to {format_slot(missed[-1])} not fired "
-                    f"(catchup={job.catchup}, misfire_grace={job.misfire_grace:g}s)"
+                    f"{'at least ' if more else ''}{count} slot(s) from "
+                    f"{format_slot(missed[0])} to {format_slot(missed[-1])} not fired{why}"
                 ),
             )
         )
         self._log.warning(
-            "missed slots",
+            event,
             job=job.name,
             slot=format_slot(missed[-1]),
             count=count,
-            at_least=decision.missed_more,
+            at_least=more,
             first=format_slot(missed[0]),
             catchup=job.catchup,
         )

@@ -36,6 +36,7 @@ _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 # first ERROR_TEXT_CHARS of it go into the run's error text.
 BODY_READ_CAP = 64 * 1024
 ERROR_TEXT_CHARS = 200
+_KEPT_BYTES = ERROR_TEXT_CHARS * 4  # enough bytes for that many characters of UTF-8
 
 
 def classify(status: int) -> OutcomeClass:
@@ -551,11 +552,11 @@ class Dispatcher:
         """Read at most BODY_READ_CAP bytes of the answer (so a connection whose answer was
         short is kept alive); the first of them explain a failure."""
         if response.is_stream_consumed:  # an answer built in memory (a mock transport)
-            return response.content[: ERROR_TEXT_CHARS * 4]
+            return response.content[:_KEPT_BYTES]
         kept, read = b"", 0
         for chunk in response.iter_raw(16384):
-            if len(kept) < ERROR_TEXT_CHARS * 4:
-                kept += chunk[: ERROR_TEXT_CHARS * 4 - len(kept)]
+            if len(kept) < _KEPT_BYTES:
+                kept += chunk[: _KEPT_BYTES - len(kept)]
             read += len(chunk)
             if read >= BODY_READ_CAP:
                 break

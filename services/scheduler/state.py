@@ -481,12 +481,13 @@ class SqliteStateStore:
             for name, last_slot, outcome, status, last_run, last_success, paused in rows
         }
 
-    def _open_late(self) -> list[Statement]:
-        """The file could not be opened at start (a volume not mounted yet, a full disk):
-        try again, at most once a second. Once open, what it says is merged into what this
-        process did meanwhile (the later slot, the later run; a pause from either side
-        holds), and calls a dead process left in flight are recorded `interrupted`. Returns
-        the statements that record them, for the transaction about to run."""
+    def _attach(self) -> list[Statement]:
+        """Open the file this store has none of: one that could not be opened at start (a
+        volume not mounted yet, a full disk; tried at most once a second) or one re-created
+        after it was deleted. What the file says is merged into what this process did
+        meanwhile (the later slot, the later run; a pause from either side holds), calls a
+        dead process left in flight are recorded `interrupted`, and this process's own calls
+        in flight are written. Returns those statements, for the transaction about to run."""
         now = self._monotonic()
         if now < self._next_open:
             return []
@@ -519,6 +520,9 @@ class SqliteStateStore:
             record = interrupted(job, _dt(slot) or wall, key, wall)
             self._memory.record_run(record, keep=False)
             statements += [_insert_run(record), ("DELETE FROM in_flight WHERE key = ?", (key,))]
+        statements += [
+            _in_flight_row(key, job, slot, since) for key, (job, slot, since) in ours.items()
+        ]
         self._log.info("state file opened; firing resumes", state_file=str(self.path),
                        interrupted=len(left))  # fmt: skip
         return statements
@@ -617,7 +621,7 @@ class SqliteStateStore:
         with self._lock:
             self._follow_path()
             if self._db is None and not self._closed:
-                statements = self._open_late() + statements
+                statements = self._attach() + statements
             if self._db is None:
                 self._dirty = True
                 self._keep_history(statements)
@@ -649,33 +653,31 @@ class SqliteStateStore:
 
     def _follow_path(self) -> None:
         """The state file must still be the one this process opened: a deleted or replaced
-        file (`rm -rf` of the state directory, a tmp cleaner) is re-created at its path and
-        the job state kept in memory written to it whole. The lock survives the deletion
-        (see StateLock), so no other process can have started on the path meanwhile."""
-        if self._db is None or self._lock_file is None:
-            return
-        if self._lock_file.current() and _identity(self.path) == self._identity:
+        file (`rm -rf` of the state directory, a tmp cleaner) is let go and re-created at
+        its path at once (`_attach`). The lock survives the deletion (see StateLock), so no
+        other process can have started on the path meanwhile."""
+        if self._lock_file is None or not self._moved():
             return
         self._log.error(
             "state file deleted or replaced while running; re-creating it with the job "
             "state kept in memory (run history before now is lost)",
             state_file=str(self.path),
         )
+        assert self._db is not None
         self._db.close()
         self._db = None
+        self._next_open = -float("inf")
         try:
             self._lock_file.renew()
-            self._db = self._open()
-        except (sqlite3.Error, OSError, UnusableStateFile) as error:
+        except OSError as error:
             self._degrade(f"cannot re-create {self.path}: {error}")
-            return
-        self._identity = _identity(self.path)
-        self._dirty = True
-        for key, (job, slot, since) in self._memory.in_flight().items():
-            self._db.execute(
-                "INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
-                (key, job, _us(slot), _us(since)),
-            )
+
+    def _moved(self) -> bool:
+        """True when the open file or its lock file is no longer the one at the path."""
+        assert self._lock_file is not None
+        return self._db is not None and (
+            not self._lock_file.current() or _identity(self.path) != self._identity
+        )
 
     def _keep_history(self, statements: list[Statement]) -> None:
         """Run records the disk refused, kept for the next commit that succeeds (the job
@@ -724,13 +726,9 @@ class SqliteStateStore:
     def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
         handed = list(slots)
         self._memory.mark_started(handed)
-        since = _us(datetime.now(UTC))
+        since = datetime.now(UTC)
         statements = [self._job_write(job) for job in dict.fromkeys(job for job, _, _ in handed)]
-        statements += [
-            ("INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
-             (key, job, _us(slot), since))
-            for job, slot, key in handed
-        ]  # fmt: skip
+        statements += [_in_flight_row(key, job, slot, since) for job, slot, key in handed]
         if self._write(statements, wait=True):
             return {}
         # The starts are not on disk, so a process killed now would fire these slots again
@@ -821,13 +819,7 @@ class SqliteStateStore:
         self._memory.forget(job)
 
     def problem(self) -> str | None:
-        lock = self._lock_file
-        if (
-            self._problem is None
-            and self._db is not None
-            and lock is not None
-            and (not lock.current() or _identity(self.path) != self._identity)
-        ):
+        if self._problem is None and self._lock_file is not None and self._moved():
             self._write([])  # the writer re-creates the file at once
             return f"{self.path} was deleted or replaced; re-creating it"
         return self._problem
@@ -997,6 +989,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def _identity_of(handle: TextIO) -> tuple[int, int]:
     stat = os.fstat(handle.fileno())
     return stat.st_dev, stat.st_ino
+
+
+def _in_flight_row(key: str, job: str, slot: datetime, since: datetime) -> Statement:
+    return (
+        "INSERT OR REPLACE INTO in_flight (key, job, slot, since) VALUES (?, ?, ?, ?)",
+        (key, job, _us(slot), _us(since)),
+    )
 
 
 def _insert_run(record: RunRecord) -> Statement:
