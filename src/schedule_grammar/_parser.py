@@ -50,9 +50,13 @@ _KEYWORDS = ("every", "daily", "weekly", "monthly", "cron", "at", *WEEKDAY_NAMES
 
 _ZONE_SUFFIX = re.compile(r"(?P<body>.+?) in (?P<zone>\S+)", re.IGNORECASE)
 _DST_SUFFIX = re.compile(r"(?P<body>.+?) dst=(?P<dst>\S*)", re.IGNORECASE)
-_DURATION = re.compile(r"(\d+) ?([a-z]+)")
-_EVERY = re.compile(r"every (?P<every>\d+ ?[a-z]+)(?: offset (?P<offset>\d+ ?[a-z]+))?")
-_TIME = re.compile(r"(\d{1,2}):(\d{2})(?::(\d{2}))?")
+_ASCII_DIGITS = frozenset("0123456789")
+# At most 12 digits: a century in seconds has 10; a longer number is a typo (and Python's
+# int() refuses more than 4,300 digits with a ValueError of its own).
+_DURATION = re.compile(r"([0-9]{1,12}) ?([a-z]+)")
+_EVERY = re.compile(r"every (?P<every>[0-9]+ ?[a-z]+)(?: offset (?P<offset>[0-9]+ ?[a-z]+))?")
+_TIME = re.compile(r"([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?")
+_CRON_FIELD = re.compile(r"[0-9a-z*/,?#-]+")
 _MAX_SECONDS = 366 * 86_400 * 100  # a century: anything longer is a typo, not a cadence
 
 
@@ -75,14 +79,23 @@ def parse(
     normal = re.sub(r"\s*,\s*", ",", " ".join(text.split()))
     if not normal:
         raise ScheduleError(f"empty schedule {text!r}; {ACCEPTED}")
-    zone, policy = timezone, None
-    for _ in range(2):  # `in <zone>` and `dst=...` in either order
-        if dst := _DST_SUFFIX.fullmatch(normal):
-            normal, policy = dst["body"], dst["dst"]
-        elif suffix := _ZONE_SUFFIX.fullmatch(normal):
-            normal, zone = suffix["body"], suffix["zone"]
+    zone: str | None = None
+    policy: str | None = None
     try:
-        zone = lookup_zone(zone)[0]
+        if digit := next((c for c in normal if c.isdigit() and c not in _ASCII_DIGITS), None):
+            raise _Invalid(f"{digit!r} is not an ASCII digit; write numbers with digits 0-9")
+        while True:  # `in <zone>` and `dst=...` in either order, each at most once
+            if dst := _DST_SUFFIX.fullmatch(normal):
+                if policy is not None:
+                    raise _Invalid("more than one dst=...; write one, e.g. dst=skip,both")
+                normal, policy = dst["body"], dst["dst"]
+            elif suffix := _ZONE_SUFFIX.fullmatch(normal):
+                if zone is not None:
+                    raise _Invalid("more than one time zone ('in <zone>'); write one")
+                normal, zone = suffix["body"], suffix["zone"]
+            else:
+                break
+        zone = lookup_zone(timezone if zone is None else zone)[0]
         schedule = _parse_body(normal, zone)
         if policy is not None:
             gap, repeat = _parse_dst(policy)
@@ -92,6 +105,8 @@ def parse(
         return schedule
     except (_Invalid, ScheduleError) as error:
         raise ScheduleError(f"invalid schedule {text!r}: {error}") from None
+    except (ValueError, OverflowError, RecursionError) as error:  # from a library: still ours
+        raise ScheduleError(f"invalid schedule {text!r}: {type(error).__name__}: {error}") from None
 
 
 def _parse_dst(text: str) -> tuple[str, str]:
@@ -125,13 +140,16 @@ def _parse_body(body: str, zone: str) -> Schedule:
         return _parse_cron(lower, zone)
     if head == "at":
         return _parse_at(body.partition(" ")[2], zone)
-    raise _Invalid(_unknown_form(head))
+    raise _Invalid(_unknown_form(head, lower))
 
 
-def _unknown_form(head: str) -> str:
+def _unknown_form(head: str, body: str) -> str:
     message = f"unknown form {head!r}"
+    fields = body.split(" ")
     if _DURATION.fullmatch(head):
         message += f"; did you mean 'every {head}'?"
+    elif len(fields) in (5, 6) and all(_CRON_FIELD.fullmatch(f) for f in fields):
+        message += f"; did you mean 'cron {body}'?"
     else:
         close = difflib.get_close_matches(head, _KEYWORDS, n=1, cutoff=0.6)
         if close:
@@ -255,9 +273,11 @@ def _parse_cron(rest: str, zone: str) -> Cron:
             f"cron takes 5 fields (minute hour day-of-month month day-of-week) or 6 with "
             f"seconds first; got {len(fields)} in {expression!r}"
         )
+    if long := re.search(r"[0-9]{5,}", expression):  # no cron field holds 5 digits
+        raise _Invalid(f"invalid cron expression {expression!r}: {long[0][:12]!r} is out of range")
     try:
         CronSim(expression, _EPOCH)
-    except CronSimError as error:
+    except (CronSimError, ValueError) as error:
         raise _Invalid(f"invalid cron expression {expression!r}: {error}") from None
     return Cron(expression=expression, timezone=zone)
 

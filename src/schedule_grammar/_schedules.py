@@ -160,7 +160,9 @@ class Interval(Schedule):
         text = f"every {format_duration(self.seconds)}"
         if self.offset:
             text += f" offset {format_duration(self.offset)}"
-        return text
+        # The zone does not move an interval's fires, but it is part of the schedule (local
+        # times are shown in it), so the canonical text keeps it and parses back equal.
+        return text + self._zone_suffix()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 import zoneinfo
 from datetime import UTC, datetime, timedelta, tzinfo
 
@@ -19,26 +20,48 @@ def _zone_names() -> dict[str, str]:
     return {name.lower(): name for name in zoneinfo.available_timezones()}
 
 
+# What an IANA zone name looks like: 'Europe/Berlin', 'America/Argentina/Buenos_Aires',
+# 'Etc/GMT+5', 'EST5EDT'. Anything else is refused before zoneinfo sees it: zoneinfo resolves
+# names as package resources, so 'a/a/a/...' recursed and '__init__/x' raised TypeError.
+_ZONE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9+_-]*(?:/[A-Za-z0-9][A-Za-z0-9+_-]*){0,3}")
+_MAX_ZONE_LENGTH = 64
+
+
 @functools.cache
 def lookup_zone(name: str) -> tuple[str, tzinfo]:
     """Return the canonical name and tzinfo of an IANA zone name, matched case-insensitively."""
+    if not isinstance(name, str):
+        raise ScheduleError(
+            f"a time zone must be an IANA name such as 'Europe/Berlin', got {name!r}"
+        )
     key = name.strip()
     if key.upper() == "UTC":
         # datetime.UTC rather than ZoneInfo("UTC"): cronsim and astimezone take fast paths for it.
         return "UTC", UTC
-    try:
-        return key, zoneinfo.ZoneInfo(key)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
-        pass
-    known = _zone_names()
-    canonical = known.get(key.lower())
-    if canonical is not None:
-        return canonical, zoneinfo.ZoneInfo(canonical)
+    if len(key) <= _MAX_ZONE_LENGTH and _ZONE_NAME.fullmatch(key):
+        try:
+            return key, zoneinfo.ZoneInfo(key)
+        except Exception:  # not found, or a name zoneinfo chokes on: look further
+            pass
+        canonical = _zone_names().get(key.lower())
+        if canonical is not None:
+            return canonical, zoneinfo.ZoneInfo(canonical)
     message = f"unknown time zone {name!r}: expected an IANA name such as 'Europe/Berlin' or 'UTC'"
-    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.75)
-    if close:
-        message += f"; did you mean {known[close[0]]!r}?"
+    if (close := _closest_zone(key[:_MAX_ZONE_LENGTH])) is not None:
+        message += f"; did you mean {close!r}?"
     raise ScheduleError(message) from None
+
+
+def _closest_zone(key: str) -> str | None:
+    """The zone a misspelt name most likely meant: 'Europe/Berlinn' or the city alone, 'Berlin'."""
+    known = _zone_names()
+    wanted = key.lower().replace(" ", "_")
+    close = difflib.get_close_matches(wanted, known, n=1, cutoff=0.75)
+    if close:
+        return known[close[0]]
+    cities = {lower.rpartition("/")[2]: lower for lower in sorted(known) if "/" in lower}
+    city = difflib.get_close_matches(wanted, cities, n=1, cutoff=0.8)
+    return known[cities[city[0]]] if city else None
 
 
 def canonical_zone(name: str) -> str:

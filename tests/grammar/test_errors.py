@@ -61,11 +61,28 @@ MALFORMED = [
     ("daily 03:00 in Europe/Berlinn", "did you mean 'Europe/Berlin'"),
     ("daily 03:00 in", "'daily' takes one or more times"),
     ("daily 03:00 in ../etc/passwd", "unknown time zone"),
+    # Issue 16: nonsense is refused, never read one way or another.
+    ("daily 03:00 in Europe/Berlin in Asia/Tokyo", "more than one time zone"),
+    ("daily 03:00 dst=skip dst=last", "more than one dst="),
+    ("daily 03:00 dst=skip in UTC dst=last", "more than one dst="),
+    ("every \uff11\uff15m", "digits 0-9"),
+    ("every \u0661\u0665m", "digits 0-9"),
+    ("daily \uff103:00", "digits 0-9"),
+    ("cron \uff15 * * * *", "digits 0-9"),
+    ("every " + "1" * 4301 + "s", "is not a duration"),
+    ("cron " + "1" * 4301 + " * * * *", "invalid cron expression"),
+    ("monthly " + "1" * 4301 + " 09:00", "not a day of the month"),
+    ("daily 03:00 in " + "a/" * 300, "unknown time zone"),
+    ("daily 03:00 in __init__/x", "unknown time zone"),
+    ("daily 03:00 in zoneinfo/../UTC", "unknown time zone"),
+    ("*/5 * * * *", "did you mean 'cron */5 * * * *'"),
+    ("daily 03:00 in Berlin", "did you mean 'Europe/Berlin'"),
+    ("0 30 2 * * *", "did you mean 'cron 0 30 2 * * *'"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("text", "fragment"), MALFORMED, ids=[t or "<empty>" for t, _ in MALFORMED]
+    ("text", "fragment"), MALFORMED, ids=[t[:40] or "<empty>" for t, _ in MALFORMED]
 )
 def test_it_rejects_malformed_text_with_a_message_that_quotes_it(text: str, fragment: str) -> None:
     with pytest.raises(ScheduleError) as caught:
@@ -97,6 +114,21 @@ def test_schedule_error_is_a_value_error() -> None:
 def test_non_text_is_rejected(value: object) -> None:
     with pytest.raises(ScheduleError, match="must be text"):
         parse(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("zone", [None, 3, b"UTC", "", "  "], ids=repr)
+def test_a_timezone_that_is_not_a_zone_name_is_a_schedule_error(zone: object) -> None:
+    with pytest.raises(ScheduleError, match="time zone"):
+        parse("daily 03:00", timezone=zone)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["every 1h in America/New_York", "every 15m offset 3m in Asia/Makassar", "every 30s in UTC"],
+)
+def test_canonical_text_keeps_the_zone_so_it_parses_back_equal(text: str) -> None:
+    schedule = parse(text)
+    assert parse(str(schedule)) == schedule
 
 
 class TestSecondsToSchedule:

@@ -122,7 +122,7 @@ body = { full = true }
 """,
         )
         table = jobs({"SCHEDULER_JOBS_FILE": path})
-        assert str(table["data-refresh"].schedule) == "every 30m"  # type: ignore[attr-defined]
+        assert str(table["data-refresh"].schedule) == "every 30m in Asia/Makassar"  # type: ignore[attr-defined]
         assert table["data-refresh"].endpoint == "/api/sync/trigger"  # type: ignore[attr-defined]
         reports = table["reports"]
         assert str(reports.schedule) == "weekly mon 10:00 in Asia/Makassar"  # type: ignore[attr-defined]
