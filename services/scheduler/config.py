@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import re
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,11 +21,15 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
+    StrictBool,
+    StrictInt,
+    StrictStr,
     ValidationError,
     field_validator,
 )
@@ -63,16 +68,38 @@ def parse_duration(value: object) -> float:
         seconds = float(match[1]) * _DURATION_UNITS[(match[2] or "s").lower()]
     else:
         raise ValueError(f"{value!r} is not a duration; write e.g. '30s', '5m', '2h' or seconds")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
     if seconds < 0:
         raise ValueError(f"{value!r} is negative")
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+def _within(low: float, high: float) -> Callable[[float], float]:
+    """A check that seconds lie in [low, high], whose message names the bound."""
+
+    def within(seconds: float) -> float:
+        if seconds < low:
+            raise ValueError(f"must be at least {format_seconds(low)}")
+        if seconds > high:
+            raise ValueError(f"must be at most {format_seconds(high)}")
+        return seconds
+
+    return within
+
+
+# Every duration has a range (README "Settings"): outside it is a mistake, not a cadence.
+Timeout = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0.01, 86400))]
+Grace = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0, 30 * 86400))]
+Retention = Annotated[
+    float, BeforeValidator(parse_duration), AfterValidator(_within(60, 3650 * 86400))
+]
 
 
 def format_seconds(seconds: float) -> str:
     """A duration for people: 120 -> '2m', 90 -> '90s', 0.25 -> '250ms'."""
+    if not math.isfinite(seconds):
+        return repr(seconds)
     if seconds != int(seconds):
         return f"{round(seconds * 1000)}ms"
     whole = int(seconds)
@@ -98,7 +125,9 @@ class Settings(BaseSettings):
     timezone: str = Field("UTC", alias="SCHEDULER_TIMEZONE")
     jobs_file: Path | None = Field(None, alias="SCHEDULER_JOBS_FILE")
     max_concurrency: int = Field(8, ge=1, le=512, alias="SCHEDULER_MAX_CONCURRENCY")
-    tick_seconds: float = Field(30.0, gt=0, le=3600, alias="SCHEDULER_TICK_SECONDS")
+    tick_seconds: float = Field(
+        30.0, ge=0.1, le=3600, allow_inf_nan=False, alias="SCHEDULER_TICK_SECONDS"
+    )
     state_url: str = Field("sqlite:///./.cronclock/state.db", alias="SCHEDULER_STATE_URL")
     admin_bind: str = Field("127.0.0.1:8089", alias="SCHEDULER_ADMIN_BIND")
     admin_token: SecretStr | None = Field(None, alias="SCHEDULER_ADMIN_TOKEN")
@@ -107,14 +136,16 @@ class Settings(BaseSettings):
         "info", alias="SCHEDULER_LOG_LEVEL"
     )
     shutdown_grace_seconds: float = Field(
-        30.0, ge=0, le=86400, alias="SCHEDULER_SHUTDOWN_GRACE_SECONDS"
+        30.0, ge=0, le=86400, allow_inf_nan=False, alias="SCHEDULER_SHUTDOWN_GRACE_SECONDS"
     )
-    history_max_runs: int = Field(1000, ge=1, alias="SCHEDULER_HISTORY_MAX_RUNS")
-    history_max_age: Duration = Field(30 * 86400.0, gt=0, alias="SCHEDULER_HISTORY_MAX_AGE")
+    history_max_runs: int = Field(1000, ge=1, le=1_000_000, alias="SCHEDULER_HISTORY_MAX_RUNS")
+    history_max_age: Retention = Field(30 * 86400.0, alias="SCHEDULER_HISTORY_MAX_AGE")
     namespace: str = Field("cronclock", min_length=1, alias="SCHEDULER_NAMESPACE")
     redis_password: SecretStr | None = Field(None, alias="SCHEDULER_REDIS_PASSWORD")
-    lease_ttl_seconds: float = Field(15.0, ge=1, le=3600, alias="SCHEDULER_LEASE_TTL_SECONDS")
-    runtime_retention: Duration = Field(7 * 86400.0, gt=0, alias="SCHEDULER_RUNTIME_RETENTION")
+    lease_ttl_seconds: float = Field(
+        15.0, ge=1, le=3600, allow_inf_nan=False, alias="SCHEDULER_LEASE_TTL_SECONDS"
+    )
+    runtime_retention: Retention = Field(7 * 86400.0, alias="SCHEDULER_RUNTIME_RETENTION")
     max_runtime_schedules: int = Field(
         100_000, ge=1, le=10_000_000, alias="SCHEDULER_MAX_RUNTIME_SCHEDULES"
     )
@@ -136,10 +167,14 @@ class Settings(BaseSettings):
     @field_validator("timezone")
     @classmethod
     def _zone(cls, value: str) -> str:
-        try:
-            return canonical_zone(value)
-        except ScheduleError as error:
-            raise ValueError(str(error)) from None
+        return _canonical_zone(value)
+
+    @field_validator("api_token", "admin_token")
+    @classmethod
+    def _token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            check_token(value.get_secret_value().strip())
+        return value
 
     @field_validator("api_url", "posthog_host")
     @classmethod
@@ -159,9 +194,11 @@ class Settings(BaseSettings):
     @field_validator("state_url")
     @classmethod
     def _state_url(cls, value: str) -> str:
-        scheme = value.partition("://")[0].lower()
-        if scheme not in ("sqlite", "memory", "redis", "rediss") or "://" not in value:
+        scheme, sep, rest = value.partition("://")
+        scheme = scheme.lower()  # REDIS://… is redis://…, here and wherever the URL is used
+        if scheme not in ("sqlite", "memory", "redis", "rediss") or not sep:
             raise ValueError("expected sqlite:///path/state.db, memory:// or redis://host:port/db")
+        value = f"{scheme}://{rest}"
         if scheme == "sqlite":
             sqlite_path(value)
         if scheme in ("redis", "rediss"):
@@ -193,25 +230,68 @@ def check_redis_url(value: str) -> None:
 
 def redact_url(value: str) -> str:
     """The URL with any password replaced by ***, fit for logs and error messages."""
-    url = urllib.parse.urlsplit(value)
-    if url.password is None:
+    try:
+        url = urllib.parse.urlsplit(value)
+    except ValueError:
+        return "<not a URL>"
+    if "@" not in url.netloc:
         return value
-    user = url.username or ""
-    host = url.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(url._replace(netloc=f"{user}:***@{host}"))
+    userinfo, _, host = url.netloc.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    shown = f"{user}:***" if colon else "***"  # a bare userinfo is a token as often as a name
+    return urllib.parse.urlunsplit(url._replace(netloc=f"{shown}@{host}"))
 
 
 def check_http_url(value: str) -> str:
-    """An http(s) URL with a host, without query or fragment; trailing slash removed."""
+    """An http(s) URL with a host, without credentials, query or fragment; trailing slash
+    removed."""
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("must not contain a space or control character")
     try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises for a port that is not 0-65535
         url = httpx.URL(value)
+    except ValueError:
+        raise ValueError("the port must be a number from 1 to 65535") from None
     except (httpx.InvalidURL, TypeError):
         raise ValueError("not a URL; expected e.g. http://app:8000") from None
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError("expected an http:// or https:// URL with a host, e.g. http://app:8000")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "must not carry credentials (user:password@): they would be sent as Basic auth; "
+            "cronclock authenticates with SCHEDULER_API_TOKEN as a bearer token"
+        )
+    if parts.port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
     if url.query or url.fragment:
         raise ValueError("must not have a query or fragment")
     return value.rstrip("/")
+
+
+def check_token(token: str, what: str = "the token") -> None:
+    """A bearer token must fit in an HTTP header as it is: visible ASCII, no spaces. The
+    message never quotes the token."""
+    for position, char in enumerate(token, 1):
+        if "!" <= char <= "~":
+            continue
+        kind = (
+            "a line break" if char in "\r\n"
+            else "a space" if char in " \t"
+            else "a control character" if char.isascii()
+            else "a non-ASCII character"
+        )  # fmt: skip
+        raise ValueError(
+            f"{what} has {kind} at position {position}; it cannot be sent in an HTTP header "
+            "(visible ASCII only, no spaces)"
+        )
+
+
+def _canonical_zone(value: str) -> str:
+    try:
+        return canonical_zone(value)
+    except ScheduleError as error:
+        raise ValueError(str(error)) from None
 
 
 SETTING_NAMES: dict[str, str] = {
@@ -245,7 +325,7 @@ JOB_FIELDS = (
     "dst_gap",
     "dst_repeat",
 )
-# Headers cronclock sets on every call; a job may not set them itself.
+# Headers cronclock sets on every call (DESIGN.md section 4); a job may not set them itself.
 RESERVED_HEADERS = frozenset(
     {
         "authorization",
@@ -255,6 +335,30 @@ RESERVED_HEADERS = frozenset(
         "x-scheduled-for",
         "x-scheduler-attempt",
         "x-scheduler-fencing-token",
+        "traceparent",
+        "tracestate",
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+    }
+)
+# Headers that belong to the connection and the message framing, which the HTTP client owns,
+# and Host, which API_URL names: set by a job, they would smuggle a second request, reach a
+# virtual host behind the application's proxy, or break the request (RFC 9110 7.6.1, 9112 6).
+TRANSPORT_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
     }
 )
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,99}")
@@ -264,6 +368,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}")
 MAX_HEADERS = 32
 MAX_HEADER_BYTES = 8 * 1024  # names and values of a job's own headers, together
 MAX_BODY_BYTES = 64 * 1024  # the JSON body, serialised
+MAX_BODY_DEPTH = 32  # arrays and objects inside each other
 MAX_ENDPOINT_LENGTH = 2048
 
 
@@ -272,17 +377,19 @@ class CallSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    schedule: str = Field(max_length=256)
-    endpoint: str = Field(max_length=MAX_ENDPOINT_LENGTH)
+    # Strict types: `retries = true` or `enabled = "yes"` is a mistake to report, not to coerce.
+    # (Environment overrides are text; _env_overrides types them first.)
+    schedule: StrictStr = Field(max_length=256)
+    endpoint: StrictStr = Field(max_length=MAX_ENDPOINT_LENGTH)
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
-    timeout: Duration = Field(30.0, gt=0, le=86400)
-    timezone: str | None = None
-    headers: dict[str, str] = Field(default_factory=dict)
+    timeout: Timeout = 30.0
+    timezone: StrictStr | None = None
+    headers: dict[StrictStr, StrictStr] = Field(default_factory=dict)
     body: Any = None
     overlap: Literal["skip", "queue", "allow"] = "skip"
-    retries: int = Field(0, ge=0, le=20)
+    retries: StrictInt = Field(0, ge=0, le=20)
     catchup: Literal["latest", "none", "all"] = "latest"
-    misfire_grace: Duration = Field(300.0, ge=0)
+    misfire_grace: Grace = 300.0
     dst_gap: Literal["shift", "skip"] | None = None
     dst_repeat: Literal["first", "last", "both"] | None = None
 
@@ -310,20 +417,35 @@ class CallSpec(BaseModel):
             raise ValueError("must not contain '..' segments (it must stay under API_URL)")
         return value
 
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        return None if value is None else _canonical_zone(value)
+
     @field_validator("headers")
     @classmethod
     def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        # Messages name headers, never quote their values: a value may be a credential.
         reserved = sorted(name for name in value if name.lower() in RESERVED_HEADERS)
         if reserved:
             raise ValueError(f"cronclock sets {', '.join(reserved)} itself; remove it")
+        transport = sorted(name for name in value if name.lower() in TRANSPORT_HEADERS)
+        if transport:
+            raise ValueError(
+                f"{', '.join(transport)}: hop-by-hop or framing headers (and Host) are the HTTP "
+                "client's to set, from API_URL and the body; remove them"
+            )
         if len(value) > MAX_HEADERS:
             raise ValueError(f"at most {MAX_HEADERS} headers, got {len(value)}")
         for name, text in value.items():
             if not _HEADER_NAME.fullmatch(name):
-                raise ValueError(f"{name!r} is not a valid header name")
-            if any((ord(c) < 32 and c != "\t") or ord(c) == 127 for c in text):
-                raise ValueError(f"header {name!r} has a control character in its value")
-        size = sum(len(name.encode()) + len(text.encode()) for name, text in value.items())
+                raise ValueError(f"{name[:100]!r} is not a valid header name")
+            if not all(" " <= c <= "~" or c == "\t" for c in text):
+                raise ValueError(
+                    f"header {name!r}: its value must be visible ASCII, spaces and tabs (no line "
+                    "breaks, control or non-ASCII characters); the value is not shown"
+                )
+        size = sum(len(name) + len(text) for name, text in value.items())
         if size > MAX_HEADER_BYTES:
             raise ValueError(f"headers take {size} bytes; at most {MAX_HEADER_BYTES}")
         return value
@@ -331,11 +453,17 @@ class CallSpec(BaseModel):
     @field_validator("body")
     @classmethod
     def _json_body(cls, value: Any) -> Any:
+        if _depth(value, MAX_BODY_DEPTH + 1) > MAX_BODY_DEPTH:
+            raise ValueError(f"the body is nested deeper than {MAX_BODY_DEPTH} levels")
         try:
-            size = len(json.dumps(value, separators=(",", ":")).encode())
-        except (TypeError, ValueError):
+            text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        except ValueError:
+            raise ValueError(
+                "has a number JSON cannot carry (NaN or Infinity); use a finite number or a string"
+            ) from None
+        except TypeError:
             raise ValueError("must be JSON-serialisable (a TOML table, array or value)") from None
-        if size > MAX_BODY_BYTES:
+        if (size := len(text.encode())) > MAX_BODY_BYTES:
             raise ValueError(f"the body takes {size} bytes as JSON; at most {MAX_BODY_BYTES}")
         return value
 
@@ -363,12 +491,25 @@ class CallSpec(BaseModel):
         }
 
 
+def _depth(value: Any, limit: int) -> int:
+    """How deeply arrays and objects nest in `value`, counting no further than `limit`
+    (iterative: a value nested thousands deep must not exhaust the stack)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack and deepest < limit:
+        item, level = stack.pop()
+        if isinstance(item, dict | list | tuple):
+            deepest = max(deepest, level + 1)
+            stack.extend((child, level + 1) for child in (
+                item.values() if isinstance(item, dict) else item))  # fmt: skip
+    return deepest
+
+
 class JobSpec(CallSpec):
     """One job as configured, before its schedule is parsed."""
 
-    enabled: bool = True
-    spread: bool = False
-    run_on_start: bool = False
+    enabled: StrictBool = True
+    spread: StrictBool = False
+    run_on_start: StrictBool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -487,9 +628,18 @@ def _suggest(word: str, candidates: list[str] | frozenset[str]) -> str:
 def _shown(variable: str, value: object) -> str:
     if variable in _SECRET_SETTINGS:
         return "'**********'"
-    if variable == "SCHEDULER_STATE_URL" and isinstance(value, str):
-        return repr(redact_url(value))  # a password may sit in a redis:// URL
-    return repr(value)
+    if variable in _URL_SETTINGS and isinstance(value, str):
+        return _clipped(redact_url(value))  # a password may sit in a URL
+    return _clipped(value)
+
+
+_URL_SETTINGS = {"SCHEDULER_STATE_URL", "API_URL", "POSTHOG_HOST"}
+
+
+def _clipped(value: object, limit: int = 100) -> str:
+    """repr(value), at most about `limit` characters (a bad value may be a whole file)."""
+    text = repr(value) if not isinstance(value, list | dict) or _depth(value, 8) < 8 else "[…]"
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -544,20 +694,30 @@ def _api_token(settings: Settings) -> SecretStr | None:
             "both SCHEDULER_API_TOKEN and SCHEDULER_API_TOKEN_FILE are set; set only one"
         )
     if settings.api_token is not None:
-        if not settings.api_token.get_secret_value().strip():
-            raise ConfigError("SCHEDULER_API_TOKEN is empty; set the token or unset it")
-        return SecretStr(settings.api_token.get_secret_value().strip())
+        token = settings.api_token.get_secret_value().strip()
+        if token:
+            return SecretStr(token)
+        if settings.local_dev_mode:  # `SCHEDULER_API_TOKEN=` in an env file: "unset"
+            return None
+        raise ConfigError(
+            "SCHEDULER_API_TOKEN is empty: set the token the application expects, or for "
+            "local development without auth unset it or set LOCAL_DEV_MODE=true"
+        )
     if settings.api_token_file is None:
         return None
-    path = settings.api_token_file
+    where = f"SCHEDULER_API_TOKEN_FILE={str(settings.api_token_file)!r}"
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = settings.api_token_file.read_text(encoding="utf-8").strip()
     except OSError as error:
-        raise ConfigError(
-            f"SCHEDULER_API_TOKEN_FILE={str(path)!r}: cannot read it ({error.strerror})"
-        ) from None
+        raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not UTF-8 text (the content is not shown)") from None
     if not text:
-        raise ConfigError(f"SCHEDULER_API_TOKEN_FILE={str(path)!r}: the file is empty")
+        raise ConfigError(f"{where}: the file is empty")
+    try:
+        check_token(text, "the token in the file")
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
     return SecretStr(text)
 
 
@@ -569,13 +729,12 @@ def _cadence(job: DefaultJob, environ: Mapping[str, str]) -> str:
     if raw is None:
         assert job.default_seconds is not None
         return seconds_to_schedule(job.default_seconds)
-    problem = f"{job.cadence_variable}={raw!r}"
+    problem = f"{job.cadence_variable}={_clipped(raw)}"
     if not raw.strip():
         raise ConfigError(f"{problem}: empty; set a whole number of seconds above 0, or unset it")
-    try:
-        seconds = int(raw.strip())
-    except ValueError:
-        raise ConfigError(f"{problem}: not a whole number of seconds (e.g. 900)") from None
+    if not re.fullmatch(r"-?[0-9]{1,12}", raw.strip()):
+        raise ConfigError(f"{problem}: not a whole number of seconds (e.g. 900)")
+    seconds = int(raw.strip())
     if seconds <= 0:
         raise ConfigError(f"{problem}: must be above 0 seconds")
     return seconds_to_schedule(seconds)
@@ -592,6 +751,16 @@ def _read_jobs_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{where}: not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{where}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: nested too deeply (arrays or tables inside each other); a job body "
+            f"may nest at most {MAX_BODY_DEPTH} levels"
+        ) from None
     unknown = sorted(set(data) - {"defaults", "jobs", "include_builtin"})
     if unknown:
         raise ConfigError(
@@ -607,6 +776,18 @@ def _read_jobs_file(path: Path) -> dict[str, Any]:
 
 
 _ENV_JSON_FIELDS = {"headers", "body"}
+_ENV_BOOL_FIELDS = {"enabled", "spread", "run_on_start"}
+_ENV_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
+              "false": False, "0": False, "no": False, "off": False}  # fmt: skip
+
+
+def _typed(field_name: str, text: str) -> Any:
+    """An override's text as the field's type, so the strict model sees what TOML would give."""
+    if field_name in _ENV_BOOL_FIELDS:
+        return _ENV_BOOLS.get(text.strip().lower(), text)
+    if field_name == "retries" and text.strip().isascii() and text.strip().isdigit():
+        return int(text.strip())
+    return text
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str, Any]]]:
@@ -632,7 +813,11 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str,
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
-                raise ConfigError(f"{variable}={value!r}: not valid JSON") from None
+                raise ConfigError(f"{variable}={_clipped(value)}: not valid JSON") from None
+            except RecursionError:
+                raise ConfigError(f"{variable}: nested too deeply") from None
+        else:
+            value = _typed(name, value)
         found.setdefault(key, {})[name] = (variable, value)
     return found
 
@@ -705,6 +890,16 @@ def load_jobs(settings: Settings, environ: Mapping[str, str]) -> tuple[Job, ...]
     )
 
 
+# Fields whose values an error message never quotes: a header may hold a credential, and a
+# body may be large or hold one too.
+_UNQUOTED_FIELDS = {"headers", "body"}
+
+
+def field_shown(name: str, value: object) -> str:
+    """'=<value>' to follow a field's name in an error message; '' for fields never quoted."""
+    return "" if name in _UNQUOTED_FIELDS else f"={_clipped(value)}"
+
+
 def _build_job(
     name: str,
     layer: dict[str, tuple[str, Any]],
@@ -733,8 +928,9 @@ def _build_job(
                 f"job {name!r}: field {loc!r} is required (in {file_label} or "
                 f"SCHEDULER_JOBS__{env_key(name)}__{loc.upper()})"
             ) from None
+        shown = field_shown(loc, values.get(loc))
         raise ConfigError(
-            f"{source}: job {name!r}: field {loc!r}={values.get(loc)!r}: {_message(first)}"
+            f"{source}: job {name!r}: field {loc!r}{shown}: {_message(first)}"
         ) from None
 
     zone = spec.timezone or settings.timezone

@@ -24,7 +24,7 @@ from structlog.typing import FilteringBoundLogger
 
 from schedule_grammar import Once, ScheduleError
 
-from .config import CallSpec, Job, format_seconds
+from .config import CallSpec, Job, field_shown, format_seconds
 from .state import (
     RUNTIME_PREFIX,
     SqliteStateStore,
@@ -520,8 +520,9 @@ class RuntimeSchedules:
             message = str(detail["msg"]).removeprefix("Value error, ")
             if detail["type"] == "extra_forbidden":
                 message = f"unknown field; fields are {', '.join(ScheduleSpec.model_fields)}"
-            shown = f"={detail['input']!r}" if detail["type"] != "missing" else ""
-            raise ScheduleInvalid(f"{where}{shown[:200]}: {message}") from None
+            field = str(detail["loc"][0]) if detail["loc"] else ""
+            shown = field_shown(field, detail["input"]) if detail["type"] != "missing" else ""
+            raise ScheduleInvalid(f"{where}{shown}: {message}") from None
         job = self._job(id, spec, revision=0, anchor=now)
         try:
             return self._first(spec, job, now)

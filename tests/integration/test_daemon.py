@@ -157,18 +157,20 @@ class TestConfigErrors:
         tmp_path: Path,
         label: str,
         environ: dict[str, str],
-        file_text: str | None,
+        file_text: str | bytes | None,
         fragments: list[str],
     ) -> None:
-        env = base_env(SCHEDULER_API_TOKEN="secret-token", **environ)
+        env = base_env(**{"SCHEDULER_API_TOKEN": "secret-token", **environ})
         if file_text is not None:
-            (tmp_path / "jobs.toml").write_text(file_text)
+            data = file_text.encode() if isinstance(file_text, str) else file_text
+            (tmp_path / "jobs.toml").write_bytes(data)
             env["SCHEDULER_JOBS_FILE"] = str(tmp_path / "jobs.toml")
         result = run_cli("run", env=env)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr
         assert result.stderr.startswith("cronclock: config error: ")
         assert len(result.stderr.strip().splitlines()) == 1
+        assert "hunter2" not in result.stderr and "secret-token" not in result.stderr
         for fragment in fragments:
             assert fragment in result.stderr
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.scheduler.__main__ import cmd_check
+from services.scheduler.__main__ import cmd_check, main
 from services.scheduler.config import (
     DEFAULT_JOBS,
     ConfigError,
@@ -19,15 +19,16 @@ from services.scheduler.config import (
 )
 
 TOKEN = {"SCHEDULER_API_TOKEN": "secret-token"}
+J = 'include_builtin = false\n[jobs.x]\nschedule = "every 1m"\nendpoint = "/x"\n'
 
 
 def jobs(environ: dict[str, str]) -> dict[str, object]:
     return {job.name: job for job in load_config({**TOKEN, **environ}).jobs}
 
 
-def write(tmp_path: Path, text: str) -> str:
+def write(tmp_path: Path, text: str | bytes) -> str:
     path = tmp_path / "jobs.toml"
-    path.write_text(text)
+    path.write_bytes(text.encode() if isinstance(text, str) else text)
     return str(path)
 
 
@@ -257,6 +258,60 @@ BAD = [
     ("spread on wall clock", {}, '[jobs.x]\nschedule = "daily 03:00"\nendpoint = "/x"\nspread = true\n', ["spread needs an 'every' schedule"]),
     ("unknown top-level", {}, 'jobz = 1\n', ["unknown top-level key 'jobz'"]),
     ("token and token file", {"SCHEDULER_API_TOKEN_FILE": "/tmp/x"}, None, ["both SCHEDULER_API_TOKEN and SCHEDULER_API_TOKEN_FILE"]),
+    # Issue 16: what `check` accepts must run, so all of this is refused here, with one line.
+    ("body nan", {}, J + "body = nan\n", ["field 'body'", "NaN or Infinity"]),
+    ("body inf nested", {}, J + "body = { x = [1, inf] }\n", ["field 'body'", "NaN or Infinity"]),
+    ("body NaN from env", {"SCHEDULER_JOBS__X__BODY": "NaN"}, J, ["SCHEDULER_JOBS__X__BODY", "NaN or Infinity"]),
+    ("body Infinity from env", {"SCHEDULER_JOBS__X__BODY": '{"a": -Infinity}'}, J, ["SCHEDULER_JOBS__X__BODY", "NaN or Infinity"]),
+    ("body nested deep", {}, J + "body = " + "[" * 40 + "]" * 40 + "\n", ["field 'body'", "nested deeper than 32"]),
+    ("toml nested deeper than python", {}, J + "body = " + "[" * 5000 + "]" * 5000 + "\n", ["nested too deeply"]),
+    ("jobs file not utf-8", {}, b'[jobs.x]\nschedule = "every 1m"\nendpoint = "/x\xff"\n', ["not UTF-8", "byte 0xff at offset 45"]),
+    ("header non-ascii", {}, J + 'headers = { X-A = "hunter2\u00e9" }\n', ["field 'headers'", "'X-A'", "visible ASCII"]),
+    ("header line break", {}, J + 'headers = { X-A = "hunter2\\r\\nX-Injected: 1" }\n', ["'X-A'", "visible ASCII"]),
+    ("header from env non-ascii", {"SCHEDULER_JOBS__X__HEADERS": '{"X-A": "hunter2\u00e9"}'}, J, ["SCHEDULER_JOBS__X__HEADERS", "'X-A'"]),
+    ("header host", {}, J + 'headers = { Host = "admin.internal" }\n', ["Host", "hop-by-hop or framing"]),
+    ("header content-length", {}, J + 'headers = { content-length = "5" }\n', ["content-length", "hop-by-hop or framing"]),
+    ("header framing set", {}, J + 'headers = { Transfer-Encoding = "chunked", Connection = "close", Expect = "100-continue", Proxy-Authorization = "x" }\n', ["Connection, Expect, Proxy-Authorization, Transfer-Encoding"]),
+    ("header traceparent", {}, J + 'headers = { traceparent = "00-x" }\n', ["cronclock sets traceparent itself"]),
+    ("token line break", {"SCHEDULER_API_TOKEN": "hunter2\nX-Injected: 1"}, None, ["SCHEDULER_API_TOKEN", "cannot be sent in an HTTP header", "a line break"]),
+    ("token non-ascii", {"SCHEDULER_API_TOKEN": "hunter2\u00e9"}, None, ["SCHEDULER_API_TOKEN", "cannot be sent in an HTTP header"]),
+    ("token space", {"SCHEDULER_API_TOKEN": "hunter2 other"}, None, ["SCHEDULER_API_TOKEN", "a space"]),
+    ("admin token line break", {"SCHEDULER_ADMIN_TOKEN": "hunter2\rx"}, None, ["SCHEDULER_ADMIN_TOKEN", "cannot be sent in an HTTP header"]),
+    ("empty token without dev mode", {"SCHEDULER_API_TOKEN": ""}, None, ["SCHEDULER_API_TOKEN is empty", "LOCAL_DEV_MODE=true"]),
+    ("misfire_grace inf", {}, J + "misfire_grace = inf\n", ["field 'misfire_grace'", "not a finite duration"]),
+    ("misfire_grace 1e308", {}, J + "misfire_grace = 1e308\n", ["field 'misfire_grace'", "at most 30d"]),
+    ("misfire_grace huge text", {}, J + 'misfire_grace = "99999999999d"\n', ["field 'misfire_grace'", "at most 30d"]),
+    ("timeout tiny", {}, J + "timeout = 1e-300\n", ["field 'timeout'", "at least 10ms"]),
+    ("timeout nan from env", {"SCHEDULER_JOBS__X__TIMEOUT": "nan"}, J, ["SCHEDULER_JOBS__X__TIMEOUT", "not a duration"]),
+    ("history max age huge", {"SCHEDULER_HISTORY_MAX_AGE": "99999999999d"}, None, ["SCHEDULER_HISTORY_MAX_AGE='99999999999d'", "at most 3650d"]),
+    ("runtime retention huge", {"SCHEDULER_RUNTIME_RETENTION": "99999999999d"}, None, ["SCHEDULER_RUNTIME_RETENTION", "at most 3650d"]),
+    ("runtime retention tiny", {"SCHEDULER_RUNTIME_RETENTION": "1ms"}, None, ["SCHEDULER_RUNTIME_RETENTION", "at least 1m"]),
+    ("history max runs huge", {"SCHEDULER_HISTORY_MAX_RUNS": "1" + "0" * 30}, None, ["SCHEDULER_HISTORY_MAX_RUNS", "1000000"]),
+    ("tick tiny", {"SCHEDULER_TICK_SECONDS": "1e-9"}, None, ["SCHEDULER_TICK_SECONDS='1e-9'", "0.1"]),
+    ("tick nan", {"SCHEDULER_TICK_SECONDS": "nan"}, None, ["SCHEDULER_TICK_SECONDS='nan'", "finite"]),
+    ("grace inf", {"SCHEDULER_SHUTDOWN_GRACE_SECONDS": "inf"}, None, ["SCHEDULER_SHUTDOWN_GRACE_SECONDS", "finite"]),
+    ("retries true", {}, J + "retries = true\n", ["field 'retries'=True", "integer"]),
+    ("retries float", {}, J + "retries = 1.5\n", ["field 'retries'=1.5", "integer"]),
+    ("enabled yes", {}, J + 'enabled = "yes"\n', ["field 'enabled'='yes'", "boolean"]),
+    ("run_on_start 1", {}, J + "run_on_start = 1\n", ["field 'run_on_start'=1", "boolean"]),
+    ("timezone empty", {}, J + 'timezone = ""\n', ["field 'timezone'=''", "unknown time zone"]),
+    ("schedule number", {}, '[jobs.x]\nschedule = 5\nendpoint = "/x"\n', ["field 'schedule'=5", "string"]),
+    ("timezone nope", {}, J + 'timezone = "Nope"\n', ["field 'timezone'='Nope'", "unknown time zone 'Nope'"]),
+    ("timezone city", {}, J + 'timezone = "Berlin"\n', ["field 'timezone'='Berlin'", "did you mean 'Europe/Berlin'"]),
+    ("timezone recursion", {}, J + 'timezone = "' + "a/" * 300 + '"\n', ["field 'timezone'", "unknown time zone"]),
+    ("timezone dunder", {}, J + 'timezone = "__init__/x"\n', ["field 'timezone'", "unknown time zone"]),
+    ("schedule two zones", {"SCHEDULER_JOBS__X__SCHEDULE": "daily 03:00 in Europe/Berlin in Asia/Tokyo"}, J, ["SCHEDULER_JOBS__X__SCHEDULE", "more than one time zone"]),
+    ("schedule two dst", {}, '[jobs.x]\nschedule = "daily 03:00 dst=skip dst=last"\nendpoint = "/x"\n', ["more than one dst="]),
+    ("schedule full-width digits", {"SCHEDULER_JOBS__X__SCHEDULE": "every \uff11\uff15m"}, J, ["digits 0-9"]),
+    ("schedule huge number", {"SCHEDULER_JOBS__X__SCHEDULE": "every " + "1" * 4301 + "s"}, J, ["SCHEDULER_JOBS__X__SCHEDULE", "at most 256 characters"]),
+    ("schedule long number", {"SCHEDULER_JOBS__X__SCHEDULE": "every " + "1" * 200 + "s"}, J, ["SCHEDULER_JOBS__X__SCHEDULE", "is not a duration"]),
+    ("cadence huge number", {"SCHEDULER_DATA_REFRESH_INTERVAL": "1" * 4301}, None, ["SCHEDULER_DATA_REFRESH_INTERVAL='111", "…"]),
+    ("schedule bare cron", {"SCHEDULER_JOBS__X__SCHEDULE": "*/5 * * * *"}, J, ["did you mean 'cron */5 * * * *'"]),
+    ("api url credentials", {"API_URL": "http://user:hunter2@app:8000"}, None, ["API_URL='http://user:***@app:8000'", "credentials"]),
+    ("api url user only", {"API_URL": "http://hunter2@app:8000"}, None, ["API_URL", "credentials"]),
+    ("api url port", {"API_URL": "http://app:99999"}, None, ["API_URL='http://app:99999'", "port"]),
+    ("api url space", {"API_URL": "http://app :8000"}, None, ["API_URL='http://app :8000'", "space"]),
+    ("state url upper sqlite dir", {"SCHEDULER_STATE_URL": "SQLITE:///"}, None, ["SCHEDULER_STATE_URL", "sqlite:///relative"]),
 ]  # fmt: skip
 
 
@@ -270,10 +325,33 @@ def test_bad_configuration_is_one_clear_error(
     if file_text is not None:
         env["SCHEDULER_JOBS_FILE"] = write(tmp_path, file_text)
     with pytest.raises(ConfigError) as caught:
-        load_config(env)
+        require_auth(load_config(env))
     for fragment in fragments:
         assert fragment in str(caught.value)
     assert "hunter2" not in str(caught.value) and "secret-token" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("label", "environ", "file_text", "fragments"), BAD, ids=[b[0] for b in BAD]
+)
+def test_check_refuses_bad_configuration_with_exit_2_and_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    label: str,
+    environ: dict[str, str],
+    file_text: str | bytes | None,
+    fragments: list[str],
+) -> None:
+    env = {**TOKEN, **environ}
+    if file_text is not None:
+        env["SCHEDULER_JOBS_FILE"] = write(tmp_path, file_text)
+    code = main(["check"], env)
+    out, err = capsys.readouterr()
+    assert (code, out) == (2, ""), err
+    assert err.startswith("cronclock: config error: ") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err and "hunter2" not in err and "secret-token" not in err
+    for fragment in fragments:
+        assert fragment in err
 
 
 def test_secret_values_are_redacted_in_errors() -> None:
