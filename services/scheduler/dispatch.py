@@ -432,13 +432,16 @@ class Dispatcher:
         begun = self._clock.monotonic()
         while True:
             attempt += 1
-            request = self._client.build_request(
-                job.method,
-                self.url(job),
-                headers=self.headers(job, slot, key, attempt),
-                json=job.body,
-                timeout=job.timeout,
-            )
+            try:
+                request = self._client.build_request(
+                    job.method,
+                    self.url(job),
+                    headers=self.headers(job, slot, key, attempt),
+                    json=job.body,
+                    timeout=job.timeout,
+                )
+            except Exception as failure:  # config refuses such jobs; this is the last guard
+                return self._unbuildable(job, slot, key, attempt, failure, begun)
             if attempt == 1:
                 self._await_slot(job, slot, key)
                 if not self._may_fire():
@@ -499,6 +502,25 @@ class Dispatcher:
                 self._log.error("failed", **fields, error=error)
                 return self._result(job, slot, key, "failed", attempt, sent.status, error, begun)
 
+    def _unbuildable(
+        self, job: Job, slot: datetime, key: str, attempt: int, failure: Exception, begun: float
+    ) -> CallResult:
+        """A request that cannot be built is a failed run in the history. The exception's
+        text is not kept: it may quote a header value, and the token is one."""
+        error = (
+            f"not sent: the request could not be built ({type(failure).__name__}); check the "
+            "job's headers, body and the API token"
+        )
+        self._store.record_run(not_called(job.name, slot, key, "failed", error, self._clock.now()))
+        self._log.error("failed", job=job.name, slot=format_slot(slot), attempt=attempt,
+                        error=error, endpoint=job.endpoint)  # fmt: skip
+        self._reporter.report(
+            JobFailed(f"{job.name}: {error}"),
+            {"job": job.name, "slot": format_slot(slot), "attempt": attempt,
+             "endpoint": job.endpoint},
+        )  # fmt: skip
+        return self._result(job, slot, key, "failed", attempt, None, error, begun)
+
     def _lost_lease(self, job: Job, slot: datetime, key: str, begun: float) -> CallResult:
         """The lease could not be confirmed when the call was due: it is not sent (another
         replica may lead by now, and a slot is called at most once)."""
@@ -533,6 +555,11 @@ class Dispatcher:
             error = f"connection failed: {failure or type(failure).__name__}"
         except httpx.TimeoutException:
             kind, error = "transient", f"timed out after {job.timeout:g}s"
+        except httpx.LocalProtocolError as failure:  # its text may quote a header: not kept
+            kind, error = (
+                "permanent",
+                f"not sent: the HTTP client refused the request ({type(failure).__name__})",
+            )
         except httpx.HTTPError as failure:
             kind, error = "transient", f"{type(failure).__name__}: {failure}"
         finally:

@@ -176,6 +176,28 @@ class TestOutcomes:
         }
         assert "HTTP 404" in message
 
+    @pytest.mark.parametrize(
+        ("fields", "token"),
+        [
+            ({"body": {"x": float("nan")}}, "t0k3n"),
+            ({"headers": (("X-A", "secret-\u00e9"),)}, "t0k3n"),
+            ({}, "secret-\u00e9"),
+        ],
+        ids=["nan body", "non-ascii header", "non-ascii token"],
+    )
+    def test_a_request_that_cannot_be_built_is_a_recorded_failure_naming_no_secret(
+        self, fields: dict[str, Any], token: str
+    ) -> None:
+        # Config refuses these (issue 16); a job that slips past (an old stored schedule, a
+        # bug) must still end as a run in the history, not as a crash of the pool thread.
+        h = Harness(responses(httpx.Response(200)), token=token)
+        result = h.call(job(**fields))
+        assert result.outcome == "failed" and h.requests == []
+        (run,) = h.store.runs("data-refresh")
+        assert run.outcome == "failed" and run.error is not None
+        assert "could not be built" in run.error and "secret" not in run.error
+        assert h.reporter.reports and all("secret" not in m for m, _ in h.reporter.reports)
+
     def test_redirects_are_success_and_not_followed(self) -> None:
         h = Harness(responses(httpx.Response(302, headers={"Location": "/elsewhere"})))
         assert h.call(job()).outcome == "success"
