@@ -220,7 +220,11 @@ def create_app(ctx: AdminContext) -> FastAPI:
         title="cronclock admin API",
         version=__version__,
         description="Health, metrics, the job table, run history and controls of one cronclock.",
+        # /docs and /redoc load scripts from a CDN: off. The schema stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -246,12 +250,6 @@ def create_app(ctx: AdminContext) -> FastAPI:
 
     @app.middleware("http")
     async def yield_to_firing(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_REQUEST_BYTES:
-            return JSONResponse(
-                {"error": f"request body of {length} bytes; at most {MAX_REQUEST_BYTES}"},
-                status_code=413,
-            )
         # Calls due now come first: hold the request (at most half a second) while the
         # dispatcher is sending, instead of taking the GIL from it.
         waited = 0.0
@@ -535,6 +533,8 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             body = await request.json()
         except ValueError:
             raise HTTPException(422, "the body must be JSON") from None
+        except RecursionError:
+            raise HTTPException(422, "the body is nested too deeply") from None
         return await asyncio.to_thread(store_schedule, id, body)
 
     def store_schedule(id: str, body: Any) -> JSONResponse:
@@ -638,6 +638,59 @@ def _run_view(record: RunRecord) -> RunView:
         error=record.error,
         count=record.count,
     )
+
+
+class BodyLimit:
+    """ASGI middleware: every request body is read here, at most `limit` bytes, before any
+    route sees it. A larger one is 413 when its Content-Length says so, or as soon as that
+    many bytes of a chunked body have arrived; nothing beyond the limit is ever held."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, send, f"request body of {int(length)} bytes")
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(scope, send, f"request body of more than {self.limit} bytes")
+                return
+            if not message.get("more_body", False):
+                break
+        whole: dict[str, Any] | None = {"type": "http.request", "body": b"".join(chunks)}
+
+        async def replay() -> Any:
+            nonlocal whole
+            if whole is None:
+                return await receive()  # the disconnect, when it comes
+            message, whole = whole, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Any, send: Any, what: str) -> None:
+        response = JSONResponse(
+            {"error": f"{what}; at most {self.limit}"},
+            status_code=413,
+            headers={"Connection": "close"},  # the rest of the body is not read
+        )
+        await response(scope, self._nothing, send)
+
+    @staticmethod
+    async def _nothing() -> Any:
+        return {"type": "http.disconnect"}
 
 
 class AdminServer:

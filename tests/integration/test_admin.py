@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -107,3 +108,38 @@ def test_an_admin_address_in_use_is_a_clear_start_failure(
     assert result.returncode == 2
     assert f"SCHEDULER_ADMIN_BIND='127.0.0.1:{port}'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_chunked_body_is_refused_at_the_limit_not_read_whole(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
+    """Issue 16: 200 MB sent chunked with a valid token used to be read into memory first."""
+    proc, url, _ = start(target, jobs_file, daemon)
+    port = int(url.rpartition(":")[2])
+    chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(
+            b"PUT /api/schedules/big HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + ADMIN.encode() + b"\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        sock.setblocking(False)
+        while sent < 200 * 1024 * 1024 and not answer:
+            try:
+                sent += sock.send(chunk)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:  # the server closed the connection: read what it said
+                break
+            with contextlib.suppress(BlockingIOError):
+                answer = sock.recv(4096)
+        sock.setblocking(True)
+        while not answer.endswith(b"}"):
+            more = sock.recv(4096)
+            if not more:
+                break
+            answer += more
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"at most 262144" in answer
+    assert sent < 32 * 1024 * 1024, f"{sent} bytes were taken before the answer"
+    assert proc.process.poll() is None

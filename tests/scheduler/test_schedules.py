@@ -3,6 +3,7 @@ validation, firing, endings, retention, on the memory, SQLite and Redis stores."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -158,16 +159,59 @@ class TestPut:
             ({"expires_at": "2026-11-22T10:00:30Z"}, "no slot before expires_at"),
             ({"schedule": at(T0 - timedelta(minutes=10))}, "more than misfire_grace (5m)"),
             ({"colour": "blue"}, "colour='blue': unknown field"),
+            # Issue 16: each of these was a crash at run time or a plain-text 500.
+            ({"misfire_grace": float("inf")}, "not a finite duration"),
+            ({"misfire_grace": 1e308}, "at most 30d"),
+            ({"misfire_grace": "99999999999d"}, "at most 30d"),
+            ({"timeout": 1e-300}, "at least 10ms"),
+            ({"body": {"x": float("nan")}}, "NaN or Infinity"),
+            ({"body": [float("-inf")]}, "NaN or Infinity"),
+            (
+                {"body": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+                "nested deeper than 32",
+            ),
+            ({"headers": {"X-A": "secret-\u00e9"}}, "visible ASCII"),
+            ({"headers": {"Host": "admin.internal"}}, "hop-by-hop or framing"),
+            ({"headers": {"Content-Length": "1"}}, "hop-by-hop or framing"),
+            ({"retries": True}, "retries=True"),
+            ({"timezone": ""}, "unknown time zone ''"),
+            ({"timezone": "Berlin"}, "did you mean 'Europe/Berlin'"),
+            ({"schedule": "*/5 * * * *"}, "did you mean 'cron */5 * * * *'"),
         ],
     )
     def test_invalid_bodies_are_422_naming_the_field(
         self, world: World, fields: dict[str, Any], message: str
     ) -> None:
         sent = {k: v for k, v in (body() | fields).items() if v is not None}
-        response = world.client.put("/api/schedules/bad", json=sent)
+        response = world.client.put(  # json.dumps writes NaN and Infinity, as some clients do
+            "/api/schedules/bad", content=json.dumps(sent).encode(),
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
         assert response.status_code == 422, response.text
         assert message in response.json()["error"]
+        assert "secret" not in response.text
         assert world.client.get("/api/schedules/bad").status_code == 404
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            b'{"schedule": "every 1m", "endpoint": "/x", "body": '
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}",
+            b'{"schedule": "every 1m", "endpoint": "/x", "misfire_grace": Infinity}',
+            b'{"schedule": "every 1m", "endpoint": "/x", "misfire_grace": 1e308}',
+            b'{"schedule": "every 1m", "endpoint": "/x", "body": NaN}',
+        ],
+        ids=["deeply nested", "Infinity", "1e308", "NaN"],
+    )
+    def test_json_python_reads_but_cannot_use_is_a_json_422(self, world: World, raw: bytes) -> None:
+        response = world.client.put(
+            "/api/schedules/bad", content=raw, headers={"Content-Type": "application/json"}
+        )
+        assert response.status_code in (413, 422), response.text
+        assert response.headers["content-type"] == "application/json"
+        assert "error" in response.json()
 
     def test_the_body_must_be_a_json_object(self, world: World) -> None:
         not_json = world.client.put("/api/schedules/x", content=b"{nope")
@@ -181,6 +225,25 @@ class TestPut:
             headers={"Content-Type": "application/json"},
         )  # fmt: skip
         assert response.status_code == 413
+
+    def test_a_chunked_request_is_413_once_the_limit_is_read(self, world: World) -> None:
+        sent = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal sent
+            for _ in range(64):  # 4 MiB, with no Content-Length to check up front
+                sent += 65536
+                yield b" " * 65536
+
+        response = world.client.put("/api/schedules/x", content=chunks(),
+                                    headers={"Content-Type": "application/json"})  # fmt: skip
+        assert response.status_code == 413 and "at most 262144" in response.json()["error"]
+
+    @pytest.mark.parametrize("path", ["/docs", "/redoc", "/docs/oauth2-redirect"])
+    def test_no_page_loads_a_third_party_script(self, world: World, path: str) -> None:
+        assert world.client.get(path).status_code == 404
+        page = world.client.get("/")
+        assert '<script src="http' not in page.text and "cdn." not in page.text
 
     @pytest.mark.parametrize("id", ["-starts-with-dash", "has/slash", "a" * 129, "sp ace", "a@b"])
     def test_a_bad_id_is_422(self, world: World, id: str) -> None:
