@@ -145,8 +145,9 @@ def decide(job: Job, first_due: datetime, now: datetime, *, restart: bool = Fals
 
     grace = timedelta(seconds=job.misfire_grace)
     latest = due[-1]
-    if job.catchup == "all":
-        cut = max(0, len(due) - CATCHUP_ALL_CAP)
+    if job.catchup == "all":  # the slots within the grace, oldest first, at most the cap
+        recent = sum(1 for slot in due[-CATCHUP_ALL_CAP:] if now - slot <= grace)
+        cut = len(due) - recent
         return Decision(due[cut:], due[:cut], more, following)
     if len(due) == 1 and now - latest <= grace and not (restart and job.catchup == "none"):
         return Decision([latest], [], False, following)  # the ordinary case: on time

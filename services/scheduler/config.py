@@ -617,7 +617,11 @@ class Config:
         for job in self.jobs:
             if job.name == name:
                 return job
-        raise ConfigError(f"no job named {name!r}{_suggest(name, [j.name for j in self.jobs])}")
+        names = [j.name for j in self.jobs]
+        listed = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        raise ConfigError(
+            f"no job named {name!r}{_suggest(name, names)}; the jobs are: {listed or 'none'}"
+        )
 
 
 def _suggest(word: str, candidates: list[str] | frozenset[str]) -> str:

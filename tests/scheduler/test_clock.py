@@ -152,12 +152,19 @@ class TestCatchUp:
         ]
 
     def test_all_replays_in_order_capped(self) -> None:
-        j = job(schedule="every 1m", catchup="all")
+        j = job(schedule="every 1m", catchup="all", misfire_grace=86400.0)
         decision = decide(j, utc(2026, 1, 1, 0, 0), utc(2026, 1, 1, 3, 0))
         assert len(decision.fire) == CATCHUP_ALL_CAP
         assert decision.fire == sorted(decision.fire)
         assert decision.fire[-1] == utc(2026, 1, 1, 3, 0)
         assert len(decision.missed) == 181 - CATCHUP_ALL_CAP
+
+    def test_all_replays_only_slots_within_the_grace(self) -> None:
+        # Issue 16: misfire_grace bounds every catch-up, `all` included (README "Missed slots").
+        j = job(schedule="every 1m", catchup="all", misfire_grace=300.0)
+        decision = decide(j, utc(2026, 1, 1, 0, 0), utc(2026, 1, 1, 3, 0, 30))
+        assert decision.fire == [utc(2026, 1, 1, 2, 56) + timedelta(minutes=m) for m in range(5)]
+        assert decision.missed == [utc(2026, 1, 1, 0, 0) + timedelta(minutes=m) for m in range(176)]
 
     def test_a_forward_clock_jump_is_treated_as_missed_slots(self) -> None:
         scheduler, clock, firer, store = make(job(schedule="every 1m"))

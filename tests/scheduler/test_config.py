@@ -390,3 +390,10 @@ def test_check_never_prints_a_redis_password() -> None:
     assert cmd_check(config, out) == 0
     assert "state: redis://:***@redis:6379/0" in out.getvalue()
     assert "hunter2" not in out.getvalue()
+
+
+def test_next_for_an_unknown_job_lists_the_job_names(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["next", "nope"], TOKEN) == 2
+    err = capsys.readouterr().err
+    assert "no job named 'nope'" in err and len(err.strip().splitlines()) == 1
+    assert "the jobs are: data-refresh, health-check, script-runner, marketplaces" in err
