@@ -3,11 +3,15 @@ and a bad file on SIGHUP is one "reload rejected" line while the old table keeps
 
 from __future__ import annotations
 
+import random
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from tests.fuzz_inputs import JOB_FIELDS, SECRET, SETTINGS, environment, jobs_toml, refused
 from tests.integration.conftest import Daemon, base_env, run_cli
 from tests.support import RedisServer, Target
 
@@ -73,3 +77,29 @@ def test_sighup_with_an_over_nested_or_non_utf8_file_is_rejected_and_firing_goes
     assert target.wait_for(lambda calls: len(calls) > count + 1)
     assert proc.stop() == 0
     assert "Traceback" not in proc.log_path.read_text()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_fuzzed_configuration_check_accepts_fires_in_the_real_daemon(
+    seed: int, tmp_path: Path, target: Target, daemon: Callable[..., Daemon]
+) -> None:
+    """A sample of tests/scheduler/test_bad_input_fuzz.py's good configurations, run by the
+    daemon as a subprocess: the first slot is called (or recorded failed), nothing crashes."""
+    chooser = random.Random(seed)
+    while True:
+        fields = {name: chooser.choice(good) for name, (good, _) in JOB_FIELDS.items()}
+        chosen = {name: chooser.choice(good) for name, (good, _) in SETTINGS.items()}
+        fields |= {"schedule": "every 1s", "enabled": True}
+        if refused(fields, chosen) is None:
+            break
+    path = tmp_path / "jobs.toml"
+    path.write_text(jobs_toml(fields))
+    env = environment(chosen, target=target.url, tmp=str(tmp_path), jobs_file=str(path))
+    env.setdefault("SCHEDULER_STATE_URL", "memory://")
+    checked = run_cli("check", env=base_env(**env))
+    assert checked.returncode == 0, checked.stderr
+    proc = daemon(**env)
+    assert proc.wait_for_log("fired") or proc.events("failed"), proc.log_path.read_text()
+    assert proc.stop() == 0
+    text = proc.log_path.read_text()
+    assert "crashed" not in text and "Traceback" not in text and SECRET not in text
