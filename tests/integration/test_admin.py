@@ -143,3 +143,36 @@ def test_a_chunked_body_is_refused_at_the_limit_not_read_whole(
     assert b"at most 262144" in answer
     assert sent < 32 * 1024 * 1024, f"{sent} bytes were taken before the answer"
     assert proc.process.poll() is None
+
+
+# Issue 16: bodies that were a plain-text 500, or stored and then broke every call.
+BAD_PUT_BODIES = [
+    ("NaN body", b'{"schedule": "every 1m", "endpoint": "/x", "body": {"x": NaN}}', "NaN or Infinity"),
+    ("Infinity grace", b'{"schedule": "every 1m", "endpoint": "/x", "misfire_grace": Infinity}', "not a finite duration"),
+    ("1e308 grace", b'{"schedule": "every 1m", "endpoint": "/x", "misfire_grace": 1e308}', "at most 30d"),
+    ("deep JSON", b'{"schedule": "every 1m", "endpoint": "/x", "body": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ("33 levels", b'{"schedule": "every 1m", "endpoint": "/x", "body": ' + b"[" * 33 + b"]" * 33 + b"}", "nested deeper than 32"),
+    ("non-ASCII header", '{"schedule": "every 1m", "endpoint": "/x", "headers": {"X-A": "hunter2\u00e9"}}'.encode(), "visible ASCII"),
+    ("Host header", b'{"schedule": "every 1m", "endpoint": "/x", "headers": {"Host": "hunter2"}}', "hop-by-hop or framing"),
+    ("retries true", b'{"schedule": "every 1m", "endpoint": "/x", "retries": true}', "retries=True"),
+    ("empty zone", b'{"schedule": "every 1m", "endpoint": "/x", "timezone": ""}', "unknown time zone"),
+    ("two zones", b'{"schedule": "daily 03:00 in UTC in Asia/Tokyo", "endpoint": "/x"}', "more than one time zone"),
+]  # fmt: skip
+
+
+def test_bad_put_bodies_are_a_json_422_from_the_real_server(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
+    proc, url, _ = start(target, jobs_file, daemon)
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}",
+                                                "Content-Type": "application/json"})  # fmt: skip
+    for label, raw, fragment in BAD_PUT_BODIES:
+        response = admin.put("/api/schedules/bad", content=raw)
+        assert response.status_code == 422, (label, response.text)
+        assert response.headers["content-type"] == "application/json", label
+        assert fragment in response.json()["error"], (label, response.text)
+        assert "hunter2" not in response.text, label
+    assert admin.get("/api/schedules/bad").status_code == 404
+    assert admin.get("/docs").status_code == 404 and admin.get("/redoc").status_code == 404
+    assert proc.process.poll() is None
+    assert "Traceback" not in proc.log_path.read_text()
