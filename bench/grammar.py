@@ -39,7 +39,51 @@ CASES = [
         "0 9 * * 1-5",
         "Europe/Berlin",
     ),
-]
+    ("cron */5 Berlin", "cron */5 * * * * in Europe/Berlin", "*/5 * * * *", "Europe/Berlin"),
+    ("cron 6 fields Berlin", "cron */30 * * * * * in Europe/Berlin", "*/30 * * * * *",
+     "Europe/Berlin"),
+    ("cron */15 Lord_Howe", "cron */15 * * * * in Australia/Lord_Howe", "*/15 * * * *",
+     "Australia/Lord_Howe"),
+    ("cron 0 0 * * 0 Santiago", "cron 0 0 * * 0 in America/Santiago", "0 0 * * 0",
+     "America/Santiago"),
+]  # fmt: skip
+
+# The slowest single next_after we know of per form: (label, text, instant).
+_BERLIN_FALL = datetime(2026, 10, 24, 23, 0, tzinfo=UTC)
+WORST = [
+    ("interval every 1s", "every 1s", START),
+    ("daily, 1,440 times, dst=last, fall-back day",
+     "daily " + ",".join(f"{h:02d}:{m:02d}" for h in range(24) for m in range(60))
+     + " in Europe/Berlin dst=last", _BERLIN_FALL),
+    ("weekly, dst=both, fall-back day", "weekly sun 02:30 in Europe/Berlin dst=both", _BERLIN_FALL),
+    ("monthly 31 (skips short months)", "monthly 31 09:00 in Europe/Berlin",
+     datetime(2026, 1, 31, 12, tzinfo=UTC)),
+    ("cron 0 0 29 2 * (7 years ahead)", "cron 0 0 29 2 *", datetime(2097, 3, 1, tzinfo=UTC)),
+    ("cron * * 1 1 * Berlin (a year ahead)", "cron * * 1 1 * in Europe/Berlin",
+     datetime(2026, 1, 2, tzinfo=UTC)),
+    ("cron */5 3 * * * Chatham (fall back)", "cron */5 3 * * * in Pacific/Chatham",
+     datetime(2026, 4, 4, 13, 55, tzinfo=UTC)),
+    ("cron */20 0 * * 0 Santiago (midnight gap)", "cron */20 0 * * 0 in America/Santiago",
+     datetime(2026, 9, 5, 12, tzinfo=UTC)),
+    ("at, passed", "at 2026-01-01T00:00", START),
+]  # fmt: skip
+
+
+def worst_case(text: str, instant: datetime, repeats: int) -> tuple[float, float]:
+    """(first call, median of warm calls) in seconds; the first includes building caches."""
+    from schedule_grammar._zones import transitions_in_year
+
+    transitions_in_year.cache_clear()
+    schedule = parse(text)
+    began = time.perf_counter()
+    schedule.next_after(instant)
+    cold = time.perf_counter() - began
+    warm = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        schedule.next_after(instant)
+        warm.append(time.perf_counter() - began)
+    return cold, statistics.median(warm)
 
 
 def per_second(step: Callable[[datetime], datetime], calls: int) -> float:
@@ -114,6 +158,10 @@ def main() -> None:
         print(f"{label:<26}{ours:>14,.0f}{peer:>14,.0f}{ours / peer:>8.1f}x")
     plan = statistics.median(plan_many(args.plan) for _ in range(args.repeats))
     print(f"\nplan next fire of {args.plan:,} mixed schedules: {plan:.3f} s (median)")
+    print(f"\n{'worst case':<46}{'first call':>12}{'warm median':>13}")
+    for label, text, instant in WORST:
+        cold, warm = worst_case(text, instant, max(args.repeats, 21))
+        print(f"{label:<46}{cold * 1e3:>10.2f}ms{warm * 1e3:>11.3f}ms")
 
 
 def cronsim_version() -> str:

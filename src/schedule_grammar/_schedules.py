@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import calendar
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -12,10 +13,12 @@ from typing import ClassVar, Literal
 from cronsim import CronSim
 
 from ._errors import ScheduleError
-from ._zones import lookup_zone, resolve_wall, wall_of
+from ._zones import lookup_zone, next_transition, resolve_wall, wall_of
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
+_SECOND = timedelta(seconds=1)
+_LAST_SECOND = datetime(9999, 12, 31, 23, 59, 59)
 _UNITS = (("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1))
 # How far back a `dst_repeat="last"` walk looks: longer than any repeated period on record.
 _REPEAT_LOOKBACK = timedelta(hours=25)
@@ -154,7 +157,10 @@ class Interval(Schedule):
         period, offset = self.seconds * 1_000_000, self.offset * 1_000_000
         elapsed = (dt - _EPOCH) // _MICROSECOND
         steps = (elapsed - offset) // period + 1
-        return _EPOCH + timedelta(microseconds=steps * period + offset)
+        try:
+            return _EPOCH + timedelta(microseconds=steps * period + offset)
+        except OverflowError:  # after year 9999: there is none
+            return None
 
     def describe(self) -> str:
         text = f"every {format_duration(self.seconds)}"
@@ -177,12 +183,15 @@ class _WallSequence(Schedule, ABC):
 
     def next_after(self, dt: datetime) -> datetime | None:
         _require_aware(dt)
-        if self.dst_repeat != "both":
-            return self._walk(dt, self.dst_repeat)
-        # Both copies: the first copies and the second copies each come in order, but not
-        # interleaved (01:30 second copy follows 01:45 first copy); take the earlier of both.
-        fires = [f for f in (self._walk(dt, "first"), self._walk(dt, "last")) if f is not None]
-        return min(fires, default=None)
+        try:
+            if self.dst_repeat != "both":
+                return self._walk(dt, self.dst_repeat)
+            # Both copies: the first copies and the second copies each come in order, but not
+            # interleaved (01:30 second copy follows 01:45 first copy); take the earlier.
+            fires = [f for f in (self._walk(dt, "first"), self._walk(dt, "last")) if f]
+            return min(fires, default=None)
+        except OverflowError:  # the next fire would be after year 9999: there is none
+            return None
 
     def _walk(self, dt: datetime, repeat: str) -> datetime | None:
         """The first nominal time after `dt`'s wall time whose instant is after `dt`."""
@@ -236,9 +245,9 @@ class WallClock(_WallSequence):
     def next_nominal(self, wall: datetime) -> datetime | None:
         day, now = wall.date(), wall.time()
         if self._matches(day):
-            for t in self.times:
-                if t > now:
-                    return datetime.combine(day, t)
+            index = bisect.bisect_right(self.times, now)  # thousands of times stay cheap
+            if index < len(self.times):
+                return datetime.combine(day, self.times[index])
         return datetime.combine(self._next_day(day), self.times[0])
 
     def _matches(self, day: date) -> bool:
@@ -295,51 +304,127 @@ CRON_ALIASES = {
 }
 
 
+class CronFields:
+    """A cron expression's fields as sets, and the next naive wall time they name.
+
+    cronsim parses the fields and matches days (lists, ranges, steps, names, `L`, `LW`,
+    `#`, and Debian cron's day-of-month OR day-of-week rule); the walk is this module's own,
+    on the plain calendar a day at a time, so time zones never enter it.
+    """
+
+    __slots__ = ("_hours", "_minutes", "_months", "_seconds", "_sim")
+
+    def __init__(self, fields: str) -> None:
+        self._sim = CronSim(fields, _EPOCH.replace(tzinfo=None))
+        self._seconds = sorted(self._sim.seconds)
+        self._minutes = sorted(self._sim.minutes)
+        self._hours = sorted(self._sim.hours)
+        self._months = frozenset(self._sim.months)
+
+    def _time_from(self, h: int, m: int, s: int) -> time | None:
+        """The first time of day at or after h:m:s that the fields name."""
+        hours, minutes, seconds = self._hours, self._minutes, self._seconds
+        for hour in hours[bisect.bisect_left(hours, h) :]:
+            if hour > h:
+                return time(hour, minutes[0], seconds[0])
+            for minute in minutes[bisect.bisect_left(minutes, m) :]:
+                if minute > m:
+                    return time(hour, minute, seconds[0])
+                index = bisect.bisect_left(seconds, s)
+                if index < len(seconds):
+                    return time(hour, minute, seconds[index])
+        return None
+
+    def next_wall(self, wall: datetime, *, inclusive: bool = False) -> datetime | None:
+        """The first naive wall time the fields name after `wall` (or at it, if inclusive);
+        None when there is none within 400 years (the Gregorian cycle) or before year 9999."""
+        start = wall.replace(microsecond=0)
+        if start < wall or not inclusive:  # the next whole second
+            if start >= _LAST_SECOND:
+                return None
+            start += _SECOND
+        day = start.date()
+        if day.month in self._months and self._sim.match_day(day):
+            found = self._time_from(start.hour, start.minute, start.second)
+            if found is not None:
+                return datetime.combine(day, found)
+        first = time(self._hours[0], self._minutes[0], self._seconds[0])
+        year, month = day.year, day.month
+        for _ in range(400 * 12):
+            if month in self._months:
+                length = calendar.monthrange(year, month)[1]
+                begin = day.day + 1 if (year, month) == (day.year, day.month) else 1
+                for number in range(begin, length + 1):
+                    candidate = date(year, month, number)
+                    if self._sim.match_day(candidate):
+                        return datetime.combine(candidate, first)
+            year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+            if year > 9998:
+                return None
+        return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cron(_WallSequence):
-    """`cron <5 or 6 fields>` or an `@alias`, evaluated by cronsim in the schedule's zone."""
+    """`cron <5 or 6 fields>` or an `@alias`, in the schedule's zone.
+
+    A 5-field expression with a fixed minute and hour (neither starts with `*`) names
+    wall-clock times, resolved under the DST policy like `daily`. Any other expression runs in
+    absolute time: it fires at every instant whose local wall time it names, so in both
+    copies of a repeated hour and not in a gap (README, "Daylight saving time").
+    """
 
     expression: str  # as canonically written: lower case, single spaces, or an @alias
     fields: str = field(init=False, repr=False, compare=False)
+    _cron: CronFields = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _WallSequence.__post_init__(self)
         object.__setattr__(self, "fields", CRON_ALIASES.get(self.expression, self.expression))
+        object.__setattr__(self, "_cron", CronFields(self.fields))
+        if self._cron.next_wall(datetime(2000, 1, 1)) is None:
+            raise ScheduleError(f"cron {self.fields!r} names no time within 400 years")
         if not self.wall_clock_times:
             self._check_dst_policy(
-                "a cron with a '*' minute or hour runs in absolute time (both copies of a "
-                "repeated hour, nothing in a gap)"
+                "a cron with a '*' minute or hour, or 6 fields, runs in absolute time (both "
+                "copies of a repeated hour, nothing in a gap)"
             )
 
     @property
     def wall_clock_times(self) -> bool:
-        """True when cronsim treats the expression as fixed wall-clock times (DST-resolved).
-
-        cronsim follows Debian cron: 5-field expressions with a specific minute and hour are
-        resolved on the local wall clock (gap -> first instant after, repeated hour -> once).
-        Sub-hour expressions run in absolute time and so cover both copies of a repeated hour.
-        """
+        """True for a 5-field expression with a fixed minute and hour (Debian cron's and
+        cronsim's rule): its times are wall-clock times, resolved under the DST policy."""
         parts = self.fields.split()
         return len(parts) == 5 and not parts[0].startswith("*") and not parts[1].startswith("*")
 
     def next_nominal(self, wall: datetime) -> datetime | None:
-        # cronsim on a naive datetime walks the plain calendar: the nominal wall-clock times.
-        return next(CronSim(self.fields, wall), None)
+        return self._cron.next_wall(wall)
 
     def next_after(self, dt: datetime) -> datetime | None:
-        if (self.dst_gap, self.dst_repeat) != ("shift", "first"):
+        if self.wall_clock_times:
             return _WallSequence.next_after(self, dt)
-        # cronsim applies the same default DST policy as resolve_wall (the property tests hold
-        # the two to it), so hand it the aware time; only the second copy of a repeated hour
-        # needs the loop, where cronsim's wall-clock walk answers a time before `dt`.
         _require_aware(dt)
-        for step, fire in enumerate(CronSim(self.fields, dt.astimezone(self.tzinfo))):
-            instant = fire.astimezone(UTC)
-            if instant > dt:
+        try:
+            return self._absolute_after(dt.astimezone(UTC))
+        except OverflowError:  # beyond year 9999: no more fires
+            return None
+
+    def _absolute_after(self, dt: datetime) -> datetime | None:
+        """Walk the zone's offset segments: inside one the wall clock is the instant plus a
+        constant, so the first wall time named in the segment is the first fire in it."""
+        tz, current, inclusive = self.tzinfo, dt, False
+        for _ in range(MAX_STEPS):
+            offset = current.astimezone(tz).utcoffset() or timedelta(0)
+            start = current.replace(tzinfo=None) + offset
+            wall = self._cron.next_wall(start, inclusive=inclusive)
+            if wall is None:
+                return None
+            instant = (wall - offset).replace(tzinfo=UTC)
+            change = None if tz is UTC else next_transition(tz, current, instant)
+            if change is None or instant < change:
                 return instant
-            if step >= MAX_STEPS:
-                raise _stuck(self, dt)
-        return None  # cronsim ran out of fires (none within its horizon)
+            current, inclusive = change, True
+        raise _stuck(self, dt)
 
     def nominal_in(self, start: datetime, end: datetime) -> datetime | None:
         if not self.wall_clock_times:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import functools
 import re
@@ -128,3 +129,46 @@ def gap_ending_at(instant: datetime, tz: tzinfo) -> tuple[datetime, datetime] | 
         return None
     start = before.replace(tzinfo=None, fold=0) + _SECOND
     return start, at.replace(tzinfo=None, fold=0)
+
+
+_HOUR = timedelta(hours=1)
+
+
+@functools.lru_cache(maxsize=1024)
+def transitions_in_year(tz: tzinfo, year: int) -> tuple[datetime, ...]:
+    """The instants in UTC year `year` at which `tz`'s UTC offset changes, to the second.
+
+    Found by sampling every hour and bisecting each change, so two changes less than an hour
+    apart that cancel out are not seen (tzdata has none since 1970). Cached per zone and year.
+    """
+    if tz is UTC or not 1 <= year <= 9998:
+        return ()
+    found = []
+    t = datetime(year, 1, 1, tzinfo=UTC)
+    end = datetime(year + 1, 1, 1, tzinfo=UTC)
+    offset = t.astimezone(tz).utcoffset()
+    while t < end:
+        following = t + _HOUR
+        changed = following.astimezone(tz).utcoffset()
+        if changed != offset:
+            lo, hi = int(t.timestamp()), int(following.timestamp())
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if datetime.fromtimestamp(mid, UTC).astimezone(tz).utcoffset() == offset:
+                    lo = mid
+                else:
+                    hi = mid
+            found.append(datetime.fromtimestamp(hi, UTC))
+            offset = changed
+        t = following
+    return tuple(found)
+
+
+def next_transition(tz: tzinfo, after: datetime, until: datetime) -> datetime | None:
+    """The first instant in (after, until] at which `tz`'s UTC offset changes, if any."""
+    for year in range(after.year, min(until.year, 9998) + 1):
+        changes = transitions_in_year(tz, year)
+        index = bisect.bisect_right(changes, after)
+        if index < len(changes):
+            return changes[index] if changes[index] <= until else None
+    return None

@@ -45,7 +45,7 @@ def transitions(zone: str) -> tuple[datetime, ...]:
     return tuple(found)
 
 
-def zone_and_instant() -> st.SearchStrategy[tuple[str, datetime]]:
+def zone_and_instant(among: list[str] = ZONES) -> st.SearchStrategy[tuple[str, datetime]]:
     """A zone and an instant; half of them within two days of one of the zone's transitions,
     where random instants would almost never land."""
 
@@ -56,7 +56,7 @@ def zone_and_instant() -> st.SearchStrategy[tuple[str, datetime]]:
             st.sampled_from(transitions(zone)), st.integers(-2 * 86_400, 2 * 86_400)
         ).map(lambda ts: ts[0] + timedelta(seconds=ts[1]))
 
-    return st.sampled_from(ZONES).flatmap(
+    return st.sampled_from(among).flatmap(
         lambda zone: st.tuples(st.just(zone), st.one_of(instants, near(zone)))
     )
 
@@ -177,8 +177,14 @@ def test_a_fixed_time_daily_schedule_fires_exactly_once_per_local_day_across_a_y
     assert set(per_day.values()) == {1}
 
 
+# cronsim steps whole hours in absolute time: right where transitions fall on the whole hour
+# and not at midnight, wrong elsewhere (issue 17; tests/grammar/test_cron_oracle.py models
+# every zone). Where it is right, cronclock must agree with it.
+CRONSIM_ZONES = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Makassar"]
+
+
 @settings(max_examples=400, deadline=None)
-@given(expression=crons, zone_after=zone_and_instant())
+@given(expression=crons, zone_after=zone_and_instant(CRONSIM_ZONES))
 def test_cron_forms_agree_with_cronsim(expression: str, zone_after: tuple[str, datetime]) -> None:
     zone, after = zone_after
     tz = UTC if zone == "UTC" else ZoneInfo(zone)
