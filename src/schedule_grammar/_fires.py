@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from ._schedules import Schedule, _WallSequence, iter_fires
-from ._zones import gap_ending_at, is_ambiguous, lookup_zone, wall_of
+from ._zones import gap_ending_at, is_ambiguous, lookup_zone, transitions_in_year, wall_of
 
 _SECOND = timedelta(seconds=1)
 
@@ -139,27 +138,14 @@ def _nominals(schedule: _WallSequence, low: datetime, high: datetime) -> list[da
     return found
 
 
-@functools.lru_cache(maxsize=256)
 def _transitions(zone: str, start: date, days: int) -> tuple[datetime, ...]:
     """Instants in [start, start + days + 1 day) where the zone's UTC offset changes."""
     tz = lookup_zone(zone)[1]
-    found = []
-    step = timedelta(hours=1)
-    t = datetime.combine(start, datetime.min.time(), tzinfo=UTC)
-    end = t + timedelta(days=days + 1)
-    offset = t.astimezone(tz).utcoffset()
-    while t < end:
-        following = t + step
-        next_offset = following.astimezone(tz).utcoffset()
-        if next_offset != offset:
-            lo, hi = int(t.timestamp()), int(following.timestamp())
-            while hi - lo > 1:  # bisect to the second
-                mid = (lo + hi) // 2
-                if datetime.fromtimestamp(mid, UTC).astimezone(tz).utcoffset() == offset:
-                    lo = mid
-                else:
-                    hi = mid
-            found.append(datetime.fromtimestamp(hi, UTC))
-            offset = next_offset
-        t = following
-    return tuple(found)
+    begin = datetime.combine(start, datetime.min.time(), tzinfo=UTC)
+    end = begin + timedelta(days=days + 1)
+    return tuple(
+        change
+        for year in range(begin.year, min(end.year, 9998) + 1)
+        for change in transitions_in_year(tz, year)
+        if begin <= change < end
+    )

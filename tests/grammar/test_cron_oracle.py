@@ -161,7 +161,10 @@ hour_fields = st.one_of(st.just("*"), st.just("*/3"), _field(range(0, 24)))
 dom_fields = st.one_of(
     st.just("*"), st.just("*"), st.just("L"), st.just("LW"), _field(range(1, 32))
 )
-month_fields = st.one_of(st.just("*"), st.just("*"), st.just("*"))
+month_fields = st.one_of(
+    st.just("*"), st.just("*"), st.just("*"),
+    _field(range(1, 13), ["jan", "mar", "apr", "sep", "oct", "nov", "dec"]),
+)  # fmt: skip
 dow_fields = st.one_of(
     st.just("*"), st.just("*"),
     _field(range(0, 7), ["sun", "mon", "tue", "wed", "thu", "fri", "sat"]),
