@@ -7,11 +7,10 @@ import re
 from dataclasses import replace
 from datetime import datetime, time
 
-from cronsim import CronSim, CronSimError
+from cronsim import CronSimError
 
 from ._errors import ScheduleError
 from ._schedules import (
-    _EPOCH,
     CRON_ALIASES,
     WEEKDAY_NAMES,
     Cron,
@@ -276,10 +275,11 @@ def _parse_cron(rest: str, zone: str) -> Cron:
     if long := re.search(r"[0-9]{5,}", expression):  # no cron field holds 5 digits
         raise _Invalid(f"invalid cron expression {expression!r}: {long[0][:12]!r} is out of range")
     try:
-        CronSim(expression, _EPOCH)
+        return Cron(expression=expression, timezone=zone)  # cronsim parses the fields
     except (CronSimError, ValueError) as error:
+        if isinstance(error, ScheduleError):
+            raise
         raise _Invalid(f"invalid cron expression {expression!r}: {error}") from None
-    return Cron(expression=expression, timezone=zone)
 
 
 def _parse_at(text: str, zone: str) -> Once:

@@ -35,6 +35,7 @@ ZONES = [
     "America/Santiago",  # midnight transitions
     "America/Havana",  # midnight transitions
     "Asia/Tehran",  # midnight transitions until 2022
+    "Asia/Beirut",  # midnight transitions
     "Africa/Casablanca",  # Ramadan suspensions, negative DST
     "Pacific/Apia",  # skipped a whole day (2011-12-30)
     "Europe/Berlin",
