@@ -14,7 +14,6 @@ and turns each into instants with zoneinfo alone, under the README's rules:
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import signal
@@ -28,6 +27,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from schedule_grammar import ScheduleError, iter_fires, parse
+from tests.grammar.test_properties import transitions
 
 ZONES = [
     "Australia/Lord_Howe",  # 30-minute DST at 02:00
@@ -45,29 +45,6 @@ ZONES = [
 ]
 SECOND = timedelta(seconds=1)
 HORIZON_DAYS = 40
-
-
-@functools.cache
-def transitions(zone: str) -> tuple[datetime, ...]:
-    """Every instant from 2010 to 2035 where the zone's offset changes (hourly scan, bisected)."""
-    tz = ZoneInfo(zone)
-    found, t = [], datetime(2010, 1, 1, tzinfo=UTC)
-    offset = t.astimezone(tz).utcoffset()
-    while t.year < 2036:
-        following = t + timedelta(hours=1)
-        if (now := following.astimezone(tz).utcoffset()) != offset:
-            lo, hi = t, following
-            while hi - lo > SECOND:
-                mid = lo + (hi - lo) / 2
-                mid = mid.replace(microsecond=0)
-                if mid.astimezone(tz).utcoffset() == offset:
-                    lo = mid
-                else:
-                    hi = mid
-            found.append(hi)
-            offset = now
-        t = following
-    return tuple(found)
 
 
 def instants_of(wall: datetime, tz: tzinfo) -> list[datetime]:

@@ -32,11 +32,11 @@ instants = st.datetimes(
 
 @functools.cache
 def transitions(zone: str) -> tuple[datetime, ...]:
-    """UTC instants (to the hour) where the zone's offset changes, 2010-2030."""
+    """UTC instants (to the hour) where the zone's offset changes, 2010-2035."""
     tz = ZoneInfo(zone)
     found, hour = [], datetime(2010, 1, 1, tzinfo=UTC)
     previous = hour.astimezone(tz).utcoffset()
-    while hour.year < 2031:
+    while hour.year < 2036:
         hour += timedelta(hours=1)
         offset = hour.astimezone(tz).utcoffset()
         if offset != previous:
