@@ -137,7 +137,8 @@ def cmd_check(config: Config, out: TextIO) -> int:
     now = datetime.now(UTC)
     settings = config.settings
     auth = "bearer token set" if config.api_token else "none (LOCAL_DEV_MODE)"
-    print(f"cronclock {__version__}: configuration OK", file=out)
+    count = f"{len(config.jobs)} job{'' if len(config.jobs) == 1 else 's'}"
+    print(f"cronclock {__version__}: configuration OK; {config.origin} ({count})", file=out)
     state = redact_url(settings.state_url)
     print(f"target {settings.api_url}  auth: {auth}  state: {state}", file=out)
     rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]

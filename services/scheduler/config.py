@@ -612,6 +612,7 @@ class Config:
     settings: Settings
     jobs: tuple[Job, ...]
     api_token: SecretStr | None
+    origin: str = "built-in table (no SCHEDULER_JOBS_FILE)"  # where the job table came from
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -678,8 +679,8 @@ def load_config(environ: Mapping[str, str]) -> Config:
     """Settings, API token and the job table from an environment (os.environ in production)."""
     settings = load_settings(environ)
     token = _api_token(settings)
-    jobs = load_jobs(settings, environ)
-    return Config(settings=settings, jobs=jobs, api_token=token)
+    jobs, origin = load_table(settings, environ)
+    return Config(settings=settings, jobs=jobs, api_token=token, origin=origin)
 
 
 def require_auth(config: Config) -> None:
@@ -828,16 +829,41 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, tuple[str,
 
 def load_jobs(settings: Settings, environ: Mapping[str, str]) -> tuple[Job, ...]:
     """The job table, merged field by field: env override > jobs file > built-in default."""
+    return load_table(settings, environ)[0]
+
+
+def load_table(settings: Settings, environ: Mapping[str, str]) -> tuple[tuple[Job, ...], str]:
+    """The job table and where it came from (for `check`'s header line).
+
+    A jobs file is the job table (DESIGN.md section 3): the built-in table applies when no
+    file is given, or when the file says `include_builtin = true`.
+    """
     # name -> field -> (source, value)
     layers: dict[str, dict[str, tuple[str, Any]]] = {}
     data: dict[str, Any] = {}
     if settings.jobs_file is not None:
         data = _read_jobs_file(settings.jobs_file)
     file_label = f"jobs file {str(settings.jobs_file)!r}"
-    # Cadence variables are validated even when a file replaces the built-in table: a bad
-    # value is a mistake the operator wants to hear about.
+    builtin = data.get("include_builtin", settings.jobs_file is None)
+    if settings.jobs_file is None:
+        origin = "built-in table (no SCHEDULER_JOBS_FILE)"
+    elif builtin:
+        origin = f"{file_label} + built-in table (include_builtin = true)"
+    else:
+        origin = file_label
+    include = (
+        f"add include_builtin = true to {file_label} (a jobs file is the whole job table "
+        "unless it includes the built-in one)"
+    )
+    for job in DEFAULT_JOBS:
+        variable = job.cadence_variable
+        if not builtin and variable is not None and variable in environ:
+            raise ConfigError(
+                f"{variable} is set, but it is the cadence of built-in job {job.name!r} and the "
+                f"built-in table is not included: {include}, or unset {variable}"
+            )
     cadences = {job.name: _cadence(job, environ) for job in DEFAULT_JOBS}
-    if data.get("include_builtin", True):
+    if builtin:
         for job in DEFAULT_JOBS:
             variable = job.cadence_variable
             source = variable if variable and variable in environ else "built-in"
@@ -873,8 +899,15 @@ def load_jobs(settings: Settings, environ: Mapping[str, str]) -> tuple[Job, ...]
                 "rename one so environment overrides are unambiguous"
             )
 
+    built_in_keys = {env_key(job.name): job.name for job in DEFAULT_JOBS}
     for key, overrides in _env_overrides(environ).items():
         name = by_key.get(key)
+        if name is None and key in built_in_keys:
+            variable = next(iter(overrides.values()))[0]
+            raise ConfigError(
+                f"{variable} overrides built-in job {built_in_keys[key]!r}, but the built-in "
+                f"table is not included: {include}, or define [jobs.{built_in_keys[key]}] there"
+            )
         if name is None:
             if not {"schedule", "endpoint"} <= overrides.keys():
                 variable = next(iter(overrides.values()))[0]
@@ -889,9 +922,10 @@ def load_jobs(settings: Settings, environ: Mapping[str, str]) -> tuple[Job, ...]
         for field_name, (variable, value) in overrides.items():
             layer[field_name] = (variable, value)
 
-    return tuple(
+    jobs = tuple(
         _build_job(name, layer, defaults, settings, file_label) for name, layer in layers.items()
     )
+    return jobs, origin
 
 
 # Fields whose values an error message never quotes: a header may hold a credential, and a

@@ -189,6 +189,22 @@ class TestCommands:
         assert "POST /api/sync/trigger" in result.stdout
         assert "x" not in result.stdout.split("auth:")[1].split()[0]
 
+    def test_a_jobs_file_of_three_jobs_is_the_whole_table(self, tmp_path: Path) -> None:
+        # Issue 19: a new user's own jobs, nothing of the built-in table's application.
+        path = tmp_path / "jobs.toml"
+        path.write_text("".join(f'[jobs.{n}]\nschedule = "every 1h"\nendpoint = "/{n}"\n'
+                                for n in ("a", "b", "c")))  # fmt: skip
+        env = base_env(SCHEDULER_API_TOKEN="x", SCHEDULER_JOBS_FILE=str(path))
+        result = run_cli("check", env=env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0].endswith(f"configuration OK; jobs file {str(path)!r} (3 jobs)")
+        assert "data-refresh" not in result.stdout and "/api/admin" not in result.stdout
+        legacy = run_cli("check", env={**env, "SCHEDULER_HEALTH_CHECK_INTERVAL": "60"})
+        assert legacy.returncode == 2 and len(legacy.stderr.strip().splitlines()) == 1
+        assert "SCHEDULER_HEALTH_CHECK_INTERVAL is set" in legacy.stderr
+        assert "include_builtin = true" in legacy.stderr
+
     def test_next_prints_utc_and_local_times_and_flags_dst(self, tmp_path: Path) -> None:
         (tmp_path / "jobs.toml").write_text(
             'include_builtin = false\n[jobs.berlin]\nschedule = "daily 02:30 in Europe/Berlin"\nendpoint = "/x"\n'

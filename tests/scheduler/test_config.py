@@ -107,6 +107,8 @@ class TestJobsFile:
         path = write(
             tmp_path,
             """
+include_builtin = true
+
 [defaults]
 timezone = "Asia/Makassar"
 
@@ -142,6 +144,58 @@ body = { full = true }
         )
         assert list(jobs({"SCHEDULER_JOBS_FILE": path})) == ["one"]
 
+    def test_a_jobs_file_is_the_job_table(self, tmp_path: Path) -> None:
+        # Issue 19 (DESIGN.md section 3): without include_builtin = true, a file's jobs are all.
+        path = write(tmp_path, '[jobs.one]\nschedule = "every 1m"\nendpoint = "/one"\n')
+        config = load_config({**TOKEN, "SCHEDULER_JOBS_FILE": path})
+        assert [job.name for job in config.jobs] == ["one"]
+        assert config.origin == f"jobs file {path!r}"
+
+    def test_the_origin_names_the_built_in_table_when_it_applies(self, tmp_path: Path) -> None:
+        assert load_config(TOKEN).origin == "built-in table (no SCHEDULER_JOBS_FILE)"
+        path = write(
+            tmp_path,
+            'include_builtin = true\n[jobs.one]\nschedule = "every 1m"\nendpoint = "/one"\n',
+        )
+        config = load_config({**TOKEN, "SCHEDULER_JOBS_FILE": path})
+        assert config.origin == f"jobs file {path!r} + built-in table (include_builtin = true)"
+        assert len(config.jobs) == len(DEFAULT_JOBS) + 1
+
+    def test_check_prints_the_origin_in_its_header(self, tmp_path: Path) -> None:
+        path = write(tmp_path, '[jobs.one]\nschedule = "every 1m"\nendpoint = "/one"\n')
+        out = io.StringIO()
+        assert cmd_check(load_config({**TOKEN, "SCHEDULER_JOBS_FILE": path}), out) == 0
+        assert (
+            out.getvalue().splitlines()[0].endswith(f"configuration OK; jobs file {path!r} (1 job)")
+        )
+
+    @pytest.mark.parametrize(
+        ("variable", "value", "fragments"),
+        [
+            ("SCHEDULER_DATA_REFRESH_INTERVAL", "600", ["SCHEDULER_DATA_REFRESH_INTERVAL is set", "include_builtin = true"]),
+            ("SCHEDULER_JOBS__DATA_REFRESH__SCHEDULE", "every 5m", ["SCHEDULER_JOBS__DATA_REFRESH__SCHEDULE", "built-in job 'data-refresh'", "include_builtin = true", "[jobs.data-refresh]"]),
+            ("SCHEDULER_JOBS__HEALTH_CHECK__ENABLED", "false", ["built-in job 'health-check'"]),
+        ],
+    )  # fmt: skip
+    def test_a_built_in_setting_while_the_table_is_excluded_is_an_error(
+        self, tmp_path: Path, variable: str, value: str, fragments: list[str]
+    ) -> None:
+        path = write(tmp_path, '[jobs.one]\nschedule = "every 1m"\nendpoint = "/one"\n')
+        with pytest.raises(ConfigError) as caught:
+            load_config({**TOKEN, "SCHEDULER_JOBS_FILE": path, variable: value})
+        for fragment in fragments:
+            assert fragment in str(caught.value)
+
+    def test_an_override_of_a_file_job_that_shares_a_built_in_name_is_fine(
+        self, tmp_path: Path
+    ) -> None:
+        path = write(tmp_path, '[jobs.data-refresh]\nschedule = "every 1m"\nendpoint = "/mine"\n')
+        table = jobs(
+            {"SCHEDULER_JOBS_FILE": path, "SCHEDULER_JOBS__DATA_REFRESH__SCHEDULE": "every 2m"}
+        )
+        assert list(table) == ["data-refresh"]
+        assert str(table["data-refresh"].schedule) == "every 2m"  # type: ignore[attr-defined]
+
     def test_the_scheduler_timezone_is_the_default_zone(self) -> None:
         table = jobs({"SCHEDULER_TIMEZONE": "Europe/Berlin"})
         assert str(table["marketplaces"].schedule) == "daily 03:00 in Europe/Berlin"  # type: ignore[attr-defined]
@@ -149,7 +203,9 @@ body = { full = true }
 
 class TestEnvOverrides:
     def test_an_override_wins_over_file_and_default(self, tmp_path: Path) -> None:
-        path = write(tmp_path, '[jobs.data-refresh]\nschedule = "every 30m"\n')
+        path = write(
+            tmp_path, 'include_builtin = true\n[jobs.data-refresh]\nschedule = "every 30m"\n'
+        )
         table = jobs({"SCHEDULER_JOBS_FILE": path, "SCHEDULER_JOBS__DATA_REFRESH__SCHEDULE": "every 5m",
                       "SCHEDULER_DATA_REFRESH_INTERVAL": "60"})  # fmt: skip
         assert str(table["data-refresh"].schedule) == "every 5m"  # type: ignore[attr-defined]
@@ -186,7 +242,7 @@ class TestEnvOverrides:
 
 class TestDstPolicyFields:
     def test_job_fields_set_the_policy_of_wall_clock_schedules(self, tmp_path: Path) -> None:
-        path = write(tmp_path, '[defaults]\ndst_gap = "skip"\n[jobs.berlin]\nschedule = "daily 02:30 in Europe/Berlin"\n'
+        path = write(tmp_path, 'include_builtin = true\n[defaults]\ndst_gap = "skip"\n[jobs.berlin]\nschedule = "daily 02:30 in Europe/Berlin"\n'
                                'endpoint = "/x"\ndst_repeat = "Both"\n')  # fmt: skip
         table = jobs({"SCHEDULER_JOBS_FILE": path})
         assert str(table["berlin"].schedule) == "daily 02:30 in Europe/Berlin dst=skip,both"  # type: ignore[attr-defined]
