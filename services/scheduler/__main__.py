@@ -24,7 +24,7 @@ import httpx
 from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
-from schedule_grammar import ScheduleError, dst_warnings, next_fires
+from schedule_grammar import Schedule, ScheduleError, dst_warnings, next_fires, parse
 
 from . import __version__
 from .admin import AdminContext, AdminServer, create_app
@@ -72,6 +72,12 @@ def main(
         if command == "check":
             return cmd_check(load_config(env), sys.stdout)
         if command == "next":
+            if args.schedule is not None:  # any text, no configuration needed
+                if args.job is not None:
+                    raise ConfigError("next: give either a JOB or --schedule, not both")
+                return cmd_next_schedule(args.schedule, args.timezone, args.count, sys.stdout)
+            if args.timezone is not None:
+                raise ConfigError("next: --timezone needs --schedule (a job has its own zone)")
             return cmd_next(load_config(env), args.job, args.count, sys.stdout)
         if command == "fire":
             return cmd_fire(load_config(env), args.job, env)
@@ -107,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     nxt = sub.add_parser("next", help="print the next fire times, UTC and local, DST flagged")
     nxt.add_argument("job", nargs="?", help="only this job")
     nxt.add_argument("-n", "--count", type=int, default=5, help="fires per job (default 5)")
+    nxt.add_argument(
+        "--schedule",
+        metavar="EXPR",
+        help="evaluate this schedule text instead of the job table (no config read)",
+    )
+    nxt.add_argument("--timezone", metavar="ZONE",
+                     help="zone of --schedule unless the text names one (default UTC)")  # fmt: skip
     fire = sub.add_parser("fire", help="fire one job once, now, and print the outcome")
     fire.add_argument("job")
     sub.add_parser("status", help="print the job table of the running daemon (admin API)")
@@ -176,16 +189,42 @@ def cmd_next(config: Config, only: str | None, count: int, out: TextIO) -> int:
     now = datetime.now(UTC)
     for job in jobs:
         print(f"{job.name}  ({job.schedule})", file=out)
-        fires = next_fires(job.schedule, now, count)
-        if not fires:
-            print("  no more fires", file=out)
-        for fire in fires:
-            local = fire.local.strftime("%Y-%m-%d %H:%M:%S %Z")
-            flag = f"  DST: {fire.dst_note}" if fire.dst_note else ""
-            print(f"  {format_slot(fire.at)}  {local}{flag}", file=out)
-        for warning in dst_warnings(job.schedule, now):
-            print(f"  DST ahead: {warning.message}", file=out)
+        _print_fires(job.schedule, now, count, out)
     return 0
+
+
+def cmd_next_schedule(text: str, zone: str | None, count: int, out: TextIO) -> int:
+    """`next --schedule EXPR`: any schedule text, like `systemd-analyze calendar`."""
+    if count < 1:
+        raise ConfigError(f"-n must be 1 or more, got {count}")
+    schedule = parse(text, timezone=zone or "UTC")
+    print(str(schedule), file=out)
+    _print_fires(schedule, datetime.now(UTC), count, out)
+    return 0
+
+
+def _print_fires(schedule: Schedule, now: datetime, count: int, out: TextIO) -> None:
+    fires = next_fires(schedule, now, count)
+    if not fires:
+        print("  no more fires", file=out)
+    for fire in fires:
+        local = fire.local.strftime("%a %Y-%m-%d %H:%M:%S %Z")
+        flag = f"  DST: {fire.dst_note}" if fire.dst_note else ""
+        left = from_now((fire.at - now).total_seconds())
+        print(f"  {format_slot(fire.at)}  {local}  {left}{flag}", file=out)
+    for warning in dst_warnings(schedule, now):
+        print(f"  DST ahead: {warning.message}", file=out)
+
+
+def from_now(seconds: float) -> str:
+    """A time ahead for people, as systemctl list-timers writes it: 'in 3h 25min'."""
+    whole = max(0, int(seconds))
+    for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                            ("min", 60, "s", 1)):  # fmt: skip
+        if whole >= size:
+            rest = (whole % size) // small_size
+            return f"in {whole // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"in {whole}s"
 
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:

@@ -205,6 +205,17 @@ class TestCommands:
         assert "SCHEDULER_HEALTH_CHECK_INTERVAL is set" in legacy.stderr
         assert "include_builtin = true" in legacy.stderr
 
+    def test_next_evaluates_any_schedule_text_without_a_config(self) -> None:
+        env = base_env(SCHEDULER_MAX_CONCURRENCY="many")  # `check` would refuse this
+        result = run_cli("next", "--schedule", "mon 10:00", "--timezone", "Asia/Makassar",
+                         "-n", "2", env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        header, *fires = result.stdout.splitlines()
+        assert header == "weekly mon 10:00 in Asia/Makassar" and len(fires) == 2
+        assert all(" Mon " in line and " 10:00:00 WITA  in " in line for line in fires)
+        bad = run_cli("next", "--schedule", "*/5 * * * *", env=env)
+        assert bad.returncode == 2 and "did you mean 'cron */5 * * * *'" in bad.stderr
+
     def test_next_prints_utc_and_local_times_and_flags_dst(self, tmp_path: Path) -> None:
         (tmp_path / "jobs.toml").write_text(
             'include_builtin = false\n[jobs.berlin]\nschedule = "daily 02:30 in Europe/Berlin"\nendpoint = "/x"\n'

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -439,3 +441,47 @@ def test_next_for_an_unknown_job_lists_the_job_names(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert "no job named 'nope'" in err and len(err.strip().splitlines()) == 1
     assert "the jobs are: data-refresh, health-check, script-runner, marketplaces" in err
+
+
+class TestNextSchedule:
+    """Issue 19: `next --schedule EXPR` evaluates any text without a configuration."""
+
+    def test_it_needs_no_configuration(self, capsys: pytest.CaptureFixture[str]) -> None:
+        broken = {"SCHEDULER_MAX_CONCURRENCY": "many"}  # a config `next JOB` would refuse
+        code = main(["next", "--schedule", "daily 02:30", "--timezone", "Europe/Berlin",
+                     "-n", "3"], broken)  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 0, out
+        lines = out.splitlines()
+        assert lines[0] == "daily 02:30 in Europe/Berlin"
+        assert len(lines) >= 4
+        for line in lines[1:4]:
+            utc, weekday, local_date, local_time, zone, word = line.split()[:6]
+            when = datetime.fromisoformat(utc.replace("Z", "+00:00")).astimezone(
+                ZoneInfo("Europe/Berlin")
+            )
+            assert (weekday, local_date) == (when.strftime("%a"), when.strftime("%Y-%m-%d"))
+            assert local_time == when.strftime("%H:%M:%S") and zone in ("CET", "CEST")
+            assert word == "in"
+
+    def test_relative_times_read_like_systemctl(self) -> None:
+        from services.scheduler.__main__ import from_now
+
+        assert [from_now(s) for s in (5, 59, 60, 150, 3600, 3 * 3600 + 25 * 60, 86400 * 2 + 3600)] == [
+            "in 5s", "in 59s", "in 1min", "in 2min 30s", "in 1h", "in 3h 25min", "in 2d 1h"]  # fmt: skip
+
+    @pytest.mark.parametrize(
+        ("argv", "fragment"),
+        [
+            (["next", "--schedule", "every fortnight"], "invalid schedule 'every fortnight'"),
+            (["next", "--schedule", "daily 03:00", "--timezone", "Berlin"], "did you mean 'Europe/Berlin'"),
+            (["next", "data-refresh", "--schedule", "every 1m"], "either a JOB or --schedule"),
+            (["next", "--timezone", "UTC"], "--timezone needs --schedule"),
+        ],
+    )  # fmt: skip
+    def test_bad_input_is_one_line_exit_2(
+        self, capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
+    ) -> None:
+        assert main(argv, TOKEN) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1
