@@ -83,6 +83,8 @@ def main(
             return cmd_fire(load_config(env), args.job, env)
         if command == "demo":
             return cmd_demo(args.duration, signals)
+        if command == "trigger" and args.wait:
+            return cmd_trigger_wait(load_settings(env), args.job, args.timeout)
         if command in ("status", "pause", "resume", "trigger"):
             return cmd_admin(load_settings(env), command, getattr(args, "job", None))
         if command == "schedules":
@@ -126,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
     for action, text in (("pause", "pause a job"), ("resume", "resume a job"),
                          ("trigger", "fire a job now")):  # fmt: skip
         sub.add_parser(action, help=f"{text} in the running daemon (admin API)").add_argument("job")
+    trigger = sub.choices["trigger"]
+    trigger.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait for the outcome; exit 0 on success or busy (409), else 1",
+    )
+    trigger.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                         help="with --wait: stop after S seconds (default 300)")  # fmt: skip
     schedules = sub.add_parser(
         "schedules", help="list, show or cancel runtime schedules in the running daemon"
     )
@@ -311,6 +321,29 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
     else:
         print(f"{body['job']}: {'paused' if body['paused'] else 'resumed'}")
     return 0
+
+
+def cmd_trigger_wait(settings: Settings, job: str, timeout: float) -> int:
+    """`trigger JOB --wait`: fire in the running daemon and exit by the outcome."""
+    if not 0 < timeout <= 3600:
+        raise ConfigError(f"--timeout must be above 0 and at most 3600 seconds, got {timeout:g}")
+    answers = _ask(
+        settings, "trigger",
+        lambda client: [client.post(f"/api/jobs/{job}/trigger", params={"wait": timeout},
+                                    timeout=timeout + 10)],
+    )  # fmt: skip
+    if answers is None:
+        return 1
+    body = answers[0]
+    key = body["idempotency_key"]
+    if body["outcome"] is None:
+        print(f"{job}: still running after {timeout:g} s (it goes on), Idempotency-Key {key}")
+        return 1
+    status = body["status"] if body["status"] is not None else "-"
+    error = f": {body['error']}" if body["error"] else ""
+    print(f"{job}: {body['outcome']} (HTTP {status}) after {body['attempts']} attempt(s), "
+          f"Idempotency-Key {key}{error}")  # fmt: skip
+    return 0 if body["outcome"] in ("success", "busy") else 1
 
 
 def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:

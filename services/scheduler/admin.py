@@ -128,6 +128,11 @@ class Health(BaseModel):
 class Triggered(BaseModel):
     job: str
     idempotency_key: str
+    # With ?wait=S, once the call has ended within S seconds (else null: it goes on):
+    outcome: str | None = None
+    status: int | None = None
+    attempts: int | None = None
+    error: str | None = None
 
 
 class Paused(BaseModel):
@@ -417,15 +422,28 @@ def create_app(ctx: AdminContext) -> FastAPI:
         "/api/jobs/{name}/trigger",
         dependencies=auth,
         status_code=202,
-        responses={**ERRORS, 409: {"model": ErrorBody, "description": "in flight or standby"}},
-    )
-    def trigger(name: JobName) -> Triggered:
-        """Fire the job now, with a manual Idempotency-Key; answers at once."""
+        response_model=Triggered,
+        responses={**ERRORS, 200: {"model": Triggered, "description": "ended within wait"},
+                   409: {"model": ErrorBody, "description": "in flight or standby"}},
+    )  # fmt: skip
+    async def trigger(name: JobName, wait: Annotated[float, Query(ge=0, le=3600)] = 0) -> Any:
+        """Fire the job now, with a manual Idempotency-Key. Answers at once (202), or with
+        `wait` seconds: 200 with the outcome when the call ends within them, else 202."""
         job = job_or_404(name)
         started = ctx.dispatcher.trigger(job)
         if isinstance(started, str):
             raise HTTPException(409, started)
-        return Triggered(job=name, idempotency_key=started[0])
+        key, future = started
+        if wait > 0:
+            # asyncio.wait, not wait_for: running out of time must not cancel the call.
+            done, _ = await asyncio.wait([asyncio.wrap_future(future)], timeout=wait)
+            if done:
+                result = future.result()
+                ended = Triggered(job=name, idempotency_key=key, outcome=result.outcome,
+                                  status=result.status, attempts=result.attempts,
+                                  error=result.error)  # fmt: skip
+                return JSONResponse(ended.model_dump(), status_code=200)
+        return Triggered(job=name, idempotency_key=key)
 
     @app.post("/api/jobs/{name}/pause", dependencies=auth, responses=ERRORS)
     def pause(name: JobName) -> Paused:

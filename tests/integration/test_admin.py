@@ -12,7 +12,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import Daemon, base_env, run_cli
-from tests.support import Target, free_port
+from tests.support import Reply, Target, free_port
 
 ADMIN = "admin-token"
 
@@ -176,3 +176,31 @@ def test_bad_put_bodies_are_a_json_422_from_the_real_server(
     assert admin.get("/docs").status_code == 404 and admin.get("/redoc").status_code == 404
     assert proc.process.poll() is None
     assert "Traceback" not in proc.log_path.read_text()
+
+
+def test_trigger_wait_exits_by_the_outcome(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
+    """Issue 19: `trigger JOB --wait` waits for the call and exits 0 or 1 by its outcome."""
+    target.script["/broken"] = [Reply(500)]
+    target.script["/slow"] = [Reply(delay=3)]
+    port = free_port()
+    env = {"API_URL": target.url, "SCHEDULER_API_TOKEN": "t", "SCHEDULER_ADMIN_TOKEN": ADMIN,
+           "SCHEDULER_ADMIN_BIND": f"127.0.0.1:{port}",
+           "SCHEDULER_JOBS_FILE": str(jobs_file(
+               "".join(f'[jobs.{n}]\nschedule = "every 1h"\nendpoint = "/{n}"\n'
+                       for n in ("ok", "broken", "slow"))))}  # fmt: skip
+    proc = daemon(**env)
+    assert proc.wait_for_log("admin API listening"), proc.log_path.read_text()
+    ok = run_cli("trigger", "ok", "--wait", env=base_env(**env))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith(
+        "ok: success (HTTP 200) after 1 attempt(s), Idempotency-Key ok@manual-"
+    )
+    broken = run_cli("trigger", "broken", "--wait", env=base_env(**env))
+    assert broken.returncode == 1 and "broken: failed (HTTP 500)" in broken.stdout
+    slow = run_cli("trigger", "slow", "--wait", "--timeout", "0.5", env=base_env(**env))
+    assert slow.returncode == 1 and "still running after 0.5 s" in slow.stdout
+    assert target.wait_for(lambda calls: any(c.path == "/slow" for c in calls))
+    nope = run_cli("trigger", "nope", "--wait", env=base_env(**env))
+    assert nope.returncode == 1 and "no job named 'nope'" in nope.stderr

@@ -225,6 +225,26 @@ class TestActions:
         (request,) = world.requests
         assert request.headers["Idempotency-Key"] == key and request.method == "GET"
 
+    def test_trigger_with_wait_answers_the_outcome(self, world: World) -> None:
+        # Issue 19: `trigger JOB --wait` asks for the outcome in the same request.
+        response = world.client.post("/api/jobs/nightly/trigger", params={"wait": 5})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["idempotency_key"].startswith("nightly@manual-")
+        assert (body["outcome"], body["status"], body["attempts"], body["error"]) == (
+            "success", 200, 1, None)  # fmt: skip
+
+    def test_trigger_with_wait_that_runs_out_answers_202_and_the_call_goes_on(
+        self, world: World
+    ) -> None:
+        world.release.clear()
+        response = world.client.post("/api/jobs/nightly/trigger", params={"wait": 0.2})
+        assert response.status_code == 202 and response.json()["outcome"] is None
+        world.release.set()
+        world.dispatcher.shutdown(5)
+        (run,) = world.store.runs("nightly")  # not cancelled by the answer
+        assert run.key == response.json()["idempotency_key"] and run.outcome == "success"
+
     def test_trigger_while_in_flight_under_skip_is_409(self, world: World) -> None:
         world.release.clear()
         assert world.client.post("/api/jobs/data-refresh/trigger").status_code == 202
