@@ -228,13 +228,46 @@ def _print_fires(schedule: Schedule, now: datetime, count: int, out: TextIO) -> 
 
 def from_now(seconds: float) -> str:
     """A time ahead for people, as systemctl list-timers writes it: 'in 3h 25min'."""
+    return f"in {_span(seconds)}"
+
+
+def _span(seconds: float) -> str:
     whole = max(0, int(seconds))
     for unit, size, smaller, small_size in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
                                             ("min", 60, "s", 1)):  # fmt: skip
         if whole >= size:
             rest = (whole % size) // small_size
-            return f"in {whole // size}{unit}" + (f" {rest}{smaller}" if rest else "")
-    return f"in {whole}s"
+            return f"{whole // size}{unit}" + (f" {rest}{smaller}" if rest else "")
+    return f"{whole}s"
+
+
+def status_rows(jobs: list[dict[str, Any]], now: datetime) -> list[tuple[str, ...]]:
+    """`status`'s table from /api/jobs, with times relative to `now` (like list-timers)."""
+
+    def ago(stamp: str | None, never: str = "-") -> str:
+        if stamp is None:
+            return never
+        return f"{_span((now - _instant(stamp)).total_seconds())} ago"
+
+    rows: list[tuple[str, ...]] = [("JOB", "SCHEDULE", "NEXT (UTC)", "LEFT", "LAST", "RESULT",
+                                    "LAST SUCCESS", "IN FLIGHT")]  # fmt: skip
+    for item in jobs:
+        last, upcoming = item["last_run"], item["next_run"]
+        if item["paused"]:
+            upcoming_text, left = "paused", "-"
+        else:
+            upcoming_text = upcoming or "-"
+            left = from_now((_instant(upcoming) - now).total_seconds()) if upcoming else "-"
+        result = last["outcome"] or "-"
+        if last["status"] is not None:
+            result += f" ({last['status']})"
+        rows.append((item["name"], item["schedule"], upcoming_text, left, ago(last["at"]), result,
+                     ago(item["last_success"], "never"), str(item["in_flight"])))  # fmt: skip
+    return rows
+
+
+def _instant(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
 
 
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
@@ -301,21 +334,7 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
     if command == "status":
         health = answers[0]
         print(_describe(health))
-        rows = [("JOB", "SCHEDULE", "NEXT (UTC)", "LAST", "STATUS", "PAUSED", "IN FLIGHT")]
-        for item in body:
-            last = item["last_run"]
-            rows.append(
-                (
-                    item["name"],
-                    item["schedule"],
-                    item["next_run"] or "-",
-                    last["outcome"] or "-",
-                    str(last["status"] or "-"),
-                    "yes" if item["paused"] else "no",
-                    str(item["in_flight"]),
-                )
-            )
-        _table(rows, sys.stdout)
+        _table(status_rows(body, datetime.now(UTC)), sys.stdout)
     elif command == "trigger":
         print(f"{body['job']}: triggered, Idempotency-Key {body['idempotency_key']}")
     else:

@@ -73,8 +73,15 @@ def test_the_cli_talks_to_the_running_daemon(
     assert replica == f"{socket.gethostname()}:{proc.process.pid}: solo, ok"
     assert header.split()[:3] == ["JOB", "SCHEDULE", "NEXT"]
     assert rows[0].startswith("tick ") and rows[1].startswith("hourly ")
+    assert header.split() == ["JOB", "SCHEDULE", "NEXT", "(UTC)", "LEFT", "LAST", "RESULT",
+                              "LAST", "SUCCESS", "IN", "FLIGHT"]  # fmt: skip
     assert run_cli("pause", "hourly", env=cli_env).stdout.strip() == "hourly: paused"
-    assert "yes" in run_cli("status", env=cli_env).stdout.splitlines()[3]
+    hourly = run_cli("status", env=cli_env).stdout.splitlines()[3]
+    assert hourly.split()[:4] == ["hourly", "every", "1h", "paused"]  # no next run shown
+    assert target.wait_for(lambda calls: len(calls) >= 1)
+    tick = run_cli("status", env=cli_env).stdout.splitlines()[2].split()
+    assert tick[0] == "tick" and tick[4] == "in", tick
+    assert "ago" in tick and "success" in tick
     assert run_cli("resume", "hourly", env=cli_env).stdout.strip() == "hourly: resumed"
     triggered = run_cli("trigger", "hourly", env=cli_env)
     assert triggered.stdout.startswith("hourly: triggered, Idempotency-Key hourly@manual-")

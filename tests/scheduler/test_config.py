@@ -485,3 +485,22 @@ class TestNextSchedule:
         assert main(argv, TOKEN) == 2
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_status_times_read_like_systemctl_list_timers() -> None:
+    from services.scheduler.__main__ import status_rows
+
+    now = datetime.fromisoformat("2026-12-01T10:00:00+00:00")
+    jobs = [
+        {"name": "a", "schedule": "every 5m", "next_run": "2026-12-01T10:03:00.000Z", "paused": False,
+         "last_run": {"at": "2026-12-01T09:56:00.000Z", "outcome": "failed", "status": 500},
+         "last_success": "2026-12-01T07:00:00.000Z", "in_flight": 0},
+        {"name": "b", "schedule": "daily 03:00", "next_run": "2026-12-02T03:00:00.000Z", "paused": True,
+         "last_run": {"at": None, "outcome": None, "status": None}, "last_success": None, "in_flight": 1},
+    ]  # fmt: skip
+    header, a, b = status_rows(jobs, now)
+    assert header == ("JOB", "SCHEDULE", "NEXT (UTC)", "LEFT", "LAST", "RESULT", "LAST SUCCESS",
+                      "IN FLIGHT")  # fmt: skip
+    assert a == ("a", "every 5m", "2026-12-01T10:03:00.000Z", "in 3min", "4min ago", "failed (500)",
+                 "3h ago", "0")  # fmt: skip
+    assert b == ("b", "daily 03:00", "paused", "-", "-", "-", "never", "1")
