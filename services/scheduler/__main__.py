@@ -80,7 +80,7 @@ def main(
                 raise ConfigError("next: --timezone needs --schedule (a job has its own zone)")
             return cmd_next(load_config(env), args.job, args.count, sys.stdout)
         if command == "fire":
-            return cmd_fire(load_config(env), args.job, env)
+            return cmd_fire(load_config(env), args.job, env, force=args.force)
         if command == "demo":
             return cmd_demo(args.duration, signals)
         if command == "trigger" and args.wait:
@@ -124,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="zone of --schedule unless the text names one (default UTC)")  # fmt: skip
     fire = sub.add_parser("fire", help="fire one job once, now, and print the outcome")
     fire.add_argument("job")
+    fire.add_argument("--force", action="store_true",
+                      help="fire even when the running daemon has the job paused")  # fmt: skip
     sub.add_parser("status", help="print the job table of the running daemon (admin API)")
     for action, text in (("pause", "pause a job"), ("resume", "resume a job"),
                          ("trigger", "fire a job now")):  # fmt: skip
@@ -426,9 +428,16 @@ def _describe(health: dict[str, Any]) -> str:
 # -- fire -----------------------------------------------------------------------------------
 
 
-def cmd_fire(config: Config, name: str, env: Mapping[str, str]) -> int:
+def cmd_fire(config: Config, name: str, env: Mapping[str, str], *, force: bool = False) -> int:
     require_auth(config)
     job = config.job(name)
+    if not force and _paused_in_daemon(config.settings, job.name):
+        print(
+            f"cronclock: fire: {job.name} is paused in the running daemon; resume it "
+            f"(cronclock resume {job.name}) or fire it anyway with --force",
+            file=sys.stderr,
+        )
+        return 1
     log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
     clock = SystemClock()
     store = open_store("memory://", max_runs=10, max_age=timedelta(days=1), log=log)
@@ -453,6 +462,22 @@ def cmd_fire(config: Config, name: str, env: Mapping[str, str]) -> int:
         f"{result.duration * 1000:.0f} ms" + (f": {result.error}" if result.error else "")
     )
     return 0 if result.outcome in ("success", "busy") else 1
+
+
+def _paused_in_daemon(settings: Settings, name: str) -> bool:
+    """Whether the running daemon (its admin API, if one answers) has the job paused."""
+    if settings.admin_bind == "off":
+        return False
+    headers = {}
+    if settings.admin_token is not None:
+        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
+    try:
+        answer = httpx.get(f"{admin_url(settings)}/api/jobs/{name}", headers=headers, timeout=3)
+    except httpx.HTTPError:
+        print(f"cronclock: fire: no running daemon answered at {admin_url(settings)}, so "
+              f"nothing says {name} is paused; firing", file=sys.stderr)  # fmt: skip
+        return False
+    return answer.status_code == 200 and answer.json().get("paused") is True
 
 
 def _secret(value: SecretStr | None) -> str | None:

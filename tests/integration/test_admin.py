@@ -211,3 +211,27 @@ def test_trigger_wait_exits_by_the_outcome(
     assert target.wait_for(lambda calls: any(c.path == "/slow" for c in calls))
     nope = run_cli("trigger", "nope", "--wait", env=base_env(**env))
     assert nope.returncode == 1 and "no job named 'nope'" in nope.stderr
+
+
+def test_fire_refuses_a_job_the_running_daemon_has_paused_unless_forced(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
+    """Issue 19: `fire` asks the running daemon first; a paused job needs --force."""
+    proc, _, env = start(target, jobs_file, daemon)
+    cli_env = base_env(**env)
+    assert run_cli("pause", "hourly", env=cli_env).returncode == 0
+    refused = run_cli("fire", "hourly", env=cli_env)
+    assert refused.returncode == 1, refused.stdout
+    assert (
+        "hourly is paused in the running daemon" in refused.stderr and "--force" in refused.stderr
+    )
+    assert not target.calls("/hourly")
+    forced = run_cli("fire", "hourly", "--force", env=cli_env)
+    assert forced.returncode == 0 and forced.stdout.startswith("hourly: success (HTTP 200)")
+    assert len(target.calls("/hourly")) == 1
+    assert run_cli("resume", "hourly", env=cli_env).returncode == 0
+    assert run_cli("fire", "hourly", env=cli_env).returncode == 0
+    assert proc.stop() == 0
+    # No daemon answers: nothing is paused that fire could respect, so it fires.
+    alone = run_cli("fire", "hourly", env=cli_env)
+    assert alone.returncode == 0 and "no running daemon answered" in alone.stderr
