@@ -6,6 +6,13 @@ from __future__ import annotations
 # `python -m services.scheduler`: signal handlers before the slow imports below (the
 # `cronclock` console script installs them in services.scheduler.cli).
 if __name__ == "__main__":
+    import sys as _sys
+
+    from services.scheduler import __version__ as _version
+
+    if _sys.argv[1:] == ["--version"]:  # answered before the slow imports (bench/startup.py)
+        print(f"cronclock {_version}")
+        raise SystemExit(0)
     from services.scheduler.signals import ProcessSignals
 
     _EARLY: ProcessSignals | None = ProcessSignals.install()

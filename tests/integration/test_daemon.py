@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -278,6 +280,13 @@ class TestCommands:
 
     def test_version_and_help(self) -> None:
         assert run_cli("--version", env=base_env()).stdout.strip() == f"cronclock {__version__}"
+        script = Path(sys.executable).with_name("cronclock")  # the console script, same answer
+        if script.exists():
+            answer = subprocess.run([str(script), "--version"], capture_output=True, text=True,
+                                    env=base_env(), timeout=60, check=False)  # fmt: skip
+            assert (answer.returncode, answer.stdout) == (0, f"cronclock {__version__}\n")
+        # `--version` with anything else goes through argparse as before
+        assert run_cli("check", "--version", env=base_env()).returncode == 2
         helptext = run_cli("--help", env=base_env()).stdout
         for command in ("run", "check", "next", "fire", "demo"):
             assert command in helptext
