@@ -3,12 +3,19 @@
 __version__ = "0.1.0"
 
 
-def cli() -> int:
-    """The `cronclock` console script: signal handlers first, then the (slower) rest."""
+def answered_version() -> bool:
+    """`--version` alone is answered before the slow imports (bench/startup.py)."""
     import sys
 
-    if sys.argv[1:] == ["--version"]:  # answered before the slow imports (bench/startup.py)
-        sys.stdout.write(f"cronclock {__version__}\n")
+    if sys.argv[1:] != ["--version"]:
+        return False
+    sys.stdout.write(f"cronclock {__version__}\n")
+    return True
+
+
+def cli() -> int:
+    """The `cronclock` console script: signal handlers first, then the (slower) rest."""
+    if answered_version():
         return 0
     from .signals import ProcessSignals
 

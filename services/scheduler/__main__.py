@@ -6,12 +6,9 @@ from __future__ import annotations
 # `python -m services.scheduler`: signal handlers before the slow imports below (the
 # `cronclock` console script installs them in services.scheduler.cli).
 if __name__ == "__main__":
-    import sys as _sys
+    from services.scheduler import answered_version
 
-    from services.scheduler import __version__ as _version
-
-    if _sys.argv[1:] == ["--version"]:  # answered before the slow imports (bench/startup.py)
-        print(f"cronclock {_version}")
+    if answered_version():
         raise SystemExit(0)
     from services.scheduler.signals import ProcessSignals
 
@@ -300,16 +297,19 @@ def admin_url(settings: Settings) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def _admin_headers(settings: Settings) -> dict[str, str]:
+    if settings.admin_token is None:
+        return {}
+    return {"Authorization": f"Bearer {settings.admin_token.get_secret_value()}"}
+
+
 def _ask(
     settings: Settings, command: str, calls: Callable[[httpx.Client], list[httpx.Response]]
 ) -> list[Any] | None:
     """The JSON bodies of admin API calls, or None after printing why they failed."""
     base = admin_url(settings)
-    headers = {}
-    if settings.admin_token is not None:
-        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
     try:
-        with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        with httpx.Client(base_url=base, headers=_admin_headers(settings), timeout=10) as client:
             responses = calls(client)
     except httpx.HTTPError as error:
         print(
@@ -475,11 +475,9 @@ def _paused_in_daemon(settings: Settings, name: str) -> bool:
     """Whether the running daemon (its admin API, if one answers) has the job paused."""
     if settings.admin_bind == "off":
         return False
-    headers = {}
-    if settings.admin_token is not None:
-        headers["Authorization"] = f"Bearer {settings.admin_token.get_secret_value()}"
     try:
-        answer = httpx.get(f"{admin_url(settings)}/api/jobs/{name}", headers=headers, timeout=3)
+        answer = httpx.get(f"{admin_url(settings)}/api/jobs/{name}",
+                           headers=_admin_headers(settings), timeout=3)  # fmt: skip
     except httpx.HTTPError:
         print(f"cronclock: fire: no running daemon answered at {admin_url(settings)}, so "
               f"nothing says {name} is paused; firing", file=sys.stderr)  # fmt: skip

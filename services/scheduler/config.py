@@ -607,12 +607,15 @@ def spread_offset(job_name: str, period_seconds: int) -> int:
 # Loading
 
 
+BUILT_IN_ORIGIN = "built-in table (no SCHEDULER_JOBS_FILE)"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     settings: Settings
     jobs: tuple[Job, ...]
     api_token: SecretStr | None
-    origin: str = "built-in table (no SCHEDULER_JOBS_FILE)"  # where the job table came from
+    origin: str = BUILT_IN_ORIGIN  # where the job table came from
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -846,7 +849,7 @@ def load_table(settings: Settings, environ: Mapping[str, str]) -> tuple[tuple[Jo
     file_label = f"jobs file {str(settings.jobs_file)!r}"
     builtin = data.get("include_builtin", settings.jobs_file is None)
     if settings.jobs_file is None:
-        origin = "built-in table (no SCHEDULER_JOBS_FILE)"
+        origin = BUILT_IN_ORIGIN
     elif builtin:
         origin = f"{file_label} + built-in table (include_builtin = true)"
     else:

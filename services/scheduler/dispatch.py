@@ -489,13 +489,7 @@ class Dispatcher:
                 error = f"{error}; not retried: the next slot ({format_slot(deadline)}) comes first"
                 delay = None
             if delay is None:
-                self._log.error("failed", **fields, error=error, endpoint=job.endpoint)
-                self._reporter.report(
-                    JobFailed(f"{job.name}: {error}"),
-                    {key_: fields[key_] for key_ in ("job", "status", "attempt", "slot")}
-                    | {"endpoint": job.endpoint},
-                )
-                return self._result(job, slot, key, "failed", attempt, sent.status, error, begun)
+                return self._give_up(job, slot, key, fields, error, begun)
             self._log.warning("retrying", **fields, error=error, retry_in=round(delay, 3))
             if self._sleep(delay):
                 error = f"{error}; not retried: shutting down"
@@ -512,14 +506,28 @@ class Dispatcher:
             "job's headers, body and the API token"
         )
         self._store.record_run(not_called(job.name, slot, key, "failed", error, self._clock.now()))
-        self._log.error("failed", job=job.name, slot=format_slot(slot), attempt=attempt,
-                        error=error, endpoint=job.endpoint)  # fmt: skip
+        fields = {"job": job.name, "slot": format_slot(slot), "attempt": attempt, "status": None}
+        return self._give_up(job, slot, key, fields, error, begun)
+
+    def _give_up(
+        self,
+        job: Job,
+        slot: datetime,
+        key: str,
+        fields: dict[str, Any],
+        error: str | None,
+        begun: float,
+    ) -> CallResult:
+        """The slot's final failure: logged, reported to error tracking, returned."""
+        self._log.error("failed", **fields, error=error, endpoint=job.endpoint)
         self._reporter.report(
             JobFailed(f"{job.name}: {error}"),
-            {"job": job.name, "slot": format_slot(slot), "attempt": attempt,
-             "endpoint": job.endpoint},
-        )  # fmt: skip
-        return self._result(job, slot, key, "failed", attempt, None, error, begun)
+            {key_: fields[key_] for key_ in ("job", "status", "attempt", "slot")}
+            | {"endpoint": job.endpoint},
+        )
+        return self._result(
+            job, slot, key, "failed", fields["attempt"], fields["status"], error, begun
+        )
 
     def _lost_lease(self, job: Job, slot: datetime, key: str, begun: float) -> CallResult:
         """The lease could not be confirmed when the call was due: it is not sent (another

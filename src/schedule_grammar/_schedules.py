@@ -376,12 +376,22 @@ class Cron(_WallSequence):
 
     expression: str  # as canonically written: lower case, single spaces, or an @alias
     fields: str = field(init=False, repr=False, compare=False)
+    # Debian cron's and cronsim's rule: a 5-field expression with a fixed minute and hour
+    # names wall-clock times, resolved under the DST policy; any other runs in absolute time.
+    wall_clock_times: bool = field(init=False, repr=False, compare=False)
     _cron: CronFields = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _WallSequence.__post_init__(self)
-        object.__setattr__(self, "fields", CRON_ALIASES.get(self.expression, self.expression))
-        object.__setattr__(self, "_cron", CronFields(self.fields))
+        fields = CRON_ALIASES.get(self.expression, self.expression)
+        parts = fields.split()
+        object.__setattr__(self, "fields", fields)
+        object.__setattr__(
+            self,
+            "wall_clock_times",
+            len(parts) == 5 and not parts[0].startswith("*") and not parts[1].startswith("*"),
+        )
+        object.__setattr__(self, "_cron", CronFields(fields))
         if self._cron.next_wall(datetime(2000, 1, 1)) is None:
             raise ScheduleError(f"cron {self.fields!r} names no time within 400 years")
         if not self.wall_clock_times:
@@ -389,13 +399,6 @@ class Cron(_WallSequence):
                 "a cron with a '*' minute or hour, or 6 fields, runs in absolute time (both "
                 "copies of a repeated hour, nothing in a gap)"
             )
-
-    @property
-    def wall_clock_times(self) -> bool:
-        """True for a 5-field expression with a fixed minute and hour (Debian cron's and
-        cronsim's rule): its times are wall-clock times, resolved under the DST policy."""
-        parts = self.fields.split()
-        return len(parts) == 5 and not parts[0].startswith("*") and not parts[1].startswith("*")
 
     def next_nominal(self, wall: datetime) -> datetime | None:
         return self._cron.next_wall(wall)
