@@ -19,20 +19,13 @@ else:
 import argparse
 import os
 import sys
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TextIO
-
-import httpx
-from pydantic import SecretStr
-from structlog.typing import FilteringBoundLogger
+from typing import TYPE_CHECKING, Any, TextIO
 
 from schedule_grammar import Schedule, ScheduleError, dst_warnings, next_fires, parse
 
 from . import __version__
-from .admin import AdminContext, AdminServer, create_app
-from .clock import DEFAULT_LEAD_SECONDS, Clock, Scheduler, SystemClock, format_slot
 from .config import (
     Config,
     ConfigError,
@@ -45,13 +38,21 @@ from .config import (
     redact_url,
     require_auth,
 )
-from .coordination import open_state
-from .demo import DemoTarget, demo_config
-from .dispatch import Dispatcher, manual_key
-from .schedules import RuntimeSchedules
+from .healthcheck import local_url
 from .signals import ProcessSignals
-from .state import StateInUse, open_store
-from .telemetry import Metrics, ThreadDeaths, configure_logging, make_reporter
+from .slots import format_slot, manual_key
+
+# `check`, `next` and `--help` import only the configuration and the schedule language; the
+# HTTP client, the state back-ends, the admin stack and PostHog load in the commands that use
+# them (bench/startup.py measures it).
+if TYPE_CHECKING:
+    import httpx
+    from pydantic import SecretStr
+    from structlog.typing import FilteringBoundLogger
+
+    from .admin import AdminServer
+    from .clock import Clock
+    from .telemetry import ThreadDeaths
 
 EXIT_CONFIG = 2
 
@@ -292,9 +293,7 @@ def admin_url(settings: Settings) -> str:
     """Where the running daemon's admin API answers, from SCHEDULER_ADMIN_BIND."""
     if settings.admin_bind == "off":
         raise ConfigError("SCHEDULER_ADMIN_BIND='off': the daemon serves no admin API to talk to")
-    host, _, port = settings.admin_bind.rpartition(":")
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host).strip("[]")
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    return local_url(settings.admin_bind)
 
 
 def _admin_headers(settings: Settings) -> dict[str, str]:
@@ -307,6 +306,8 @@ def _ask(
     settings: Settings, command: str, calls: Callable[[httpx.Client], list[httpx.Response]]
 ) -> list[Any] | None:
     """The JSON bodies of admin API calls, or None after printing why they failed."""
+    import httpx
+
     base = admin_url(settings)
     try:
         with httpx.Client(base_url=base, headers=_admin_headers(settings), timeout=10) as client:
@@ -436,6 +437,11 @@ def _describe(health: dict[str, Any]) -> str:
 
 
 def cmd_fire(config: Config, name: str, env: Mapping[str, str], *, force: bool = False) -> int:
+    from .clock import SystemClock
+    from .dispatch import Dispatcher
+    from .state import open_store
+    from .telemetry import configure_logging, make_reporter
+
     require_auth(config)
     job = config.job(name)
     if not force and _paused_in_daemon(config.settings, job.name):
@@ -473,6 +479,8 @@ def cmd_fire(config: Config, name: str, env: Mapping[str, str], *, force: bool =
 
 def _paused_in_daemon(settings: Settings, name: str) -> bool:
     """Whether the running daemon (its admin API, if one answers) has the job paused."""
+    import httpx
+
     if settings.admin_bind == "off":
         return False
     try:
@@ -493,6 +501,9 @@ def _secret(value: SecretStr | None) -> str | None:
 
 
 def cmd_run(env: Mapping[str, str], signals: ProcessSignals | None = None) -> int:
+    from .clock import SystemClock
+    from .telemetry import configure_logging
+
     config = load_config(env)
     require_auth(config)
     log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
@@ -504,6 +515,10 @@ def cmd_run(env: Mapping[str, str], signals: ProcessSignals | None = None) -> in
 
 
 def cmd_demo(duration: float | None, signals: ProcessSignals | None = None) -> int:
+    from .clock import SystemClock
+    from .demo import DemoTarget, demo_config
+    from .telemetry import configure_logging
+
     target = DemoTarget().start()
     config = demo_config(target.url, target.token)
     log = configure_logging(fmt="console", level="info", stream=sys.stderr)
@@ -531,6 +546,8 @@ def serve(
     """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop,
     1 when the loop or another internal thread died. `signals`: handlers installed at the
     start of the process (else serve installs its own and restores them when done)."""
+    from .telemetry import ThreadDeaths
+
     own_signals = signals is None
     signals = signals or ProcessSignals.install()
     deaths = ThreadDeaths(log, on_death=clock.wake).install()
@@ -552,6 +569,15 @@ def _serve(
     signals: ProcessSignals,
     deaths: ThreadDeaths,
 ) -> int:
+    import threading
+
+    from .clock import DEFAULT_LEAD_SECONDS, Scheduler
+    from .coordination import open_state
+    from .dispatch import Dispatcher
+    from .schedules import RuntimeSchedules
+    from .state import StateInUse
+    from .telemetry import Metrics, make_reporter
+
     settings = config.settings
     try:
         opened = open_state(settings, log)
@@ -612,6 +638,8 @@ def _serve(
     opened.schedules.watch(scheduler.schedules_changed)
     admin: AdminServer | None = None
     if settings.admin_bind != "off":
+        from .admin import AdminContext, AdminServer, create_app  # FastAPI: only when served
+
         context = AdminContext(
             scheduler=scheduler,
             dispatcher=dispatcher,

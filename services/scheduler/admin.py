@@ -31,7 +31,7 @@ from structlog.typing import FilteringBoundLogger
 from schedule_grammar import ScheduleError, dst_warnings
 
 from . import __version__
-from .clock import Clock, Scheduler, format_slot
+from .clock import Clock, Scheduler
 from .config import Job
 from .coordination import Coordinator, Solo
 from .dispatch import Dispatcher
@@ -45,6 +45,7 @@ from .schedules import (
     ScheduleSpec,
     ScheduleStatus,
 )
+from .slots import format_slot
 from .state import RunRecord, StateStore, StoreUnavailable
 from .telemetry import Metrics, ThreadDeaths
 

@@ -22,6 +22,7 @@ from schedule_grammar import Once, ScheduleError
 
 from .config import Job
 from .coordination import Coordinator, Solo
+from .slots import format_slot, idempotency_key
 from .state import (
     RUNTIME_PREFIX,
     Outcome,
@@ -858,14 +859,3 @@ def ended_as(job: Job, *, called: bool) -> ScheduleStatus:
     """How a runtime schedule with no slot left ends: a one-time schedule whose slot was
     called is `executed`; one missed, and a recurring one past its expires_at, `expired`."""
     return "executed" if called and isinstance(job.schedule, Once) else "expired"
-
-
-def idempotency_key(job: str, slot: datetime) -> str:
-    """`<job>@<slot epoch ms>`: the same on every retry, after a restart and on every replica."""
-    return f"{job}@{round(slot.timestamp() * 1000)}"
-
-
-def format_slot(instant: datetime) -> str:
-    """RFC 3339 UTC with milliseconds: 2026-11-22T03:00:00.000Z (the X-Scheduled-For form)."""
-    utc = instant.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"

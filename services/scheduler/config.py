@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -43,8 +44,6 @@ from schedule_grammar import (
     parse,
     seconds_to_schedule,
 )
-
-from .state import sqlite_path
 
 
 class ConfigError(ValueError):
@@ -213,8 +212,20 @@ class Settings(BaseSettings):
         return value
 
 
+def sqlite_path(url: str) -> Path:
+    """The file of a sqlite:/// URL: sqlite:///./x.db is relative, sqlite:////var/x.db absolute."""
+    rest = url.partition("://")[2]
+    if not rest.startswith("/") or rest.endswith("/"):
+        raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    return Path(rest[1:])
+
+
 def check_redis_url(value: str) -> None:
-    """redis://[user:password@]host[:port][/db] (rediss:// for TLS)."""
+    """redis://[user:password@]host[:port][/db] (rediss:// for TLS), with the client installed."""
+    if importlib.util.find_spec("redis") is None:
+        raise ValueError(
+            "needs the Redis client, which is not installed: pip install 'cronclock[redis]'"
+        )
     url = urllib.parse.urlsplit(value)
     try:
         port = url.port

@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
 from . import __version__
-from .clock import Clock, format_slot, idempotency_key
+from .clock import Clock
 from .config import Job
+from .slots import format_slot, idempotency_key, manual_key
 from .state import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics
 
@@ -64,11 +64,6 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return min(max(0.0, (when - now).total_seconds()), RETRY_AFTER_CAP_SECONDS)
-
-
-def manual_key(job: str) -> str:
-    """`<job>@manual-<uuid4>`: a manual trigger is its own slot."""
-    return f"{job}@manual-{uuid.uuid4()}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

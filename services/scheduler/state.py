@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
+from .config import sqlite_path
 from .telemetry import Throttle
 
 Outcome = Literal[
@@ -1048,14 +1049,6 @@ def _upsert(name: str, state: JobState) -> Statement:
             int(state.paused),
         ),
     )
-
-
-def sqlite_path(url: str) -> Path:
-    """The file of a sqlite:/// URL: sqlite:///./x.db is relative, sqlite:////var/x.db absolute."""
-    rest = url.partition("://")[2]
-    if not rest.startswith("/") or rest.endswith("/"):
-        raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
-    return Path(rest[1:])
 
 
 def open_store(

@@ -8,8 +8,9 @@ import pytest
 import structlog
 
 from schedule_grammar import parse
-from services.scheduler.clock import CATCHUP_ALL_CAP, Scheduler, decide, format_slot
+from services.scheduler.clock import CATCHUP_ALL_CAP, Scheduler, decide
 from services.scheduler.config import Job
+from services.scheduler.slots import format_slot
 from services.scheduler.state import MemoryStateStore
 from tests.support import RecordingFirer, VirtualClock
 

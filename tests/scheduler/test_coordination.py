@@ -13,20 +13,19 @@ import structlog
 from structlog.testing import capture_logs
 
 from schedule_grammar import parse
-from services.scheduler.clock import Scheduler, idempotency_key
+from services.scheduler.clock import Scheduler
 from services.scheduler.config import Job, load_settings
-from services.scheduler.coordination import (
-    Leadership,
+from services.scheduler.coordination import Leadership, Solo, open_state
+from services.scheduler.schedules import MemorySchedules
+from services.scheduler.slots import idempotency_key
+from services.scheduler.state import JobState, MemoryStateStore, RunRecord, StoreUnavailable
+from services.scheduler.stores.redis import (
     RedisLease,
     RedisSchedules,
     RedisStateStore,
-    Solo,
     connect_redis,
     lease_value,
-    open_state,
 )
-from services.scheduler.schedules import MemorySchedules
-from services.scheduler.state import JobState, MemoryStateStore, RunRecord, StoreUnavailable
 from tests.support import RecordingFirer, RedisServer, VirtualClock
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)

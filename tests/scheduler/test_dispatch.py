@@ -15,9 +15,9 @@ from pydantic import SecretStr
 
 from schedule_grammar import parse
 from services.scheduler import __version__
-from services.scheduler.clock import idempotency_key
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher, classify, parse_retry_after
+from services.scheduler.slots import idempotency_key
 from services.scheduler.state import MemoryStateStore
 from tests.support import VirtualClock
 

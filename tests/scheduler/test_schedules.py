@@ -15,9 +15,9 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from services.scheduler.coordination import RedisSchedules, RedisStateStore
 from services.scheduler.schedules import SqliteSchedules
 from services.scheduler.state import SqliteStateStore, StoreUnavailable
+from services.scheduler.stores.redis import RedisSchedules, RedisStateStore
 from tests.scheduler.test_admin import T0, World
 from tests.support import RedisServer
 

@@ -11,6 +11,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from services.scheduler.config import sqlite_path
 from services.scheduler.state import (
     SCHEMA_VERSION,
     JobState,
@@ -19,7 +20,6 @@ from services.scheduler.state import (
     SqliteStateStore,
     StateInUse,
     open_store,
-    sqlite_path,
 )
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)

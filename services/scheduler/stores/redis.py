@@ -1,0 +1,1226 @@
+"""Redis: job state, run history, slot claims, runtime schedules and the leader lease
+(DESIGN.md section 6), for several replicas. Imported only for a redis:// or rediss://
+SCHEDULER_STATE_URL: the `redis` package is the extra `cronclock[redis]`.
+
+Replicas contend for a lease in Redis. The holder plans; it claims every slot in the same
+atomic step that checks it still holds the lease and records the slot started, so no slot is
+fired twice even when two replicas both believe they lead. Calls carry the lease's epoch as
+X-Scheduler-Fencing-Token. Job state and run history live in Redis, so a new leader continues
+where the old one stopped.
+
+Keys, under the namespace `ns` (SCHEDULER_NAMESPACE):
+
+    ns:leader                  "<identity> <random token>", expires after the lease TTL
+    ns:epoch                   INCR on every acquisition: the fencing token
+    ns:jobs                    set of job names that have state
+    ns:job:<job>               hash: last_slot, last_outcome, last_status, last_run,
+                               last_success, paused
+    ns:claim:<job>:<slot ms>   one slot's claim (a manual trigger: ns:claim:<job>:manual-<uuid>)
+    ns:inflight                hash: Idempotency-Key -> "<job> <slot us> <since us>"
+    ns:runs:<job>              stream: run history, capped
+
+Runtime schedules (the job of schedule <id> is named `schedule/<id>`; it is not in ns:jobs):
+
+    ns:schedule:<id>           hash: revision, spec, status, group, created, updated, anchor,
+                               first, finished
+    ns:schedules               sorted set (by id): every schedule
+    ns:schedules:status:<s>    sorted set (by id): the schedules in status s
+    ns:schedules:group:<g>     sorted set (by id): the schedules of group g
+    ns:schedules:ended         sorted set (by end time): ended schedules, for retention
+    ns:schedules:groups        set: every group name ever used (counts per group)
+    ns:schedules:changes       stream of changed ids: the leader plans what any replica wrote
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from structlog.typing import FilteringBoundLogger
+
+from ..config import Settings, redact_url
+from ..coordination import Leadership, OpenState, replica_identity
+from ..schedules import Change, LimitReached, ScheduleRecord, ScheduleStatus
+from ..state import (
+    COALESCE_SECONDS,
+    RUNTIME_PREFIX,
+    JobState,
+    Outcome,
+    Refusal,
+    RunRecord,
+    StoreUnavailable,
+    apply_outcome,
+    interrupted,
+    is_runtime,
+)
+from ..telemetry import Throttle
+
+_WRITE_QUEUE_CAP = 10_000  # writes kept for a Redis that is away; beyond, the oldest go
+# Records that account for slots not called are written at once, before the next claim can
+# advance past them; call outcomes are batched (a leader killed in that window loses them).
+_ACCOUNTING = frozenset({"missed", "interrupted", "skipped_claimed"})
+
+
+# -------------------------------------------------------------------------------------------
+# The lease
+
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local epoch = redis.call('INCR', KEYS[2])
+  local floor = tonumber(ARGV[3])
+  if epoch <= floor then
+    epoch = floor + 1
+    redis.call('SET', KEYS[2], epoch)
+  end
+  return {1, ARGV[1], epoch}
+end
+return {0, redis.call('GET', KEYS[1]) or '', tonumber(redis.call('GET', KEYS[2]) or '0')}
+"""
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def lease_value(identity: str) -> str:
+    """What the lease key holds: who leads, and a random token only this process knows."""
+    return f"{identity} {secrets.token_hex(12)}"
+
+
+class RedisLease:
+    """The leader lease: `SET NX PX` with a random token, renewed every ttl/3 by
+    compare-and-extend, released by compare-and-delete, a fencing epoch from `INCR`.
+
+    A leader counts its lease from the moment it *sent* the last successful renewal, and
+    stops firing `margin` before that lease could expire in Redis, so it is silent before
+    any other replica can acquire it.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        ttl: float,
+        log: FilteringBoundLogger,
+        identity: str | None = None,
+        value: str | None = None,
+        where: str = "redis",
+        after_cycle: Callable[[], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.identity = identity or replica_identity()
+        self.value = value or lease_value(self.identity)
+        self._client = client
+        self._key = f"{namespace}:leader"
+        self._epoch_key = f"{namespace}:epoch"
+        self._ttl = ttl
+        self._margin = ttl / 5
+        self._log = log
+        self._where = where
+        self._monotonic = monotonic
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+        self._lock = threading.Lock()
+        self._epoch: int | None = None  # the term this replica holds, if any
+        self._last_epoch: int | None = None  # fencing token of calls of the latest term
+        self._floor = 0  # the highest epoch seen: a Redis that lost its data never goes below
+        self._valid_until = -math.inf
+        self._leader: str | None = None
+        self._problem: str | None = None
+        self._complaints = Throttle(monotonic=monotonic)  # Redis trouble: once a minute
+        self._stopping = threading.Event()
+        self._poke = threading.Event()
+        self._on_change: Callable[[], None] = lambda: None
+        self._announced: int | None = None  # the term last reported through on_change
+        self._after_cycle = after_cycle or (lambda: None)  # every ttl/3 at most
+        self._last_after = -math.inf
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+
+    # -- Coordinator ------------------------------------------------------------------------
+
+    def term(self) -> int | None:
+        with self._lock:
+            return self._epoch if self._monotonic() < self._valid_until else None
+
+    def leading(self) -> bool:
+        return self.term() is not None
+
+    def fencing_token(self) -> int | None:
+        return self._last_epoch
+
+    def step_down(self) -> None:
+        with self._lock:
+            held, self._epoch, self._valid_until = self._epoch, None, -math.inf
+        if held is not None:
+            self._log.warning("lease lost: another replica holds it; stepping down", epoch=held)
+        self._poke.set()
+
+    def status(self) -> Leadership:
+        with self._lock:
+            leading = self._epoch is not None and self._monotonic() < self._valid_until
+            return Leadership(
+                role="leader" if leading else "standby",
+                identity=self.identity,
+                leader=self.identity if leading else self._leader,
+                epoch=self._epoch if leading else (self._floor or None),
+                problem=self._problem,
+            )
+
+    def start(self, on_change: Callable[[], None]) -> None:
+        self._on_change = on_change
+        self._cycle()  # the first attempt before the loop plans: a lone replica leads at once
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._poke.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        with self._lock:
+            held, self._epoch, self._valid_until = self._epoch, None, -math.inf
+        if held is None:
+            return
+        try:
+            released = self._release(keys=[self._key], args=[self.value])
+        except redis.RedisError as error:
+            self._log.warning("lease not released; it expires by itself", error=str(error))
+            return
+        if released:
+            self._log.info("lease released", epoch=held)
+
+    # -- the lease thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            pause = self._cycle()
+            self._poke.wait(pause)
+            self._poke.clear()
+
+    def _cycle(self) -> float:
+        """Renew or acquire once; how long to wait before the next attempt."""
+        sent = self._monotonic()
+        try:
+            if self._epoch is not None:
+                self._renew_once(sent)
+            if self._epoch is None:
+                self._acquire_once(sent)
+        except redis.RedisError as error:
+            self._unreachable(error)
+            if self._epoch is not None and self._monotonic() >= self._valid_until:
+                self._log.error(
+                    "lease could not be renewed in time; firing stopped until Redis answers",
+                    epoch=self._epoch,
+                    error=self._problem,
+                )
+                with self._lock:
+                    self._epoch = None
+        else:
+            if self._problem is not None:
+                self._log.info("Redis reachable again", redis=self._where)
+                self._problem = None
+            if sent - self._last_after >= self._ttl / 3 * 0.9:  # standbys poll faster
+                self._last_after = sent
+                self._after_cycle()
+        term = self.term()
+        if term != self._announced:
+            self._announced = term
+            self._on_change()
+        if term is None:
+            return min(1.0, self._ttl / 3)
+        # Renew every ttl/3; after a failed renewal retry often, and wake when the lease runs
+        # out, so firing stops on time.
+        pause = self._ttl / 3 if self._problem is None else min(1.0, self._ttl / 10)
+        return max(0.01, min(pause, self._valid_until - self._monotonic()))
+
+    def _renew_once(self, sent: float) -> None:
+        renewed = self._renew(keys=[self._key], args=[self.value, round(self._ttl * 1000)])
+        with self._lock:
+            if renewed:
+                self._valid_until = sent + self._ttl - self._margin
+                return
+            held, self._epoch, self._valid_until = self._epoch, None, -math.inf
+        self._log.warning("lease lost: it expired or another replica took it", epoch=held)
+
+    def _acquire_once(self, sent: float) -> None:
+        got, holder, epoch = self._acquire(
+            keys=[self._key, self._epoch_key],
+            args=[self.value, round(self._ttl * 1000), self._floor],
+        )
+        epoch = int(epoch)
+        if not got and holder == self.value:
+            got = 1  # our own acquisition whose reply was lost, resent by the client
+        leader = holder.rpartition(" ")[0] or None
+        with self._lock:
+            self._floor = max(self._floor, epoch)
+            changed = leader != self._leader
+            self._leader = leader
+            if got:
+                self._epoch = self._last_epoch = epoch
+                self._valid_until = sent + self._ttl - self._margin
+        if got:
+            self._log.info(
+                "leader: lease acquired", epoch=epoch, replica=self.identity, ttl_seconds=self._ttl
+            )
+        elif changed:
+            self._log.info("standby: another replica leads", leader=leader, epoch=epoch)
+
+    def _unreachable(self, error: redis.RedisError) -> None:
+        self._problem = f"cannot reach Redis at {self._where}: {error}"
+        if self._complaints.ready():
+            self._log.error(
+                "cannot reach Redis; a leader keeps firing only while its lease is certain",
+                error=str(error),
+                redis=self._where,
+                leading=self.leading(),
+            )
+
+
+# -------------------------------------------------------------------------------------------
+# Job state, history and slot claims in Redis
+
+# Checks the lease, then per slot: paused (the slot passes), claimed elsewhere (taken), or
+# claimed here now; advances the job's last slot and records the claimed ones in flight.
+_CLAIM = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'not_leader'} end
+local ns, nonce, ttl, now = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local out = {}
+for i = 6, #ARGV, 4 do
+  local job, slot, suffix, key = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local jk = ns .. ':job:' .. job
+  local state = redis.call('HMGET', jk, 'paused', 'last_slot')
+  local runtime = string.sub(job, 1, 9) == 'schedule/'
+  local result = 'ok'
+  if runtime and redis.call('HGET', ns .. ':schedule:' .. string.sub(job, 10), 'status')
+      ~= 'active' then
+    result = 'inactive'
+  elseif slot ~= '' and state[1] == '1' then
+    result = 'paused'
+  else
+    local ck = ns .. ':claim:' .. job .. ':' .. suffix
+    if not redis.call('SET', ck, nonce, 'NX', 'PX', ttl) and redis.call('GET', ck) ~= nonce then
+      result = 'taken'
+    end
+  end
+  if result ~= 'inactive' and slot ~= ''
+      and (not state[2] or tonumber(state[2]) < tonumber(slot)) then
+    redis.call('HSET', jk, 'last_slot', slot)
+    redis.call('HDEL', jk, 'restored')
+    if not state[2] and not runtime then redis.call('SADD', ns .. ':jobs', job) end
+  end
+  if result == 'ok' then
+    local at = slot
+    if at == '' then at = now end
+    redis.call('HSET', KEYS[2], key, job .. ' ' .. at .. ' ' .. now)
+  end
+  out[#out + 1] = result
+end
+return out
+"""
+_ADVANCE = """
+local last = redis.call('HGET', KEYS[1], 'last_slot')
+if not last or tonumber(last) < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'last_slot', ARGV[1])
+  redis.call('HDEL', KEYS[1], 'restored')
+  if string.sub(ARGV[2], 1, 9) ~= 'schedule/' then redis.call('SADD', KEYS[2], ARGV[2]) end
+end
+return 1
+"""
+
+# Who this Redis is: a random value set once. A replica that saw one value and then finds
+# another (or none) knows that Redis lost its data (restarted without persistence, flushed,
+# failed over to an empty replica).
+_INSTANCE = """
+local value = redis.call('GET', KEYS[1])
+if value then return value end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us(instant: datetime) -> int:
+    return (instant - _EPOCH) // timedelta(microseconds=1)
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if not value else _EPOCH + timedelta(microseconds=int(value))
+
+
+Op = Callable[[Any], None]  # one queued write, given a pipeline
+
+
+class RedisStateStore:
+    """StateStore on Redis, shared by every replica.
+
+    Reads of job state come from a local copy, refreshed from Redis when this replica starts
+    leading and on every lease cycle. Slot claims (`mark_started`), manual claims and pauses
+    go to Redis at once; history and outcomes are queued and written in batches by a writer
+    thread, kept and retried while Redis is away.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        namespace: str,
+        lease_value: str,
+        claim_ttl: float,
+        log: FilteringBoundLogger,
+        max_runs: int = 1000,
+        max_age: timedelta = timedelta(days=30),
+        where: str = "redis",
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._ns = namespace
+        self._lease_key = f"{namespace}:leader"
+        self._inflight_key = f"{namespace}:inflight"
+        self._lease_value = lease_value
+        self._claim_ttl_ms = round(claim_ttl * 1000)
+        self._log = log
+        self._max_runs = max_runs
+        self._max_age = max_age
+        self._where = where
+        self._monotonic = monotonic
+        self._claim = client.register_script(_CLAIM)
+        self._advance = client.register_script(_ADVANCE)
+        self._instance_script = client.register_script(_INSTANCE)
+        self._instance: str | None = None  # the Redis this replica has seen
+        self._lock = threading.Lock()
+        self._states: dict[str, JobState] = {}
+        self._registered: set[str] = set()  # jobs this process has added to ns:jobs
+        self._problem: str | None = None
+        self._complaints = Throttle(monotonic=monotonic)  # Redis trouble: once a minute
+        self._records = 0
+        self._queue: list[Op] = []
+        self._queue_changed = threading.Condition()
+        self._writing = False
+        self._closed = False
+        self._writer = threading.Thread(
+            target=self._drain_forever, name="redis-writer", daemon=True
+        )
+        self._writer.start()
+
+    # -- keys -------------------------------------------------------------------------------
+
+    def _job_key(self, job: str) -> str:
+        return f"{self._ns}:job:{job}"
+
+    def _runs_key(self, job: str) -> str:
+        return f"{self._ns}:runs:{job}"
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def job_state(self, job: str) -> JobState:
+        with self._lock:
+            return self._states.get(job, JobState())
+
+    def refresh(self) -> None:
+        """Pull every job's state from Redis. A job Redis has no record of keeps what this
+        replica knew, written back; when Redis lost its data, that knowledge is marked
+        uncertain (restored), so no leader catches up from it."""
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            self._instance_script(
+                keys=[f"{self._ns}:instance"], args=[secrets.token_hex(8)], client=pipe
+            )
+            pipe.smembers(f"{self._ns}:jobs")
+            instance, members = pipe.execute()
+            names = sorted(cast(set[str], members))
+            pipe = self._client.pipeline(transaction=False)
+            for name in names:
+                pipe.hgetall(self._job_key(name))
+            rows = cast(list[dict[str, str]], pipe.execute())
+        except redis.RedisError as error:
+            self._trouble(error)
+            return
+        self._healthy()
+        fetched = {name: _job_state(row) for name, row in zip(names, rows, strict=True) if row}
+        reset = self._instance is not None and instance != self._instance
+        self._instance = instance
+        if reset:
+            self._log.error(
+                "Redis lost its state (its data was reset); slots this replica cannot be "
+                "sure about are not fired, and the state it knew is written back as restored",
+                redis=self._where,
+                jobs=len(self._states),
+            )
+        with self._lock:
+            if reset:
+                self._states = {n: replace(s, uncertain=True) for n, s in self._states.items()}
+            lost = {n: s for n, s in self._states.items() if n not in fetched and not is_runtime(n)}
+            runtime = {n: s for n, s in self._states.items() if is_runtime(n)}
+            self._states = (
+                {name: _merge(self._states.get(name), state) for name, state in fetched.items()}
+                | lost
+                | runtime
+            )
+        for name, state in lost.items():
+            self._enqueue(_write_state(self._ns, name, state))
+
+    def load_states(self, names: list[str]) -> None:
+        """Read the state of these jobs (runtime schedules: not refreshed every cycle)."""
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self._job_key(name))
+        try:
+            rows = cast(list[dict[str, str]], pipe.execute())
+        except redis.RedisError as error:
+            self._trouble(error)
+            raise StoreUnavailable(self._problem or str(error)) from None
+        with self._lock:
+            for name, row in zip(names, rows, strict=True):
+                if row:
+                    self._states[name] = _merge(self._states.get(name), _job_state(row))
+
+    def forget(self, job: str) -> None:
+        with self._lock:
+            self._states.pop(job, None)
+            self._registered.discard(job)
+
+    def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
+        self.flush(timeout=2.0)
+        try:
+            entries = cast(
+                list[tuple[str, dict[str, str]]],
+                self._client.xrevrange(self._runs_key(job), count=limit),
+            )
+        except redis.RedisError as error:
+            self._trouble(error)
+            raise StoreUnavailable(self._problem or str(error)) from None
+        return [_run_record(job, fields) for _, fields in entries]
+
+    def problem(self) -> str | None:
+        return self._problem
+
+    # -- claims (synchronous: a slot is claimed before its call) ----------------------------
+
+    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
+        handed = list(slots)
+        if not handed:
+            return {}
+        args: list[str | int] = []
+        for job, slot, key in handed:
+            args += [job, _us(slot), key.partition("@")[2], key]
+        results = self._run_claim(args)
+        if results is None:
+            return {key: "unavailable" for _, _, key in handed}
+        if results == ["not_leader"]:
+            return {key: "not_leader" for _, _, key in handed}
+        refused: dict[str, Refusal] = {}
+        with self._lock:
+            for (job, slot, key), result in zip(handed, results, strict=True):
+                state = self._states.get(job, JobState())
+                if state.last_slot is None or slot > state.last_slot:
+                    state = replace(state, last_slot=slot, uncertain=False)
+                if result != "ok":
+                    refused[key] = cast(Refusal, result)
+                    state = replace(state, paused=state.paused or result == "paused")
+                self._states[job] = state
+        return refused
+
+    def claim(self, job: str, key: str) -> Refusal | None:
+        results = self._run_claim([job, "", key.partition("@")[2], key])
+        if results is None:
+            return "unavailable"
+        if results == ["not_leader"]:
+            return "not_leader"
+        return None if results[0] == "ok" else cast(Refusal, results[0])
+
+    def _run_claim(self, slot_args: list[str | int]) -> list[str] | None:
+        try:
+            results = self._claim(
+                keys=[self._lease_key, self._inflight_key],
+                args=[
+                    self._lease_value,
+                    self._ns,
+                    secrets.token_hex(8),  # this claim's own value: a resend is recognised
+                    self._claim_ttl_ms,
+                    _us(datetime.now(UTC)),
+                    *slot_args,
+                ],
+            )
+        except redis.RedisError as error:
+            self._trouble(error)
+            return None
+        self._healthy()
+        return [str(result) for result in results]
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def advance(self, job: str, slot: datetime) -> None:
+        with self._lock:
+            state = self._states.get(job, JobState())
+            if state.last_slot is None or slot > state.last_slot:
+                self._states[job] = replace(state, last_slot=slot, uncertain=False)
+        job_key, jobs_key, value = self._job_key(job), f"{self._ns}:jobs", _us(slot)
+        self._enqueue(
+            lambda pipe: self._advance(keys=[job_key, jobs_key], args=[value, job], client=pipe)
+        )
+
+    def mark_finished(self, job: str, key: str) -> None:
+        inflight = self._inflight_key
+        self._enqueue(lambda pipe: pipe.hdel(inflight, key))
+
+    def recover_interrupted(self, now: datetime) -> list[RunRecord]:
+        """Calls a dead leader left in flight, recorded `interrupted` and cleared in one
+        transaction: a leader killed in the middle leaves them for the next one."""
+        try:
+            left = cast(dict[str, str], self._client.hgetall(self._inflight_key))
+        except redis.RedisError as error:
+            self._trouble(error)
+            return []
+        if not left:
+            return []
+        records = []
+        for key, value in sorted(left.items(), key=lambda item: item[1]):
+            job, slot, _ = value.rsplit(" ", 2)
+            records.append(interrupted(job, _dt(slot) or now, key, now))
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            for record in records:
+                self._record_op(record)(pipe)
+            pipe.hdel(self._inflight_key, *left)
+            pipe.execute()
+        except redis.RedisError as error:
+            self._trouble(error)
+            return []
+        return records
+
+    def record_run(self, record: RunRecord) -> None:
+        op = self._record_op(record)
+        if record.outcome in _ACCOUNTING:
+            self._write_through(op)
+        else:
+            self._enqueue(op)
+
+    def _record_op(self, record: RunRecord) -> Op:
+        with self._lock:
+            state = self._states[record.job] = apply_outcome(
+                self._states.get(record.job, JobState()), record
+            )
+        fields = _record_fields(record)
+        outcome = _outcome_fields(state)
+        runs_key, job_key, jobs_key = (
+            self._runs_key(record.job),
+            self._job_key(record.job),
+            f"{self._ns}:jobs",
+        )
+        self._records += 1
+        horizon = (
+            round((record.started - self._max_age).timestamp() * 1000)
+            if self._records % 100 == 0
+            else None
+        )
+        max_runs = self._max_runs
+        # ns:jobs names it from then on (not a runtime schedule's job: those are planned from
+        # the schedules, and ns:jobs is read on every lease cycle)
+        register = record.job not in self._registered and not is_runtime(record.job)
+        if register:
+            self._registered.add(record.job)
+
+        def write(pipe: Any) -> None:
+            pipe.xadd(runs_key, fields, maxlen=max_runs, approximate=True)
+            if outcome:
+                pipe.hset(job_key, mapping=outcome)
+            if register:
+                pipe.sadd(jobs_key, record.job)
+            if horizon is not None:
+                pipe.xtrim(runs_key, minid=horizon, approximate=True)
+
+        return write
+
+    def set_paused(self, job: str, paused: bool) -> None:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hset(self._job_key(job), "paused", int(paused))
+            pipe.sadd(f"{self._ns}:jobs", job)
+            pipe.execute()
+        except redis.RedisError as error:
+            self._trouble(error)
+            raise StoreUnavailable(self._problem or str(error)) from None
+        self._healthy()
+        with self._lock:
+            self._states[job] = replace(self._states.get(job, JobState()), paused=paused)
+
+    # -- the writer -------------------------------------------------------------------------
+
+    def _enqueue(self, op: Op) -> None:
+        with self._queue_changed:
+            self._queue.append(op)
+            if len(self._queue) > _WRITE_QUEUE_CAP:
+                del self._queue[: len(self._queue) - _WRITE_QUEUE_CAP]
+                self._complain("state writes dropped: Redis away too long")
+            if len(self._queue) == 1:
+                self._queue_changed.notify_all()
+
+    def _write_through(self, op: Op) -> None:
+        """Write now, after what is queued (order kept); kept in the queue if Redis is away."""
+        with self._queue_changed:
+            batch, self._queue = [*self._queue, op], []
+        if not self._execute(batch):
+            with self._queue_changed:
+                self._requeue(batch)
+                self._queue_changed.notify_all()
+
+    def _requeue(self, batch: list[Op]) -> None:
+        """Put a batch Redis refused back in front, in order, for when it answers (lock held)."""
+        self._queue[:0] = batch
+        del self._queue[_WRITE_QUEUE_CAP:]
+
+    def _drain_forever(self) -> None:
+        while True:
+            with self._queue_changed:
+                while not self._queue and not self._closed:
+                    self._queue_changed.wait()
+                if not self._queue:
+                    return
+                # Outcomes of one beat share a round trip, written after its calls went out
+                # (as the SQLite store's commits), not in their midst.
+                self._queue_changed.wait(COALESCE_SECONDS)
+                batch, self._queue = self._queue, []
+                self._writing = True
+            ok = self._execute(batch)
+            with self._queue_changed:
+                self._writing = False
+                if not ok:
+                    self._requeue(batch)
+                self._queue_changed.notify_all()
+                if not ok and not self._closed:
+                    self._queue_changed.wait(1.0)
+
+    def _execute(self, batch: list[Op]) -> bool:
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for op in batch:
+                op(pipe)
+            pipe.execute()
+        except redis.RedisError as error:
+            self._trouble(error)
+            return False
+        self._healthy()
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until queued writes are in Redis; False if they are not within `timeout`."""
+        deadline = self._monotonic() + timeout
+        with self._queue_changed:
+            self._queue_changed.notify_all()
+            while self._queue or self._writing:
+                left = deadline - self._monotonic()
+                if left <= 0:
+                    return False
+                self._queue_changed.wait(min(left, 0.1))
+        return True
+
+    def close(self) -> None:
+        if not self.flush(timeout=5.0):
+            self._log.warning("state writes not flushed to Redis at shutdown", redis=self._where)
+        with self._queue_changed:
+            self._closed = True
+            self._queue.clear()
+            self._queue_changed.notify_all()
+        self._writer.join(5)
+
+    # -- trouble ----------------------------------------------------------------------------
+
+    def _trouble(self, error: redis.RedisError) -> None:
+        self._problem = f"cannot reach Redis at {self._where}: {error}"
+        self._complain(self._problem)
+
+    def _healthy(self) -> None:
+        self._problem = None
+
+    def _complain(self, message: str) -> None:
+        if self._complaints.ready():
+            self._log.error("state not written to Redis; kept and retried", error=message)
+
+
+def _job_state(row: dict[str, str]) -> JobState:
+    status = row.get("last_status")
+    return JobState(
+        last_slot=_dt(row.get("last_slot")),
+        last_outcome=cast(Outcome | None, row.get("last_outcome") or None),
+        last_status=int(status) if status else None,
+        last_run=_dt(row.get("last_run")),
+        last_success=_dt(row.get("last_success")),
+        paused=row.get("paused") == "1",
+        uncertain=row.get("restored") == "1",
+    )
+
+
+def _merge(local: JobState | None, fetched: JobState) -> JobState:
+    """Redis's state, except what this replica has newer and not yet written: a later last
+    slot (claimed a moment ago) and a later run's outcome (queued)."""
+    if local is None:
+        return fetched
+    merged = fetched
+    if local.last_slot is not None and (
+        fetched.last_slot is None or local.last_slot > fetched.last_slot
+    ):
+        merged = replace(merged, last_slot=local.last_slot, uncertain=local.uncertain)
+    elif local.uncertain and local.last_slot == fetched.last_slot:
+        merged = replace(merged, uncertain=True)
+    if local.last_run is not None and (
+        fetched.last_run is None or local.last_run > fetched.last_run
+    ):
+        merged = replace(
+            merged,
+            last_outcome=local.last_outcome,
+            last_status=local.last_status,
+            last_run=local.last_run,
+            last_success=local.last_success,
+        )
+    return merged
+
+
+def _outcome_fields(state: JobState) -> dict[str, str | int]:
+    fields: dict[str, str | int] = {}
+    if state.last_outcome is not None:
+        fields["last_outcome"] = state.last_outcome
+    if state.last_status is not None:
+        fields["last_status"] = state.last_status
+    if state.last_run is not None:
+        fields["last_run"] = _us(state.last_run)
+    if state.last_success is not None:
+        fields["last_success"] = _us(state.last_success)
+    return fields
+
+
+def _write_state(ns: str, job: str, state: JobState) -> Op:
+    fields = _outcome_fields(state) | {"paused": int(state.paused)}
+    if state.last_slot is not None:
+        fields["last_slot"] = _us(state.last_slot)
+    if state.uncertain:
+        fields["restored"] = 1
+
+    def write(pipe: Any) -> None:
+        pipe.hset(f"{ns}:job:{job}", mapping=fields)
+        pipe.sadd(f"{ns}:jobs", job)
+
+    return write
+
+
+def _record_fields(record: RunRecord) -> dict[str, str | int | float]:
+    fields: dict[str, str | int | float] = {
+        "slot": _us(record.slot),
+        "key": record.key,
+        "attempt": record.attempt,
+        "started": _us(record.started),
+        "outcome": record.outcome,
+        "count": record.count,
+    }
+    if record.duration is not None:
+        fields["duration"] = record.duration
+    if record.status is not None:
+        fields["status"] = record.status
+    if record.error is not None:
+        fields["error"] = record.error
+    return fields
+
+
+def _run_record(job: str, fields: dict[str, str]) -> RunRecord:
+    duration, status = fields.get("duration"), fields.get("status")
+    return RunRecord(
+        job=job,
+        slot=_dt(fields["slot"]) or _EPOCH,
+        key=fields["key"],
+        attempt=int(fields["attempt"]),
+        started=_dt(fields["started"]) or _EPOCH,
+        outcome=cast(Outcome, fields["outcome"]),
+        duration=float(duration) if duration is not None else None,
+        status=int(status) if status is not None else None,
+        error=fields.get("error"),
+        count=int(fields.get("count", 1)),
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# Runtime schedules on Redis
+
+# Create or replace (ARGV: ns, id, spec, group, anchor, first, now, limit). Returns
+# {'unchanged'}, {'limit', active} or {change, revision, created}.
+_PUT_SCHEDULE = """
+local ns, id, spec, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local anchor, first, now, limit = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
+local key = ns .. ':schedule:' .. id
+local old = redis.call('HMGET', key, 'revision', 'spec', 'status', 'group', 'created')
+if old[1] and old[2] == spec and old[3] ~= 'cancelled' then return {'unchanged'} end
+local active = redis.call('ZCARD', ns .. ':schedules:status:active')
+if (not old[1] or old[3] ~= 'active') and active >= limit then
+  return {'limit', tostring(active)}
+end
+local revision, created, change = 1, now, 'created'
+if old[1] then
+  revision, created, change = tonumber(old[1]) + 1, old[5], 'replaced'
+  redis.call('ZREM', ns .. ':schedules:status:' .. old[3], id)
+  if old[4] ~= '' and old[4] ~= group then
+    redis.call('ZREM', ns .. ':schedules:group:' .. old[4], id)
+  end
+end
+redis.call('HSET', key, 'revision', revision, 'spec', spec, 'status', 'active', 'group', group,
+  'created', created, 'updated', now, 'anchor', anchor, 'first', first, 'finished', '')
+redis.call('ZADD', ns .. ':schedules', 0, id)
+redis.call('ZADD', ns .. ':schedules:status:active', 0, id)
+redis.call('ZREM', ns .. ':schedules:ended', id)
+if group ~= '' then
+  redis.call('ZADD', ns .. ':schedules:group:' .. group, 0, id)
+  redis.call('SADD', ns .. ':schedules:groups', group)
+end
+redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
+return {change, tostring(revision), created}
+"""
+# End an active schedule (ARGV: ns, id, status, now, revision or '' for any, announce).
+_END_SCHEDULE = """
+local ns, id, status, now, revision = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = ns .. ':schedule:' .. id
+local old = redis.call('HMGET', key, 'status', 'revision')
+if not old[1] then return 'missing' end
+if old[1] ~= 'active' or (revision ~= '' and old[2] ~= revision) then return old[1] end
+redis.call('HSET', key, 'status', status, 'updated', now, 'finished', now)
+redis.call('ZREM', ns .. ':schedules:status:active', id)
+redis.call('ZADD', ns .. ':schedules:status:' .. status, 0, id)
+redis.call('ZADD', ns .. ':schedules:ended', now, id)
+if ARGV[6] == '1' then
+  redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
+end
+return 'ended'
+"""
+# Delete ended schedules with their job state and history (ARGV: ns, ids...).
+_PURGE_SCHEDULES = """
+local ns = ARGV[1]
+local gone = 0
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local key = ns .. ':schedule:' .. id
+  local old = redis.call('HMGET', key, 'status', 'group')
+  if old[1] ~= 'active' then
+    if old[1] then redis.call('ZREM', ns .. ':schedules:status:' .. old[1], id) end
+    if old[2] and old[2] ~= '' then redis.call('ZREM', ns .. ':schedules:group:' .. old[2], id) end
+    redis.call('ZREM', ns .. ':schedules', id)
+    redis.call('ZREM', ns .. ':schedules:ended', id)
+    redis.call('DEL', key, ns .. ':job:schedule/' .. id, ns .. ':runs:schedule/' .. id)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+_SCHEDULE_FIELDS = (
+    "revision", "spec", "status", "group", "created", "updated", "anchor", "first", "finished",
+)  # fmt: skip
+_BATCH = 1000
+
+
+class RedisSchedules:
+    """Runtime schedules in Redis, shared by every replica. Changes go through scripts (the
+    limit is checked in the same step as the write) and are announced on a stream that every
+    replica follows, so the leader plans a schedule created through any replica at once."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        state: RedisStateStore,
+        *,
+        namespace: str,
+        log: FilteringBoundLogger,
+        block_seconds: float = 1.0,
+    ) -> None:
+        self._client = client
+        self._state = state
+        self._ns = namespace
+        self._log = log
+        self._block_ms = max(50, round(block_seconds * 1000))
+        self._put = client.register_script(_PUT_SCHEDULE)
+        self._end = client.register_script(_END_SCHEDULE)
+        self._purge = client.register_script(_PURGE_SCHEDULES)
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _key(self, id: str) -> str:
+        return f"{self._ns}:schedule:{id}"
+
+    def _call(self, operation: Callable[[], Any]) -> Any:
+        try:
+            return operation()
+        except redis.RedisError as error:
+            self._state._trouble(error)
+            raise StoreUnavailable(self._state.problem() or str(error)) from None
+
+    def put_schedule(
+        self,
+        id: str,
+        *,
+        spec: str,
+        group: str | None,
+        anchor: datetime,
+        first: datetime | None,
+        now: datetime,
+        limit: int,
+    ) -> tuple[ScheduleRecord, Change]:
+        args: list[str | int] = [self._ns, id, spec, group or "", _us(anchor),
+                                 _us(first) if first else "", _us(now), limit]  # fmt: skip
+        result = [str(part) for part in self._call(lambda: self._put(args=args))]
+        if result[0] == "unchanged":
+            record = self.get_schedule(id)
+            assert record is not None
+            return record, "unchanged"
+        if result[0] == "limit":
+            raise LimitReached(f"{result[1]} active runtime schedules exist; the limit is {limit}")
+        change = cast(Change, result[0])
+        record = ScheduleRecord(
+            id=id, revision=int(result[1]), spec=spec, status="active", group=group,
+            created=_dt(result[2]) or now, updated=now, anchor=anchor, first=first, finished=None,
+        )  # fmt: skip
+        return record, change
+
+    def get_schedule(self, id: str) -> ScheduleRecord | None:
+        return self.get_schedules([id]).get(id)
+
+    def get_schedules(self, ids: Iterable[str]) -> dict[str, ScheduleRecord]:
+        wanted = list(ids)
+        found: dict[str, ScheduleRecord] = {}
+        for start in range(0, len(wanted), _BATCH):
+            chunk = wanted[start : start + _BATCH]
+            pipe = self._client.pipeline(transaction=False)
+            for id in chunk:
+                pipe.hmget(self._key(id), _SCHEDULE_FIELDS)
+            rows = cast(list[list[str | None]], self._call(pipe.execute))
+            for id, row in zip(chunk, rows, strict=True):
+                if row[0] is not None:
+                    found[id] = _schedule_record(id, row)
+        return found
+
+    def list_schedules(
+        self, *, status: ScheduleStatus | None, group: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        index = (
+            f"{self._ns}:schedules:group:{group}" if group is not None
+            else f"{self._ns}:schedules:status:{status}" if status is not None
+            else f"{self._ns}:schedules"
+        )  # fmt: skip
+        chosen: list[ScheduleRecord] = []
+        cursor = after
+
+        def page() -> list[str]:
+            start = f"({cursor}" if cursor else "-"
+            return cast(list[str], self._client.zrangebylex(index, start, "+", 0, _BATCH))
+
+        while len(chosen) < limit:
+            ids = cast(list[str], self._call(page))
+            if not ids:
+                break
+            records = self.get_schedules(ids)
+            for id in ids:
+                record = records.get(id)
+                if record is not None and (status is None or record.status == status):
+                    chosen.append(record)
+            cursor = ids[-1]
+        return chosen[:limit]
+
+    def cancel_schedule(self, id: str, now: datetime) -> ScheduleRecord | None:
+        self._call(lambda: self._end(args=[self._ns, id, "cancelled", _us(now), "", "1"]))
+        return self.get_schedule(id)
+
+    def finish_schedule(
+        self, id: str, revision: int, status: ScheduleStatus, now: datetime
+    ) -> bool:
+        args: list[str | int] = [self._ns, id, status, _us(now), revision, "0"]
+        ended = bool(self._call(lambda: self._end(args=args)) == "ended")
+        if ended:
+            self._state.forget(RUNTIME_PREFIX + id)
+        return ended
+
+    def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
+        ids = cast(
+            list[str],
+            self._call(lambda: self._client.zrange(f"{self._ns}:schedules:status:active", 0, -1)),
+        )
+        plan: list[tuple[str, datetime, datetime | None]] = []
+        for start in range(0, len(ids), _BATCH):
+            chunk = ids[start : start + _BATCH]
+            pipe = self._client.pipeline(transaction=False)
+            for id in chunk:
+                pipe.hmget(self._key(id), "anchor", "first")
+            rows = cast(list[list[str | None]], self._call(pipe.execute))
+            self._state.load_states([RUNTIME_PREFIX + id for id in chunk])
+            for id, (anchor, first) in zip(chunk, rows, strict=True):
+                if anchor:
+                    plan.append((id, _dt(anchor) or _EPOCH, _dt(first)))
+        return iter(plan)
+
+    def group_counts(self) -> dict[str | None, tuple[int, int]]:
+        ns = self._ns
+        active_key = f"{ns}:schedules:status:active"
+
+        def read() -> tuple[list[str], list[int]]:
+            groups = sorted(cast(set[str], self._client.smembers(f"{ns}:schedules:groups")))
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zcard(f"{ns}:schedules")
+            pipe.zcard(active_key)
+            for group in groups:
+                pipe.zcard(f"{ns}:schedules:group:{group}")
+                pipe.zintercard(2, [f"{ns}:schedules:group:{group}", active_key])
+            return groups, [int(value) for value in pipe.execute()]
+
+        groups, values = cast(tuple[list[str], list[int]], self._call(read))
+        total, active = values[0], values[1]
+        counts: dict[str | None, tuple[int, int]] = {}
+        for index, group in enumerate(groups):
+            in_group, live = values[2 + 2 * index], values[3 + 2 * index]
+            if in_group:
+                counts[group] = (live, in_group - live)
+                total, active = total - in_group, active - live
+        if total:
+            counts[None] = (active, total - active)
+        return counts
+
+    def purge_schedules(self, before: datetime) -> list[str]:
+        key = f"{self._ns}:schedules:ended"
+        ids = cast(
+            list[str],
+            self._call(lambda: self._client.zrangebyscore(key, "-inf", f"({_us(before)}", 0, 500)),
+        )
+        if ids:
+            self._call(lambda: self._purge(args=[self._ns, *ids]))
+            for id in ids:
+                self._state.forget(RUNTIME_PREFIX + id)
+        return ids
+
+    # -- following changes made on any replica ---------------------------------------------
+
+    def watch(self, on_change: Callable[[list[str]], None]) -> None:
+        self._watcher = threading.Thread(
+            target=self._follow, args=(on_change,), name="schedule-watch", daemon=True
+        )
+        self._watcher.start()
+
+    def _follow(self, on_change: Callable[[list[str]], None]) -> None:
+        key = f"{self._ns}:schedules:changes"
+        last: str | None = None
+        while not self._stopping.is_set():
+            try:
+                if last is None:  # from now on (a new term reads every schedule anyway)
+                    newest = cast(list[tuple[str, Any]], self._client.xrevrange(key, count=1))
+                    last = newest[0][0] if newest else "0-0"
+                reply = cast(
+                    list[tuple[str, list[tuple[str, dict[str, str]]]]] | None,
+                    self._client.xread({key: last}, count=_BATCH, block=self._block_ms),
+                )
+            except redis.RedisError:
+                last = None  # Redis away: every id again from when it answers
+                on_change([])  # an empty list: plan every schedule afresh
+                self._stopping.wait(1.0)
+                continue
+            for _, entries in reply or ():
+                if entries:
+                    last = entries[-1][0]
+                    on_change(sorted({fields["id"] for _, fields in entries if "id" in fields}))
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join(5)
+
+
+def _schedule_record(id: str, row: list[str | None]) -> ScheduleRecord:
+    revision, spec, status, group, created, updated, anchor, first, finished = row
+    return ScheduleRecord(
+        id=id,
+        revision=int(revision or 0),
+        spec=spec or "{}",
+        status=cast(ScheduleStatus, status),
+        group=group or None,
+        created=_dt(created) or _EPOCH,
+        updated=_dt(updated) or _EPOCH,
+        anchor=_dt(anchor) or _EPOCH,
+        first=_dt(first),
+        finished=_dt(finished),
+    )
+
+
+# -------------------------------------------------------------------------------------------
+# Wiring
+
+
+def redis_timeout(settings: Settings) -> float:
+    return max(0.25, min(2.0, settings.lease_ttl_seconds / 5))
+
+
+def connect_redis(settings: Settings) -> redis.Redis:
+    """A client for SCHEDULER_STATE_URL: short timeouts (a hung Redis must not hold the loop
+    past the lease), one resend on a dropped connection, nothing retried for longer."""
+    timeout = redis_timeout(settings)
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 1),
+        "decode_responses": True,
+    }
+    if settings.redis_password is not None and "@" not in settings.state_url:
+        options["password"] = settings.redis_password.get_secret_value()
+    return redis.Redis.from_url(settings.state_url, **options)
+
+
+def claim_ttl(settings: Settings) -> float:
+    """How long a slot's claim is kept: long past any takeover. After it expires the job's last
+    slot, advanced in the same atomic step as the claim, still keeps the slot from being planned."""
+    return max(300.0, 10 * settings.lease_ttl_seconds)
+
+
+def open_redis(settings: Settings, log: FilteringBoundLogger) -> OpenState:
+    """Redis state, runtime schedules and the lease for SCHEDULER_STATE_URL=redis://..."""
+    max_age = timedelta(seconds=settings.history_max_age)
+    where = redact_url(settings.state_url)
+    client = connect_redis(settings)
+    identity = replica_identity()
+    value = lease_value(identity)
+    redis_store = RedisStateStore(
+        client,
+        namespace=settings.namespace,
+        lease_value=value,
+        claim_ttl=claim_ttl(settings),
+        log=log,
+        max_runs=settings.history_max_runs,
+        max_age=max_age,
+        where=where,
+    )
+    redis_schedules = RedisSchedules(
+        client,
+        redis_store,
+        namespace=settings.namespace,
+        log=log,
+        block_seconds=redis_timeout(settings) / 2,  # a blocked read ends before the socket's
+    )
+    lease = RedisLease(
+        client,
+        namespace=settings.namespace,
+        ttl=settings.lease_ttl_seconds,
+        log=log,
+        identity=identity,
+        value=value,
+        where=where,
+        after_cycle=redis_store.refresh,
+    )
+
+    def close() -> None:
+        redis_schedules.close()
+        redis_store.close()
+        client.close()
+
+    return OpenState(store=redis_store, coordinator=lease, schedules=redis_schedules, close=close)
