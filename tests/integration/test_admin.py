@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +14,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.conftest import Daemon, base_env, run_cli
+from tests.integration.conftest import ROOT, Daemon, base_env, run_cli
 from tests.support import Reply, Target, free_port
 
 ADMIN = "admin-token"
@@ -235,3 +238,27 @@ def test_fire_refuses_a_job_the_running_daemon_has_paused_unless_forced(
     # No daemon answers: nothing is paused that fire could respect, so it fires.
     alone = run_cli("fire", "hourly", env=cli_env)
     assert alone.returncode == 0 and "no running daemon answered" in alone.stderr
+
+
+def _healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The image's HEALTHCHECK command, as Docker runs it in the container."""
+    return subprocess.run([sys.executable, "-m", "services.scheduler.healthcheck"], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=30)  # fmt: skip
+
+
+def test_the_image_health_check_follows_the_admin_bind(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
+    proc, url, env = start(target, jobs_file, daemon)
+    bind = env["SCHEDULER_ADMIN_BIND"]
+    healthy = _healthcheck(base_env(SCHEDULER_ADMIN_BIND=bind.replace("127.0.0.1", "0.0.0.0")))
+    assert healthy.returncode == 0 and f"{url}/healthz: 200" in healthy.stdout, healthy.stderr
+    nobody = _healthcheck(base_env(SCHEDULER_ADMIN_BIND=f"127.0.0.1:{free_port()}"))
+    assert nobody.returncode == 1 and "/healthz" in nobody.stderr
+    assert _healthcheck(base_env(SCHEDULER_ADMIN_BIND="off")).returncode == 0
+    proc.process.send_signal(signal.SIGSTOP)  # a daemon that does not answer is unhealthy
+    try:
+        assert _healthcheck(base_env(SCHEDULER_ADMIN_BIND=bind)).returncode == 1
+    finally:
+        proc.process.send_signal(signal.SIGCONT)
+    assert proc.stop() == 0
