@@ -17,6 +17,7 @@ else:
     _EARLY = None
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -74,24 +75,27 @@ def main(
             return code
         signals = None
     try:
+        as_json = getattr(args, "json", False)
         if command == "check":
-            return cmd_check(load_config(env), sys.stdout)
+            return cmd_check(load_config(env), sys.stdout, as_json=as_json)
         if command == "next":
             if args.schedule is not None:  # any text, no configuration needed
                 if args.job is not None:
                     raise ConfigError("next: give either a JOB or --schedule, not both")
-                return cmd_next_schedule(args.schedule, args.timezone, args.count, sys.stdout)
+                return cmd_next_schedule(args.schedule, args.timezone, args.count, sys.stdout,
+                                         as_json=as_json)  # fmt: skip
             if args.timezone is not None:
                 raise ConfigError("next: --timezone needs --schedule (a job has its own zone)")
-            return cmd_next(load_config(env), args.job, args.count, sys.stdout)
+            return cmd_next(load_config(env), args.job, args.count, sys.stdout, as_json=as_json)
         if command == "fire":
-            return cmd_fire(load_config(env), args.job, env, force=args.force)
+            return cmd_fire(load_config(env), args.job, env, force=args.force, as_json=as_json)
         if command == "demo":
             return cmd_demo(args.duration, signals)
         if command == "trigger" and args.wait:
-            return cmd_trigger_wait(load_settings(env), args.job, args.timeout)
+            return cmd_trigger_wait(load_settings(env), args.job, args.timeout, as_json=as_json)
         if command in ("status", "pause", "resume", "trigger"):
-            return cmd_admin(load_settings(env), command, getattr(args, "job", None))
+            return cmd_admin(load_settings(env), command, getattr(args, "job", None),
+                             as_json=as_json)  # fmt: skip
         if command == "schedules":
             if args.action is None:
                 parser.parse_args(["schedules", "--help"])
@@ -154,6 +158,19 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("-n", "--limit", type=int, default=100, help="at most this many")
     actions.add_parser("show", help="one schedule with its next run and history").add_argument("id")
     actions.add_parser("cancel", help="cancel a schedule: it never fires again").add_argument("id")
+    for parser_ in (
+        sub.choices["check"],
+        nxt,
+        fire,
+        sub.choices["status"],
+        *(sub.choices[a] for a in ("pause", "resume", "trigger")),
+        *actions.choices.values(),
+    ):
+        parser_.add_argument(
+            "--json",
+            action="store_true",
+            help="print one JSON document on stdout (README: JSON output)",
+        )
     demo = sub.add_parser("demo", help="run against a built-in demo application on loopback")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     return parser
@@ -162,75 +179,108 @@ def _parser() -> argparse.ArgumentParser:
 # -- check / next ---------------------------------------------------------------------------
 
 
-def cmd_check(config: Config, out: TextIO) -> int:
+def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     require_auth(config)
-    now = datetime.now(UTC)
-    settings = config.settings
-    auth = "bearer token set" if config.api_token else "none (LOCAL_DEV_MODE)"
-    count = f"{len(config.jobs)} job{'' if len(config.jobs) == 1 else 's'}"
-    print(f"cronclock {__version__}: configuration OK; {config.origin} ({count})", file=out)
-    state = redact_url(settings.state_url)
-    print(f"target {settings.api_url}  auth: {auth}  state: {state}", file=out)
+    report = check_report(config, datetime.now(UTC))
+    if as_json:
+        return _json(report, out)
+    count = f"{len(report['jobs'])} job{'' if len(report['jobs']) == 1 else 's'}"
+    print(f"cronclock {__version__}: configuration OK; {report['origin']} ({count})", file=out)
+    auth = "bearer token set" if report["auth"] == "bearer" else "none (LOCAL_DEV_MODE)"
+    print(f"target {report['target']}  auth: {auth}  state: {report['state']}", file=out)
     rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]
-    for job in config.jobs:
-        upcoming = job.schedule.next_after(now) if job.enabled else None
-        rows.append(
-            (
-                job.name,
-                str(job.schedule),
-                f"{job.method} {job.endpoint}",
-                format_seconds(job.timeout),
-                job.overlap,
-                format_slot(upcoming) if upcoming else ("disabled" if not job.enabled else "-"),
-                job.source,
-            )
-        )
+    for job in report["jobs"]:
+        upcoming = job["next_run"] or ("disabled" if not job["enabled"] else "-")
+        rows.append((job["name"], job["schedule"], f"{job['method']} {job['endpoint']}",
+                     format_seconds(job["timeout_seconds"]), job["overlap"], upcoming,
+                     job["source"]))  # fmt: skip
     _table(rows, out)
-    warnings = [
-        (job.name, warning.message)
-        for job in config.jobs
-        if job.enabled
-        for warning in dst_warnings(job.schedule, now)
-    ]
-    if warnings:
+    if report["dst_effects"]:
         print("\nDST effects in the next 365 days:", file=out)
-        for name, message in warnings:
-            print(f"  {name}: {message}", file=out)
+        for effect in report["dst_effects"]:
+            print(f"  {effect['job']}: {effect['message']}", file=out)
     return 0
 
 
-def cmd_next(config: Config, only: str | None, count: int, out: TextIO) -> int:
+def check_report(config: Config, now: datetime) -> dict[str, Any]:
+    """What `check` found, in the field names of `check --json`."""
+    settings = config.settings
+    jobs = []
+    for job in config.jobs:
+        upcoming = job.schedule.next_after(now) if job.enabled else None
+        jobs.append({"name": job.name, "schedule": str(job.schedule), "method": job.method,
+                     "endpoint": job.endpoint, "timeout_seconds": job.timeout,
+                     "overlap": job.overlap, "enabled": job.enabled,
+                     "next_run": format_slot(upcoming) if upcoming else None,
+                     "source": job.source})  # fmt: skip
+    effects = [{"job": job.name, "transition": format_slot(warning.transition),
+                "message": warning.message}
+               for job in config.jobs if job.enabled
+               for warning in dst_warnings(job.schedule, now)]  # fmt: skip
+    return {"version": __version__, "origin": config.origin, "target": settings.api_url,
+            "auth": "bearer" if config.api_token else "none",
+            "state": redact_url(settings.state_url),
+            "jobs": jobs, "dst_effects": effects}  # fmt: skip
+
+
+def cmd_next(
+    config: Config, only: str | None, count: int, out: TextIO, *, as_json: bool = False
+) -> int:
     if count < 1:
         raise ConfigError(f"-n must be 1 or more, got {count}")
     jobs = [config.job(only)] if only else [job for job in config.jobs if job.enabled]
     now = datetime.now(UTC)
-    for job in jobs:
-        print(f"{job.name}  ({job.schedule})", file=out)
-        _print_fires(job.schedule, now, count, out)
+    entries = [_fires_entry(job.name, job.schedule, now, count) for job in jobs]
+    if as_json:
+        return _json({"schedules": entries}, out)
+    for entry in entries:
+        print(f"{entry['job']}  ({entry['schedule']})", file=out)
+        _print_fires(entry, out)
     return 0
 
 
-def cmd_next_schedule(text: str, zone: str | None, count: int, out: TextIO) -> int:
+def cmd_next_schedule(
+    text: str, zone: str | None, count: int, out: TextIO, *, as_json: bool = False
+) -> int:
     """`next --schedule EXPR`: any schedule text, like `systemd-analyze calendar`."""
     if count < 1:
         raise ConfigError(f"-n must be 1 or more, got {count}")
-    schedule = parse(text, timezone=zone or "UTC")
-    print(str(schedule), file=out)
-    _print_fires(schedule, datetime.now(UTC), count, out)
+    entry = _fires_entry(None, parse(text, timezone=zone or "UTC"), datetime.now(UTC), count)
+    if as_json:
+        return _json({"schedules": [entry]}, out)
+    print(entry["schedule"], file=out)
+    _print_fires(entry, out)
     return 0
 
 
-def _print_fires(schedule: Schedule, now: datetime, count: int, out: TextIO) -> None:
-    fires = next_fires(schedule, now, count)
-    if not fires:
+def _fires_entry(job: str | None, schedule: Schedule, now: datetime, count: int) -> dict[str, Any]:
+    """One schedule's next fires, in the field names of `next --json`."""
+    fires = [{"at": format_slot(fire.at), "local": fire.local.isoformat(),
+              "weekday": fire.local.strftime("%a"), "zone": fire.local.strftime("%Z"),
+              "in_seconds": round((fire.at - now).total_seconds(), 3),
+              "dst_note": fire.dst_note}
+             for fire in next_fires(schedule, now, count)]  # fmt: skip
+    ahead = [{"transition": format_slot(warning.transition), "message": warning.message}
+             for warning in dst_warnings(schedule, now)]  # fmt: skip
+    return {"job": job, "schedule": str(schedule), "fires": fires, "dst_ahead": ahead}
+
+
+def _json(document: Any, out: TextIO = sys.stdout) -> int:
+    json.dump(document, out, indent=2, ensure_ascii=False)
+    out.write("\n")
+    return 0
+
+
+def _print_fires(entry: dict[str, Any], out: TextIO) -> None:
+    if not entry["fires"]:
         print("  no more fires", file=out)
-    for fire in fires:
-        local = fire.local.strftime("%a %Y-%m-%d %H:%M:%S %Z")
-        flag = f"  DST: {fire.dst_note}" if fire.dst_note else ""
-        left = from_now((fire.at - now).total_seconds())
-        print(f"  {format_slot(fire.at)}  {local}  {left}{flag}", file=out)
-    for warning in dst_warnings(schedule, now):
-        print(f"  DST ahead: {warning.message}", file=out)
+    for fire in entry["fires"]:
+        local = datetime.fromisoformat(fire["local"]).strftime("%Y-%m-%d %H:%M:%S")
+        flag = f"  DST: {fire['dst_note']}" if fire["dst_note"] else ""
+        print(f"  {fire['at']}  {fire['weekday']} {local} {fire['zone']}  "
+              f"{from_now(fire['in_seconds'])}{flag}", file=out)  # fmt: skip
+    for warning in entry["dst_ahead"]:
+        print(f"  DST ahead: {warning['message']}", file=out)
 
 
 def from_now(seconds: float) -> str:
@@ -331,7 +381,7 @@ def _ask(
     return [response.json() for response in responses]
 
 
-def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
+def cmd_admin(settings: Settings, command: str, job: str | None, *, as_json: bool = False) -> int:
     def calls(client: httpx.Client) -> list[httpx.Response]:
         if command == "status":
             return [client.get("/healthz"), client.get("/api/jobs")]
@@ -341,6 +391,8 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
     if answers is None:
         return 1
     body = answers[-1]
+    if as_json:  # the admin API's own documents (README: admin API)
+        return _json({"health": answers[0], "jobs": body} if command == "status" else body)
     if command == "status":
         health = answers[0]
         print(_describe(health))
@@ -352,7 +404,7 @@ def cmd_admin(settings: Settings, command: str, job: str | None) -> int:
     return 0
 
 
-def cmd_trigger_wait(settings: Settings, job: str, timeout: float) -> int:
+def cmd_trigger_wait(settings: Settings, job: str, timeout: float, *, as_json: bool = False) -> int:
     """`trigger JOB --wait`: fire in the running daemon and exit by the outcome."""
     if not 0 < timeout <= 3600:
         raise ConfigError(f"--timeout must be above 0 and at most 3600 seconds, got {timeout:g}")
@@ -365,6 +417,9 @@ def cmd_trigger_wait(settings: Settings, job: str, timeout: float) -> int:
         return 1
     body = answers[0]
     key = body["idempotency_key"]
+    if as_json:
+        _json(body)
+        return 0 if body["outcome"] in ("success", "busy") else 1
     if body["outcome"] is None:
         print(f"{job}: still running after {timeout:g} s (it goes on), Idempotency-Key {key}")
         return 1
@@ -386,6 +441,8 @@ def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:
         if answers is None:
             return 1
         page = answers[0]
+        if args.json:
+            return _json(page)
         rows = [("ID", "STATUS", "GROUP", "SCHEDULE", "NEXT (UTC)", "ENDPOINT")]
         for item in page["schedules"]:
             endpoint = f"{item['method']} {item['endpoint']}"
@@ -404,6 +461,8 @@ def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:
     if answers is None:
         return 1
     item = answers[0]
+    if args.json:
+        return _json(item)
     if action == "cancel":
         print(f"{item['id']}: {item['status']}")
         return 0
@@ -436,7 +495,9 @@ def _describe(health: dict[str, Any]) -> str:
 # -- fire -----------------------------------------------------------------------------------
 
 
-def cmd_fire(config: Config, name: str, env: Mapping[str, str], *, force: bool = False) -> int:
+def cmd_fire(
+    config: Config, name: str, env: Mapping[str, str], *, force: bool = False, as_json: bool = False
+) -> int:
     from .clock import SystemClock
     from .dispatch import Dispatcher
     from .state import open_store
@@ -466,15 +527,22 @@ def cmd_fire(config: Config, name: str, env: Mapping[str, str], *, force: bool =
         reporter=reporter,
         max_concurrency=1,
     )
-    result = dispatcher.call(job, clock.now(), key=manual_key(job.name), deadline=None)
+    key = manual_key(job.name)
+    result = dispatcher.call(job, clock.now(), key=key, deadline=None)
     dispatcher.shutdown(0)
     reporter.close()
+    code = 0 if result.outcome in ("success", "busy") else 1
+    if as_json:
+        _json({"job": job.name, "idempotency_key": key, "outcome": result.outcome,
+               "status": result.status, "attempts": result.attempts,
+               "duration_seconds": round(result.duration, 3), "error": result.error})  # fmt: skip
+        return code
     status = result.status if result.status is not None else "-"
     print(
         f"{job.name}: {result.outcome} (HTTP {status}) after {result.attempts} attempt(s), "
         f"{result.duration * 1000:.0f} ms" + (f": {result.error}" if result.error else "")
     )
-    return 0 if result.outcome in ("success", "busy") else 1
+    return code
 
 
 def _paused_in_daemon(settings: Settings, name: str) -> bool:

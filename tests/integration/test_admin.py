@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -238,6 +240,47 @@ def test_fire_refuses_a_job_the_running_daemon_has_paused_unless_forced(
     # No daemon answers: nothing is paused that fire could respect, so it fires.
     alone = run_cli("fire", "hourly", env=cli_env)
     assert alone.returncode == 0 and "no running daemon answered" in alone.stderr
+
+
+def test_json_output_of_the_commands_that_talk_to_the_daemon(
+    target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
+) -> None:
+    """Issue 19: `--json` is one document on stdout, the admin API's own fields."""
+    proc, _, env = start(target, jobs_file, daemon)
+    cli_env = base_env(**env)
+
+    def cli(*args: str, code: int = 0) -> Any:
+        result = run_cli(*args, "--json", env=cli_env)
+        assert result.returncode == code, result.stderr
+        return json.loads(result.stdout)
+
+    assert target.wait_for(lambda calls: len(calls) >= 1)
+    assert cli("pause", "hourly") == {"job": "hourly", "paused": True}
+    status = cli("status")
+    assert status["health"]["status"] == "ok" and status["health"]["role"] == "solo"
+    by_name = {job["name"]: job for job in status["jobs"]}
+    assert by_name["hourly"]["paused"] is True and by_name["tick"]["paused"] is False
+    assert by_name["tick"]["last_run"]["outcome"] == "success"
+    assert cli("resume", "hourly") == {"job": "hourly", "paused": False}
+    triggered = cli("trigger", "hourly")
+    assert triggered["job"] == "hourly" and triggered["idempotency_key"].startswith(
+        "hourly@manual-"
+    )
+    waited = cli("trigger", "hourly", "--wait")
+    assert waited["outcome"] == "success" and waited["status"] == 200 and waited["attempts"] == 1
+    fired = cli("fire", "hourly")
+    assert set(fired) == {"job", "idempotency_key", "outcome", "status", "attempts",
+                          "duration_seconds", "error"}  # fmt: skip
+    assert (fired["outcome"], fired["status"], fired["error"]) == ("success", 200, None)
+    assert fired["idempotency_key"] in {
+        c.header("Idempotency-Key") for c in target.calls("/hourly")
+    }
+    page = cli("schedules", "list")
+    assert page == {"schedules": [], "next_after": None}
+    # refused: nothing on stdout, the reason on stderr, exit 1
+    result = run_cli("status", "--json", env={**cli_env, "SCHEDULER_ADMIN_TOKEN": "wrong"})
+    assert result.returncode == 1 and result.stdout == "" and result.stderr
+    assert proc.stop() == 0
 
 
 def _healthcheck(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

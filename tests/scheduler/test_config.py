@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -504,3 +505,59 @@ def test_status_times_read_like_systemctl_list_timers() -> None:
     assert a == ("a", "every 5m", "2026-12-01T10:03:00.000Z", "in 3min", "4min ago", "failed (500)",
                  "3h ago", "0")  # fmt: skip
     assert b == ("b", "daily 03:00", "paused", "-", "-", "-", "never", "1")
+
+
+class TestJson:
+    """Issue 19: `--json` prints one JSON document with the field names README documents."""
+
+    def test_check_json_carries_what_the_table_shows(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        env = {**TOKEN, "SCHEDULER_JOBS__MARKETPLACES__SCHEDULE": "daily 02:30 in Europe/Berlin"}
+        assert main(["check", "--json"], env) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert set(report) == {
+            "version",
+            "origin",
+            "target",
+            "auth",
+            "state",
+            "jobs",
+            "dst_effects",
+        }
+        assert report["origin"].startswith("built-in table") and report["auth"] == "bearer"
+        assert [job["name"] for job in report["jobs"]] == [job.name for job in DEFAULT_JOBS]
+        refresh = report["jobs"][0]
+        assert set(refresh) == {"name", "schedule", "method", "endpoint", "timeout_seconds",
+                                "overlap", "enabled", "next_run", "source"}  # fmt: skip
+        assert (refresh["schedule"], refresh["timeout_seconds"]) == ("every 15m", 120.0)
+        assert refresh["next_run"].endswith(":00.000Z")
+        effects = [e for e in report["dst_effects"] if e["job"] == "marketplaces"]
+        assert (
+            effects and "02:30" in effects[0]["message"] and effects[0]["transition"].endswith("Z")
+        )
+
+    def test_next_json_for_jobs_and_for_a_schedule_text(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["next", "health-check", "-n", "2", "--json"], TOKEN) == 0
+        (entry,) = json.loads(capsys.readouterr().out)["schedules"]
+        assert entry["job"] == "health-check" and entry["schedule"] == "every 5m"
+        first, second = entry["fires"]
+        assert set(first) == {"at", "local", "weekday", "zone", "in_seconds", "dst_note"}
+        gap = datetime.fromisoformat(second["at"].replace("Z", "+00:00")) - datetime.fromisoformat(
+            first["at"].replace("Z", "+00:00")
+        )
+        assert gap.total_seconds() == 300 and 0 < first["in_seconds"] <= 300
+        assert main(["next", "--schedule", "daily 02:30", "--timezone", "Europe/Berlin",
+                     "-n", "1", "--json"], {}) == 0  # fmt: skip
+        (text,) = json.loads(capsys.readouterr().out)["schedules"]
+        assert text["job"] is None and text["schedule"] == "daily 02:30 in Europe/Berlin"
+        assert text["fires"][0]["local"][11:19] == "02:30:00" and text["dst_ahead"]
+
+    def test_an_error_with_json_is_still_one_line_on_stderr(
+        self, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        assert main(["check", "--json"], {"SCHEDULER_MAX_CONCURRENCY": "many"}) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.count("\n") == 1
