@@ -20,6 +20,8 @@ import argparse
 import json
 import os
 import sys
+import textwrap
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO
@@ -28,6 +30,8 @@ from schedule_grammar import Schedule, ScheduleError, dst_warnings, next_fires, 
 
 from . import __version__
 from .config import (
+    CADENCE_VARIABLES,
+    SETTING_NAMES,
     Config,
     ConfigError,
     Job,
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
 
     from .admin import AdminServer
     from .clock import Clock
+    from .state import StateStore
     from .telemetry import ThreadDeaths
 
 EXIT_CONFIG = 2
@@ -90,12 +95,20 @@ def main(
         if command == "fire":
             return cmd_fire(load_config(env), args.job, env, force=args.force, as_json=as_json)
         if command == "demo":
-            return cmd_demo(args.duration, signals)
+            return cmd_demo(args.duration, env, signals)
         if command == "trigger" and args.wait:
             return cmd_trigger_wait(load_settings(env), args.job, args.timeout, as_json=as_json)
         if command in ("status", "pause", "resume", "trigger"):
             return cmd_admin(load_settings(env), command, getattr(args, "job", None),
                              as_json=as_json)  # fmt: skip
+        if command == "completion":
+            if args.shell == "jobs":
+                print("\n".join(job.name for job in load_config(env).jobs))
+                return 0
+            from .completion import script
+
+            sys.stdout.write(script(parser, args.shell))
+            return 0
         if command == "schedules":
             if args.action is None:
                 parser.parse_args(["schedules", "--help"])
@@ -111,17 +124,53 @@ def main(
         return 0
 
 
+def _reads(*names: str) -> str:
+    """A subcommand's --help epilog: the environment variables it reads."""
+    wrapped = textwrap.fill(", ".join(names), width=88, initial_indent="  ",
+                            subsequent_indent="  ", break_on_hyphens=False)  # fmt: skip
+    return f"environment variables read:\n{wrapped}"
+
+
+# What the configuration commands read: every setting, the per-job overrides and the built-in
+# table's legacy cadences (README "Settings"; .env.example lists each with its default).
+CONFIG_READS = _reads(*sorted(SETTING_NAMES), "SCHEDULER_JOBS__<JOB>__<FIELD>",
+                      *sorted(CADENCE_VARIABLES))  # fmt: skip
+LOGGING_READS = CONFIG_READS + ",\n  NO_COLOR (console logs without colour)"
+ADMIN_READS = (_reads("SCHEDULER_ADMIN_BIND", "SCHEDULER_ADMIN_TOKEN")
+               + "\n  (where the daemon's admin API listens and its token; the other settings "
+               "are validated too)")  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cronclock",
         description="An HTTP cron clock: fires each due job as one authenticated HTTP call.",
-        epilog="Configuration comes from the environment; see README.md.",
+        epilog="Configuration comes from the environment; `cronclock COMMAND --help` lists what "
+        "each command reads; see README.md. NO_COLOR=1 turns colour off.",
     )
     parser.add_argument("--version", action="version", version=f"cronclock {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", help="run the daemon (the default)")
-    sub.add_parser("check", help="validate the configuration and print the job table")
-    nxt = sub.add_parser("next", help="print the next fire times, UTC and local, DST flagged")
+
+    def command(
+        name: str, text: str, reads: str | None, more: str = "", parent: Any = sub
+    ) -> argparse.ArgumentParser:
+        description = textwrap.fill(text[0].upper() + text[1:] + "." + (f" {more}" if more else ""),
+                                    width=88)  # fmt: skip
+        made: argparse.ArgumentParser = parent.add_parser(
+            name, help=text, description=description,
+            epilog=reads or "environment variables read: none",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
+        return made
+
+    command("run", "run the daemon (the default)", LOGGING_READS,
+            "SIGTERM or SIGINT drains calls in flight and stops; "
+            "SIGHUP re-reads the jobs file.")  # fmt: skip
+    check = command("check", "validate the configuration and print the job table", CONFIG_READS,
+                    "Exit 0 means the daemon will start with it; "
+                    "exit 2 names what is wrong.")  # fmt: skip
+    nxt = command("next", "print the next fire times, UTC and local, DST flagged", CONFIG_READS,
+                  "With --schedule no configuration is read.")  # fmt: skip
     nxt.add_argument("job", nargs="?", help="only this job")
     nxt.add_argument("-n", "--count", type=int, default=5, help="fires per job (default 5)")
     nxt.add_argument(
@@ -131,14 +180,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     nxt.add_argument("--timezone", metavar="ZONE",
                      help="zone of --schedule unless the text names one (default UTC)")  # fmt: skip
-    fire = sub.add_parser("fire", help="fire one job once, now, and print the outcome")
+    fire = command("fire", "fire one job once, now, and print the outcome", LOGGING_READS,
+                   "The call goes from this process (not recorded by a running daemon: use "
+                   "trigger for that). Exit 0 on success or busy, 1 otherwise.")  # fmt: skip
     fire.add_argument("job")
     fire.add_argument("--force", action="store_true",
                       help="fire even when the running daemon has the job paused")  # fmt: skip
-    sub.add_parser("status", help="print the job table of the running daemon (admin API)")
+    status = command("status", "print the job table of the running daemon (admin API)",
+                     ADMIN_READS)  # fmt: skip
     for action, text in (("pause", "pause a job"), ("resume", "resume a job"),
                          ("trigger", "fire a job now")):  # fmt: skip
-        sub.add_parser(action, help=f"{text} in the running daemon (admin API)").add_argument("job")
+        command(action, f"{text} in the running daemon (admin API)", ADMIN_READS).add_argument(
+            "job"
+        )
     trigger = sub.choices["trigger"]
     trigger.add_argument(
         "--wait",
@@ -147,32 +201,37 @@ def _parser() -> argparse.ArgumentParser:
     )
     trigger.add_argument("--timeout", type=float, default=300.0, metavar="S",
                          help="with --wait: stop after S seconds (default 300)")  # fmt: skip
-    schedules = sub.add_parser(
-        "schedules", help="list, show or cancel runtime schedules in the running daemon"
+    schedules = command(
+        "schedules", "list, show or cancel runtime schedules in the running daemon", ADMIN_READS
     )
     actions = schedules.add_subparsers(dest="action", metavar="ACTION")
-    listing = actions.add_parser("list", help="runtime schedules, ordered by id")
+    listing = command("list", "runtime schedules, ordered by id", ADMIN_READS, parent=actions)
     listing.add_argument("--status", choices=["active", "executed", "cancelled", "expired"])
     listing.add_argument("--group", help="only this group")
     listing.add_argument("--after", default="", help="start after this id (the next page)")
     listing.add_argument("-n", "--limit", type=int, default=100, help="at most this many")
-    actions.add_parser("show", help="one schedule with its next run and history").add_argument("id")
-    actions.add_parser("cancel", help="cancel a schedule: it never fires again").add_argument("id")
-    for parser_ in (
-        sub.choices["check"],
-        nxt,
-        fire,
-        sub.choices["status"],
-        *(sub.choices[a] for a in ("pause", "resume", "trigger")),
-        *actions.choices.values(),
-    ):
+    command("show", "one schedule with its next run and history", ADMIN_READS,
+            parent=actions).add_argument("id")  # fmt: skip
+    command("cancel", "cancel a schedule: it never fires again", ADMIN_READS,
+            parent=actions).add_argument("id")  # fmt: skip
+    for parser_ in (check, nxt, fire, status, *(sub.choices[a] for a in ("pause", "resume")),
+                    trigger, *actions.choices.values()):  # fmt: skip
         parser_.add_argument(
             "--json",
             action="store_true",
             help="print one JSON document on stdout (README: JSON output)",
         )
-    demo = sub.add_parser("demo", help="run against a built-in demo application on loopback")
+    demo = command("demo", "run against a built-in demo application on loopback",
+                   _reads("NO_COLOR (console logs without colour)"),
+                   "Ctrl-C stops it and prints a summary.")  # fmt: skip
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    completion = command("completion", "print a shell completion script", None,
+                         "bash: source <(cronclock completion bash); zsh: "
+                         "cronclock completion zsh > \"${fpath[1]}/_cronclock\".")  # fmt: skip
+    completion.add_argument(
+        "shell", choices=["bash", "zsh", "jobs"],
+        help="bash or zsh; jobs: the job names, one per line (used by the scripts)",
+    )  # fmt: skip
     return parser
 
 
@@ -512,7 +571,8 @@ def cmd_fire(
             file=sys.stderr,
         )
         return 1
-    log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
+    log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level,
+                            color=wants_color(env))  # fmt: skip
     clock = SystemClock()
     store = open_store("memory://", max_runs=10, max_age=timedelta(days=1), log=log)
     reporter = make_reporter(
@@ -574,7 +634,8 @@ def cmd_run(env: Mapping[str, str], signals: ProcessSignals | None = None) -> in
 
     config = load_config(env)
     require_auth(config)
-    log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level)
+    log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level,
+                            color=wants_color(env))  # fmt: skip
 
     def reload() -> tuple[Job, ...]:
         return load_jobs(config.settings, os.environ)
@@ -582,24 +643,43 @@ def cmd_run(env: Mapping[str, str], signals: ProcessSignals | None = None) -> in
     return serve(config, log=log, clock=SystemClock(), reload=reload, signals=signals)
 
 
-def cmd_demo(duration: float | None, signals: ProcessSignals | None = None) -> int:
+def cmd_demo(
+    duration: float | None, env: Mapping[str, str], signals: ProcessSignals | None = None
+) -> int:
+    import secrets
+
     from .clock import SystemClock
-    from .demo import DemoTarget, demo_config
+    from .demo import DemoTarget, admin_address, demo_config, summary, whole_line
     from .telemetry import configure_logging
 
     target = DemoTarget().start()
-    config = demo_config(target.url, target.token)
-    log = configure_logging(fmt="console", level="info", stream=sys.stderr)
-    print(
+    bind, admin_token = admin_address(), secrets.token_urlsafe(12)
+    config = demo_config(target.url, target.token, admin_bind=bind, admin_token=admin_token)
+    log = configure_logging(fmt="console", level="info", stream=sys.stderr,
+                            color=wants_color(env))  # fmt: skip
+    where = "" if bind == "127.0.0.1:8089" else f"SCHEDULER_ADMIN_BIND={bind} "
+    whole_line(
         f"cronclock demo: a demo application listens on {target.url}; jobs: "
         + ", ".join(f"{job.name} ({job.schedule})" for job in config.jobs)
-        + ". Ctrl-C stops.",
-        flush=True,
+        + f".\nStatus page: http://{bind}/ (admin token {admin_token}). In another shell: "
+        f"{where}SCHEDULER_ADMIN_TOKEN={admin_token} python -m services.scheduler status "
+        "(or trigger demo-tick). Ctrl-C stops and sums up."
     )
+    began = time.monotonic()
+
+    def sum_up(store: StateStore) -> None:
+        whole_line(summary(store, config.jobs, time.monotonic() - began))
+
     try:
-        return serve(config, log=log, clock=SystemClock(), stop_after=duration, signals=signals)
+        return serve(config, log=log, clock=SystemClock(), stop_after=duration, signals=signals,
+                     after=sum_up)  # fmt: skip
     finally:
         target.stop()
+
+
+def wants_color(env: Mapping[str, str]) -> bool:
+    """Colour unless NO_COLOR is set to anything but the empty string (no-color.org)."""
+    return not env.get("NO_COLOR")
 
 
 def serve(
@@ -610,17 +690,19 @@ def serve(
     reload: Callable[[], tuple[Job, ...]] | None = None,
     stop_after: float | None = None,
     signals: ProcessSignals | None = None,
+    after: Callable[[StateStore], None] | None = None,
 ) -> int:
     """Run the daemon until SIGTERM/SIGINT (or `stop_after` seconds); 0 on a clean stop,
     1 when the loop or another internal thread died. `signals`: handlers installed at the
-    start of the process (else serve installs its own and restores them when done)."""
+    start of the process (else serve installs its own and restores them when done). `after`
+    reads the state store once the calls have drained, before it is closed."""
     from .telemetry import ThreadDeaths
 
     own_signals = signals is None
     signals = signals or ProcessSignals.install()
     deaths = ThreadDeaths(log, on_death=clock.wake).install()
     try:
-        return _serve(config, log, clock, reload, stop_after, signals, deaths)
+        return _serve(config, log, clock, reload, stop_after, signals, deaths, after)
     finally:
         signals.detach()
         deaths.uninstall()
@@ -636,6 +718,7 @@ def _serve(
     stop_after: float | None,
     signals: ProcessSignals,
     deaths: ThreadDeaths,
+    after: Callable[[StateStore], None] | None = None,
 ) -> int:
     import threading
 
@@ -764,6 +847,8 @@ def _serve(
     coordinator.stop()
     if admin is not None:
         admin.stop()
+    if after is not None:
+        after(store)
     close_state()
     reporter.close()
     log.info("cronclock stopped", abandoned=left)

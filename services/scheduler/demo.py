@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import secrets
+import socket
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TextIO
 
 from pydantic import SecretStr
 
 from schedule_grammar import parse
 
 from .config import Config, Job, Settings
+from .state import RunRecord, StateStore
 
 # Second-level cadences so a newcomer sees every behaviour within half a minute.
 DEMO_TABLE = (
@@ -34,19 +38,65 @@ DEMO_TABLE = (
 )  # fmt: skip
 
 
-def demo_config(api_url: str, token: str) -> Config:
+def demo_config(
+    api_url: str, token: str, *, admin_bind: str = "off", admin_token: str | None = None
+) -> Config:
     """The demo job table against the demo target, with an in-memory state store."""
     settings = Settings.model_validate(
         {
             "API_URL": api_url,
             "SCHEDULER_STATE_URL": "memory://",
-            "SCHEDULER_ADMIN_BIND": "off",
+            "SCHEDULER_ADMIN_BIND": admin_bind,
+            **({"SCHEDULER_ADMIN_TOKEN": admin_token} if admin_token else {}),
             "SCHEDULER_TICK_SECONDS": "5",
             "SCHEDULER_SHUTDOWN_GRACE_SECONDS": "5",
             "SCHEDULER_MAX_CONCURRENCY": "4",
         }
     )
     return Config(settings=settings, jobs=DEMO_TABLE, api_token=SecretStr(token))
+
+
+_OUT_LOCK = threading.Lock()
+
+
+def whole_line(text: str, stream: TextIO | None = None) -> None:
+    """One line in one write: the demo application's handler threads print side by side, and
+    `print` writes the text and its newline apart, so two lines could be glued together."""
+    out = stream or sys.stdout
+    with _OUT_LOCK:
+        out.write(text + "\n")
+        out.flush()
+
+
+def admin_address(preferred: int = 8089) -> str:
+    """127.0.0.1:8089 (where `status` looks by default) when it is free, else a free port."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", preferred))
+        except OSError:
+            probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def summary(store: StateStore, jobs: Sequence[Job], seconds: float) -> str:
+    """One paragraph of what the demo did: calls, slot outcomes, retries, skips."""
+    records = [record for job in jobs for record in store.runs(job.name, limit=10_000)]
+    calls = [record for record in records if record.attempt > 0]
+    last: dict[str, RunRecord] = {}
+    for record in calls:
+        if record.key not in last or record.attempt > last[record.key].attempt:
+            last[record.key] = record
+    outcomes = Counter(record.outcome for record in last.values())
+    retries = sum(record.attempt - 1 for record in last.values())
+    skipped = Counter(r.job for r in records if r.outcome == "skipped_overlap")
+    told = ", ".join(f"{count} {outcome}" for outcome, count in outcomes.most_common())
+    text = (f"cronclock demo: {seconds:.0f} s, {len(calls)} call{'s' if len(calls) != 1 else ''} "
+            f"for {len(last)} slot{'s' if len(last) != 1 else ''} ({told or 'none yet'}); "
+            f"{retries} retr{'ies' if retries != 1 else 'y'}")  # fmt: skip
+    if skipped:
+        text += "; skipped as overlapping: " + ", ".join(f"{n} of {job}" for job, n in
+                                                         skipped.most_common())  # fmt: skip
+    return text + "."
 
 
 class DemoTarget:
@@ -56,7 +106,7 @@ class DemoTarget:
         self, *, token: str | None = None, echo: Callable[[str], None] | None = None
     ) -> None:
         self.token = token or secrets.token_urlsafe(16)
-        self._echo = echo or functools.partial(print, flush=True)
+        self._echo = echo or whole_line
         self._flaky_calls = 0
         self._lock = threading.Lock()
         self.calls = 0

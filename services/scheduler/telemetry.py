@@ -20,15 +20,16 @@ from . import __version__
 
 
 def configure_logging(
-    *, fmt: str = "auto", level: str = "info", stream: TextIO | None = None
+    *, fmt: str = "auto", level: str = "info", stream: TextIO | None = None, color: bool = True
 ) -> FilteringBoundLogger:
-    """A structlog logger: JSON when `stream` is not a TTY (or fmt='json'), console otherwise."""
+    """A structlog logger: JSON when `stream` is not a TTY (or fmt='json'), console otherwise,
+    coloured on a TTY unless `color` is False (NO_COLOR, https://no-color.org)."""
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if use_json
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
+        else structlog.dev.ConsoleRenderer(colors=color and out.isatty())
     )
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,

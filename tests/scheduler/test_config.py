@@ -13,6 +13,7 @@ import pytest
 from services.scheduler.__main__ import cmd_check, main
 from services.scheduler.config import (
     DEFAULT_JOBS,
+    SETTING_NAMES,
     ConfigError,
     env_key,
     load_config,
@@ -561,3 +562,61 @@ class TestJson:
         assert main(["check", "--json"], {"SCHEDULER_MAX_CONCURRENCY": "many"}) == 2
         captured = capsys.readouterr()
         assert captured.out == "" and captured.err.count("\n") == 1
+
+
+class TestHelp:
+    """Issue 19: each subcommand's --help says what it does and the variables it reads."""
+
+    def _help(self, capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+        with pytest.raises(SystemExit) as exited:
+            main([*argv, "--help"], {})
+        assert exited.value.code == 0
+        return capsys.readouterr().out.replace("\n  ", " ")
+
+    @pytest.mark.parametrize("command", ["run", "check", "next", "fire"])
+    def test_configuration_commands_list_every_setting(
+        self, capsys: pytest.CaptureFixture[str], command: str
+    ) -> None:
+        text = self._help(capsys, command)
+        words = set(text.replace(",", " ").split())
+        assert "environment variables read:" in text
+        assert set(SETTING_NAMES) | {"SCHEDULER_JOBS__<JOB>__<FIELD>"} <= words, text
+        assert ("NO_COLOR" in words) == (command in ("run", "fire"))
+
+    @pytest.mark.parametrize(
+        "argv",
+        [
+            ["status"],
+            ["pause"],
+            ["resume"],
+            ["trigger"],
+            ["schedules"],
+            ["schedules", "list"],
+            ["schedules", "show"],
+        ],
+    )
+    def test_admin_commands_name_the_admin_bind_and_token(
+        self, capsys: pytest.CaptureFixture[str], argv: list[str]
+    ) -> None:
+        text = self._help(capsys, *argv)
+        assert "SCHEDULER_ADMIN_BIND, SCHEDULER_ADMIN_TOKEN" in text and "API_URL" not in text
+        assert "running daemon" in text or "schedule" in text
+
+    def test_every_command_says_what_it_does(self, capsys: pytest.CaptureFixture[str]) -> None:
+        for command in (
+            "run",
+            "check",
+            "next",
+            "fire",
+            "status",
+            "pause",
+            "resume",
+            "trigger",
+            "schedules",
+            "demo",
+            "completion",
+        ):
+            usage, _, description = self._help(capsys, command).partition("\n\n")
+            assert usage.startswith(f"usage: cronclock {command}")
+            assert description[0].isupper() and "." in description, (command, description)
+        assert "environment variables read: none" in self._help(capsys, "completion")
