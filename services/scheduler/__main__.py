@@ -548,6 +548,11 @@ def _describe(health: dict[str, Any]) -> str:
         line += f" (epoch {health['fencing_token']})"
     if health.get("reason"):
         line += f" -- {health['reason']}"
+    target = health.get("target") or {}
+    if target.get("status") == "unreachable":
+        failed, error = target["consecutive_failures"], target["last_error"]
+        line += (f" -- the application is unreachable since {target['since']} "
+                 f"({failed} connections failed: {error})")  # fmt: skip
     return line
 
 

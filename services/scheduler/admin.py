@@ -67,13 +67,13 @@ class AdminContext:
     thread_deaths: ThreadDeaths | None = None
 
 
-def dst_warning(job: Job, now: datetime) -> str | None:
-    """The first DST effect on the job's fires within a year; a schedule that cannot be
-    evaluated has none to show (the loop has logged why it is not planned)."""
+def dst_effects(job: Job, now: datetime) -> list[str]:
+    """Every DST effect on the job's fires within a year; a schedule that cannot be evaluated
+    has none to show (the loop has logged why it is not planned)."""
     try:
-        return next((w.message for w in dst_warnings(job.schedule, now)), None)
+        return [warning.message for warning in dst_warnings(job.schedule, now)]
     except ScheduleError:
-        return None
+        return []
 
 
 # -- response models ------------------------------------------------------------------------
@@ -100,7 +100,8 @@ class JobView(BaseModel):
     last_success: str | None
     paused: bool
     in_flight: int
-    dst_warning: str | None
+    dst_warning: str | None  # the first of dst_effects
+    dst_effects: list[str]  # every DST effect on its fires in the next 365 days
 
 
 class RunView(BaseModel):
@@ -115,8 +116,19 @@ class RunView(BaseModel):
     count: int
 
 
+class TargetView(BaseModel):
+    """The application, as the latest calls found it (DESIGN: degraded, not unhealthy)."""
+
+    status: str  # unknown (no call yet) | reachable | unreachable
+    since: str | None  # unreachable since: the first of the failed connections in a row
+    consecutive_failures: int
+    last_error: str | None
+
+
 class Health(BaseModel):
-    status: str  # ok | standby | unhealthy
+    # ok | standby | degraded (200: the daemon is fine, the application does not answer) |
+    # unhealthy (503)
+    status: str
     reason: str | None = None
     heartbeat_age_seconds: float
     version: str
@@ -124,6 +136,7 @@ class Health(BaseModel):
     replica: str  # this replica's identity (host:pid)
     leader: str | None  # who leads, as far as this replica knows
     fencing_token: int | None  # the leader's epoch (Redis coordination only)
+    target: TargetView
 
 
 class Triggered(BaseModel):
@@ -293,6 +306,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
     def view(job: Job, planned: dict[str, datetime], in_flight: dict[str, int]) -> JobView:
         state = ctx.store.job_state(job.name)
         upcoming = planned.get(job.name)
+        effects = dst_effects(job, ctx.clock.now())
         return JobView(
             name=job.name,
             schedule=str(job.schedule),
@@ -312,7 +326,8 @@ def create_app(ctx: AdminContext) -> FastAPI:
             last_success=_iso(state.last_success),
             paused=state.paused,
             in_flight=in_flight.get(job.name, 0),
-            dst_warning=dst_warning(job, ctx.clock.now()),
+            dst_warning=effects[0] if effects else None,
+            dst_effects=effects,
         )
 
     def health() -> Health:
@@ -329,7 +344,13 @@ def create_app(ctx: AdminContext) -> FastAPI:
             reason = f"coordination: {leadership.problem}"
         elif (problem := ctx.store.problem()) is not None:
             reason = f"state store: {problem}"
-        status = "unhealthy" if reason else "standby" if leadership.role == "standby" else "ok"
+        target = ctx.dispatcher.target()
+        status = (
+            "unhealthy" if reason
+            else "standby" if leadership.role == "standby"
+            else "degraded" if target.status == "unreachable"
+            else "ok"
+        )  # fmt: skip
         return Health(
             status=status,
             reason=reason,
@@ -339,12 +360,20 @@ def create_app(ctx: AdminContext) -> FastAPI:
             replica=leadership.identity,
             leader=leadership.leader,
             fencing_token=leadership.epoch,
+            target=TargetView(
+                status=target.status,
+                since=_iso(target.since),
+                consecutive_failures=target.failures,
+                last_error=target.error,
+            ),
         )
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     def healthz() -> JSONResponse:
         """200 while the clock loop's heartbeat is fresh and the state store (and Redis, when
-        coordinated) healthy; a healthy standby answers 200 with status `standby`."""
+        coordinated) healthy; a healthy standby answers 200 with status `standby`, and a daemon
+        whose application has not accepted a connection for its last calls 200 with `degraded`
+        (restarting the daemon would not help)."""
         body = health()
         return JSONResponse(body.model_dump(), status_code=200 if body.reason is None else 503)
 

@@ -108,6 +108,52 @@ class CallResult:
 _deadline = threading.local()
 
 
+# The application is "unreachable" after this many attempts in a row that could not connect
+# (health says `degraded`: the daemon is fine, restarting it would not help).
+UNREACHABLE_AFTER = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TargetHealth:
+    """The application as the calls have found it."""
+
+    status: Literal["unknown", "reachable", "unreachable"]
+    since: datetime | None  # the first of the failed connections in a row
+    failures: int  # attempts in a row that could not connect
+    error: str | None  # the last of them
+
+
+class Reachability:
+    """Counts attempts in a row that could not connect; any answer (or a timeout after the
+    request was sent) resets it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen = False
+        self._failures = 0
+        self._since: datetime | None = None
+        self._error: str | None = None
+
+    def attempted(self, sent: Sent) -> None:
+        with self._lock:
+            self._seen = True
+            if sent.unsent:
+                self._failures += 1
+                self._since = self._since or sent.started
+                self._error = sent.error
+            elif self._failures:
+                self._failures, self._since, self._error = 0, None, None
+
+    def health(self) -> TargetHealth:
+        with self._lock:
+            if not self._seen:
+                return TargetHealth(status="unknown", since=None, failures=0, error=None)
+            down = self._failures >= UNREACHABLE_AFTER
+            return TargetHealth(status="unreachable" if down else "reachable",
+                                since=self._since, failures=self._failures,
+                                error=self._error)  # fmt: skip
+
+
 def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
     until: float | None = getattr(_deadline, "until", None)
     if until is None:
@@ -243,6 +289,7 @@ class Dispatcher:
         # job -> the batch queued behind its run in flight (overlap = "queue")
         self._pending: dict[str, tuple[Job, list[tuple[datetime, str]], datetime | None]] = {}
         self._futures: set[Future[CallResult]] = set()
+        self._reachability = Reachability()
 
     # -- submission -----------------------------------------------------------------------
 
@@ -367,6 +414,10 @@ class Dispatcher:
         API holds its requests back then, so they do not compete with firing for the GIL."""
         return self._firing > 0
 
+    def target(self) -> TargetHealth:
+        """Whether the application answers, as the latest attempts found it."""
+        return self._reachability.health()
+
     def in_flight(self) -> dict[str, int]:
         with self._lock:
             return dict(self._in_flight)
@@ -442,6 +493,7 @@ class Dispatcher:
                 if not self._may_fire():
                     return self._lost_lease(job, slot, key, begun)
             sent = self._send(job, request)
+            self._reachability.attempted(sent)
             if on_sent is not None:
                 on_sent()
             self._store.record_run(

@@ -4,6 +4,7 @@ test-artifacts/status-page.png."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -14,9 +15,9 @@ import httpx
 import pytest
 
 from tests.integration import test_ha as ha
-from tests.integration.conftest import ROOT, Daemon
+from tests.integration.conftest import ROOT, Daemon, base_env, run_cli
 from tests.integration.test_ha import Cluster
-from tests.support import RedisServer, Target, free_port
+from tests.support import RedisServer, Reply, Target, free_port
 
 TOKEN = "app-token"
 ADMIN = "page-admin-token"
@@ -167,10 +168,7 @@ def test_the_page_lists_jobs_triggers_pauses_and_refuses_a_wrong_token(
     # Pause: shown as paused after a refresh, and the button offers resume.
     click(driver, 'button[aria-label="Pause tick"]')
     wait(
-        lambda: (
-            "paused"
-            in driver.find_element(By.CSS_SELECTOR, 'tr[data-job="tick"] td:nth-of-type(4)').text
-        )
+        lambda: driver.find_element(By.CSS_SELECTOR, 'tr[data-job="tick"] td.next').text == "paused"
     )
     assert driver.find_elements(By.CSS_SELECTOR, 'button[aria-label="Resume tick"]')
     status = httpx.get(f"{admin}/api/jobs/tick", headers={"Authorization": f"Bearer {ADMIN}"})
@@ -227,3 +225,162 @@ def test_a_standby_names_its_leader_and_redis_away_shows_unhealthy(
     driver.save_screenshot(str(ARTIFACTS / "status-page-unhealthy-standby.png"))
     redis_server.start()
     cluster.stop_all()
+
+
+def _rows(driver: object, selector: str) -> list[object]:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    page: WebDriver = driver  # type: ignore[assignment]
+    return list(page.find_elements(By.CSS_SELECTOR, selector))
+
+
+def _sign_in(driver: object, url: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    page: WebDriver = driver  # type: ignore[assignment]
+    page.get(url)
+    page.find_element(By.ID, "token").send_keys(ADMIN)
+    page.find_element(By.CSS_SELECTOR, "#login-form button").click()
+    wait(lambda: page.find_element(By.ID, "jobs-section").is_displayed())
+
+
+def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
+    browser: object,
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    """Issue 19, the screenshot review: last run, last success, last failure with its status
+    and error, lateness, paused instead of a next run, one strip cell per slot with its
+    retries inside and a legend, a job's history filtered by outcome, DST effects below."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.support.ui import Select
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    target.script["/broken"] = [Reply(500)]
+    target.script["/flaky"] = [Reply(503, headers={"Retry-After": "0"}), Reply(200)] * 50
+    jobs = jobs_file(
+        '[jobs.tick]\nschedule = "every 1s"\nendpoint = "/tick"\n'
+        '[jobs.broken]\nschedule = "every 2s"\nendpoint = "/broken"\n'
+        '[jobs.flaky]\nschedule = "every 2s"\nendpoint = "/flaky"\nretries = 1\n'
+        '[jobs.nightly]\nschedule = "every 1h"\nendpoint = "/n"\n'
+        '[jobs.berlin]\nschedule = "daily 02:30"\ntimezone = "Europe/Berlin"\nendpoint = "/b"\n'
+    )
+    port = free_port()
+    admin = f"http://127.0.0.1:{port}"
+    process = daemon(
+        API_URL=target.url, SCHEDULER_API_TOKEN=TOKEN, SCHEDULER_JOBS_FILE=str(jobs),
+        SCHEDULER_STATE_URL=f"sqlite:///{tmp_path}/state.db",
+        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
+    )  # fmt: skip
+    wait(lambda: httpx.get(f"{admin}/healthz", timeout=1).status_code == 200)
+    headers = {"Authorization": f"Bearer {ADMIN}"}
+    assert httpx.post(f"{admin}/api/jobs/nightly/pause", headers=headers).status_code == 200
+    assert target.wait_for(lambda calls: len([c for c in calls if c.path == "/flaky"]) >= 4,
+                           timeout=20)  # two slots, each retried once  # fmt: skip
+    _sign_in(driver, admin)
+
+    def cell(job: str, column: str) -> str:
+        return str(driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{job}"] td.{column}').text)
+
+    # Last run, last success and lateness inline, not only on hover.
+    wait(lambda: "ago" in cell("tick", "last") and "sent " in cell("tick", "last"))
+    tick = cell("tick", "last")
+    assert "success" in tick and "HTTP 200" in tick and "last success:" in tick
+    assert re.search(r"sent \d+ ms after its slot", tick), tick
+    # The last failure: when, its HTTP status and the application's error text.
+    wait(lambda: "last failure" in cell("broken", "last"))
+    broken = cell("broken", "last")
+    assert "failed" in broken and "HTTP 500" in broken and "last success: never" in broken
+    assert re.search(r"last failure (\d+ s ago|just now): HTTP 500: ", broken), broken
+    assert "HTTP 500: HTTP 500" not in broken and "in 0 s" not in broken
+    # Paused: "paused", no next run in N s.
+    assert cell("nightly", "next") == "paused"
+    # A next run that has come reads "due now" until the refresh, never "1 s ago".
+    for _ in range(15):
+        assert "ago" not in cell("tick", "next"), cell("tick", "next")
+        time.sleep(0.2)
+    # One strip cell per slot, the retry inside it; newest last; a legend.
+    retried = wait(lambda: _rows(driver, 'tr[data-job="flaky"] .strip li[data-attempts="2"]'))
+    first = retried[0]  # type: ignore[index]
+    assert first.get_attribute("data-outcome") == "success"
+    assert first.find_elements(By.CSS_SELECTOR, "i.retry.outcome-failed")
+    title = first.get_attribute("title") or ""
+    assert "HTTP 503" in title and "HTTP 200" in title and "attempt 2" in title
+    cells = _rows(driver, 'tr[data-job="tick"] .strip li')
+    slots_shown = [c.get_attribute("title").split(" · ")[0] for c in cells]  # type: ignore[attr-defined]
+    assert slots_shown == sorted(slots_shown) and len(set(slots_shown)) == len(slots_shown)
+    legend = driver.find_element(By.ID, "legend").text
+    assert "success" in legend and "skipped: the previous run was still in flight" in legend
+    assert "retried" in legend
+    # DST effects: below the table, every one per job, not a banner.
+    assert not _rows(driver, ".banner-dst")
+    dst = driver.find_element(By.ID, "dst")
+    assert dst.is_displayed() and "berlin: " in dst.text and "02:30" in dst.text
+    table = driver.find_element(By.ID, "jobs")
+    assert dst.location["y"] > table.location["y"] + table.size["height"] - 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "status-page-inline.png"))
+    # A job's name opens its history; the filter keeps one outcome.
+    click(driver, 'button[data-history="flaky"]')
+    wait(lambda: driver.find_element(By.ID, "history").is_displayed())
+    assert "History of flaky" in driver.find_element(By.ID, "history-title").text
+    wait(lambda: len(_rows(driver, "#history-runs tbody tr[data-outcome]")) >= 4)
+    outcomes = {r.get_attribute("data-outcome") for r in _rows(driver, "#history-runs tbody tr")}  # type: ignore[attr-defined]
+    assert outcomes == {"success", "failed"}
+    Select(driver.find_element(By.ID, "history-filter")).select_by_value("failed")
+    shown = _rows(driver, "#history-runs tbody tr")
+    assert shown and {r.get_attribute("data-outcome") for r in shown} == {"failed"}  # type: ignore[attr-defined]
+    assert all("503" in r.text for r in shown)  # type: ignore[attr-defined]
+    driver.execute_script("arguments[0].scrollIntoView()", driver.find_element(By.ID, "history"))
+    assert driver.save_screenshot(str(ARTIFACTS / "status-page-history.png"))
+    click(driver, "#history-close")
+    wait(lambda: not driver.find_element(By.ID, "history").is_displayed())
+    # no script error and no CSP breach (the network log has the favicon's 404)
+    severe = [e for e in driver.get_log("browser")
+              if e["level"] == "SEVERE" and e["source"] != "network"]  # fmt: skip
+    assert severe == []
+    assert process.stop() == 0
+
+
+def test_an_application_that_refuses_connections_is_degraded_since_the_first(
+    browser: object, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+    driver: WebDriver = browser  # type: ignore[assignment]
+    port = free_port()
+    admin = f"http://127.0.0.1:{port}"
+    began = datetime.now(UTC)
+    process = daemon(
+        API_URL=f"http://127.0.0.1:{free_port()}", SCHEDULER_API_TOKEN=TOKEN,
+        SCHEDULER_JOBS_FILE=str(jobs_file('[jobs.tick]\nschedule = "every 1s"\nendpoint = "/t"\n')),
+        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
+    )  # fmt: skip
+    health = wait(lambda: (lambda h: h if h.json()["status"] == "degraded" else None)(
+        httpx.get(f"{admin}/healthz", timeout=2)))  # fmt: skip
+    answer: httpx.Response = health  # type: ignore[assignment]
+    assert answer.status_code == 200  # the daemon is fine: restarting it would not help
+    unreachable = answer.json()["target"]
+    assert unreachable["status"] == "unreachable" and unreachable["consecutive_failures"] >= 3
+    assert "connection failed" in unreachable["last_error"]
+    since = datetime.fromisoformat(unreachable["since"].replace("Z", "+00:00"))
+    assert began <= since <= datetime.now(UTC)
+    status = run_cli("status", env=base_env(SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}",
+                                            SCHEDULER_ADMIN_TOKEN=ADMIN))  # fmt: skip
+    assert status.returncode == 0 and ": solo, degraded -- the application is unreachable since " in (
+        status.stdout.splitlines()[0]), status.stdout  # fmt: skip
+    _sign_in(driver, admin)
+    banner = wait(lambda: driver.find_element(By.ID, "unreachable").text)
+    assert "The application is unreachable since" in str(banner) and "could not connect" in str(
+        banner
+    )
+    assert driver.find_element(By.ID, "health").get_attribute("data-status") == "degraded"
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / "status-page-degraded.png"))
+    assert process.stop() == 0

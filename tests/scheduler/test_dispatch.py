@@ -484,3 +484,42 @@ class TestTheWireIsBounded:
         assert result.error is not None and result.error.startswith("HTTP 500: yyyy")
         assert len(result.error) < 300
         assert grown_mb < 50, f"RSS grew by {grown_mb:.0f} MB for a 300 MB answer"
+
+
+class TestTargetReachability:
+    """Issue 19: the application is `unreachable` after UNREACHABLE_AFTER attempts in a row
+    that could not connect, since the first of them; any answer makes it reachable again."""
+
+    def test_connection_failures_in_a_row_make_it_unreachable_since_the_first(self) -> None:
+        from services.scheduler.dispatch import UNREACHABLE_AFTER
+
+        answering = {"up": False}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            if not answering["up"]:
+                raise httpx.ConnectError("connection refused", request=request)
+            return httpx.Response(500)
+
+        h = Harness(handler)
+        assert h.dispatcher.target().status == "unknown"
+        first = h.clock.now()
+        h.call(job(retries=0))  # two attempts: the connection retry
+        assert UNREACHABLE_AFTER == 3 and h.dispatcher.target().status == "reachable"
+        h.clock.advance(60)
+        h.call(job(retries=0))
+        target = h.dispatcher.target()
+        assert target.status == "unreachable" and target.since == first
+        assert target.failures == 4 and "connection refused" in (target.error or "")
+        answering["up"] = True  # a 500 is an answer: the application is there
+        h.call(job(retries=0))
+        assert h.dispatcher.target().status == "reachable"
+        assert h.dispatcher.target().since is None and h.dispatcher.target().failures == 0
+
+    def test_a_timeout_after_sending_is_not_unreachable(self) -> None:
+        def handler(request: httpx.Request) -> httpx.Response:
+            raise httpx.ReadTimeout("slow", request=request)
+
+        h = Harness(handler)
+        for _ in range(3):
+            h.call(job(retries=1))
+        assert h.dispatcher.target().status == "reachable"
