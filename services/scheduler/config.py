@@ -20,7 +20,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import httpx
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -256,6 +255,8 @@ def redact_url(value: str) -> str:
 def check_http_url(value: str) -> str:
     """An http(s) URL with a host, without credentials, query or fragment; trailing slash
     removed."""
+    import httpx  # the parser the calls are built with; imported when a URL is checked
+
     if any(c.isspace() or not c.isprintable() for c in value):
         raise ValueError("must not contain a space or control character")
     try:

@@ -56,7 +56,13 @@ def test_the_daemon_fires_on_sqlite_without_the_redis_package(
     assert proc.stop() == 0
 
 
-def _loaded_after(argv: list[str], env: dict[str, str], *, stop_after: float | None = None) -> str:
+def _loaded_after(
+    argv: list[str],
+    env: dict[str, str],
+    *,
+    stop_after: float | None = None,
+    also: tuple[str, ...] = (),
+) -> str:
     """Which heavy packages a process that ran `main(argv)` had imported when it ended."""
     stop = (f"import os, signal, threading\n"
             f"threading.Timer({stop_after}, os.kill, (os.getpid(), signal.SIGTERM)).start()\n"
@@ -64,7 +70,7 @@ def _loaded_after(argv: list[str], env: dict[str, str], *, stop_after: float | N
     probe = (
         f"import sys\n{stop}from services.scheduler.__main__ import main\n"
         f"code = main({argv!r})\n"
-        "heavy = ('fastapi', 'uvicorn', 'starlette', 'redis', 'posthog', 'prometheus_client')\n"
+        f"heavy = ('fastapi', 'uvicorn', 'starlette', 'redis', 'posthog', 'prometheus_client', *{also!r})\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
         "raise SystemExit(code)\n"
     )
@@ -74,13 +80,18 @@ def _loaded_after(argv: list[str], env: dict[str, str], *, stop_after: float | N
     return result.stdout.splitlines()[-1]
 
 
-# httpx is imported by `check`: API_URL is validated by the parser the calls are built with, so
-# what `check` accepts is what the dispatcher can send.
+# httpx is imported by `check` and `next JOB` (API_URL is validated by the parser the calls are
+# built with, so what `check` accepts is what the dispatcher can send), not by `next --schedule`.
 @pytest.mark.parametrize(
     "argv", [["check"], ["next", "-n", "1"], ["next", "--schedule", "every 1m"]]
 )
 def test_check_and_next_import_no_admin_stack_redis_posthog_or_metrics(argv: list[str]) -> None:
     assert _loaded_after(argv, base_env(SCHEDULER_API_TOKEN="t")) == "LOADED []"
+
+
+def test_next_schedule_imports_no_http_client_either() -> None:
+    loaded = _loaded_after(["next", "--schedule", "every 1m"], base_env(), also=("httpx",))
+    assert loaded == "LOADED []"
 
 
 def test_the_daemon_without_admin_api_or_posthog_imports_neither_nor_redis(
