@@ -76,6 +76,21 @@ def click(driver: object, selector: str) -> None:
     wait(attempt)
 
 
+def serve_page(
+    daemon: Callable[..., Daemon], api_url: str, jobs: Path, tmp_path: Path
+) -> tuple[Daemon, str]:
+    """A daemon with SQLite state and its admin API on a free port, once it answers."""
+    port = free_port()
+    admin = f"http://127.0.0.1:{port}"
+    process = daemon(
+        API_URL=api_url, SCHEDULER_API_TOKEN=TOKEN, SCHEDULER_JOBS_FILE=str(jobs),
+        SCHEDULER_STATE_URL=f"sqlite:///{tmp_path}/state.db",
+        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
+    )  # fmt: skip
+    wait(lambda: httpx.get(f"{admin}/healthz", timeout=1).status_code == 200)
+    return process, admin
+
+
 def test_the_page_lists_jobs_triggers_pauses_and_refuses_a_wrong_token(
     browser: object,
     target: Target,
@@ -92,14 +107,7 @@ def test_the_page_lists_jobs_triggers_pauses_and_refuses_a_wrong_token(
         '[jobs.hourly]\nschedule = "every 1h"\nendpoint = "/hourly"\n'
         '[jobs.berlin]\nschedule = "daily 02:30"\ntimezone = "Europe/Berlin"\nendpoint = "/b"\n'
     )
-    port = free_port()
-    admin = f"http://127.0.0.1:{port}"
-    process = daemon(
-        API_URL=target.url, SCHEDULER_API_TOKEN=TOKEN, SCHEDULER_JOBS_FILE=str(jobs),
-        SCHEDULER_STATE_URL=f"sqlite:///{tmp_path}/state.db",
-        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
-    )  # fmt: skip
-    wait(lambda: httpx.get(f"{admin}/healthz", timeout=1).status_code == 200)
+    process, admin = serve_page(daemon, target.url, jobs, tmp_path)
     later = datetime.now(UTC) + timedelta(hours=1)
     created = httpx.put(
         f"{admin}/api/schedules/remind-1",
@@ -270,14 +278,7 @@ def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
         '[jobs.nightly]\nschedule = "every 1h"\nendpoint = "/n"\n'
         '[jobs.berlin]\nschedule = "daily 02:30"\ntimezone = "Europe/Berlin"\nendpoint = "/b"\n'
     )
-    port = free_port()
-    admin = f"http://127.0.0.1:{port}"
-    process = daemon(
-        API_URL=target.url, SCHEDULER_API_TOKEN=TOKEN, SCHEDULER_JOBS_FILE=str(jobs),
-        SCHEDULER_STATE_URL=f"sqlite:///{tmp_path}/state.db",
-        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
-    )  # fmt: skip
-    wait(lambda: httpx.get(f"{admin}/healthz", timeout=1).status_code == 200)
+    process, admin = serve_page(daemon, target.url, jobs, tmp_path)
     headers = {"Authorization": f"Bearer {ADMIN}"}
     assert httpx.post(f"{admin}/api/jobs/nightly/pause", headers=headers).status_code == 200
     assert target.wait_for(lambda calls: len([c for c in calls if c.path == "/flaky"]) >= 4,
@@ -354,14 +355,9 @@ def test_an_application_that_refuses_connections_is_degraded_since_the_first(
     from selenium.webdriver.remote.webdriver import WebDriver
 
     driver: WebDriver = browser  # type: ignore[assignment]
-    port = free_port()
-    admin = f"http://127.0.0.1:{port}"
     began = datetime.now(UTC)
-    process = daemon(
-        API_URL=f"http://127.0.0.1:{free_port()}", SCHEDULER_API_TOKEN=TOKEN,
-        SCHEDULER_JOBS_FILE=str(jobs_file('[jobs.tick]\nschedule = "every 1s"\nendpoint = "/t"\n')),
-        SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}", SCHEDULER_ADMIN_TOKEN=ADMIN,
-    )  # fmt: skip
+    jobs = jobs_file('[jobs.tick]\nschedule = "every 1s"\nendpoint = "/t"\n')
+    process, admin = serve_page(daemon, f"http://127.0.0.1:{free_port()}", jobs, tmp_path)
     health = wait(lambda: (lambda h: h if h.json()["status"] == "degraded" else None)(
         httpx.get(f"{admin}/healthz", timeout=2)))  # fmt: skip
     answer: httpx.Response = health  # type: ignore[assignment]
@@ -371,7 +367,7 @@ def test_an_application_that_refuses_connections_is_degraded_since_the_first(
     assert "connection failed" in unreachable["last_error"]
     since = datetime.fromisoformat(unreachable["since"].replace("Z", "+00:00"))
     assert began <= since <= datetime.now(UTC)
-    status = run_cli("status", env=base_env(SCHEDULER_ADMIN_BIND=f"127.0.0.1:{port}",
+    status = run_cli("status", env=base_env(SCHEDULER_ADMIN_BIND=admin.removeprefix("http://"),
                                             SCHEDULER_ADMIN_TOKEN=ADMIN))  # fmt: skip
     assert status.returncode == 0 and ": solo, degraded -- the application is unreachable since " in (
         status.stdout.splitlines()[0]), status.stdout  # fmt: skip
