@@ -24,7 +24,7 @@ import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from schedule_grammar import Schedule, ScheduleError, dst_warnings, next_fires, parse
 
@@ -654,14 +654,14 @@ def cmd_demo(
     import secrets
 
     from .clock import SystemClock
-    from .demo import DemoTarget, admin_address, demo_config, summary, whole_line
+    from .demo import DemoTarget, WholeLines, admin_address, demo_config, summary, whole_line
     from .telemetry import configure_logging
 
     target = DemoTarget().start()
     bind, admin_token = admin_address(), secrets.token_urlsafe(12)
     config = demo_config(target.url, target.token, admin_bind=bind, admin_token=admin_token)
-    log = configure_logging(fmt="console", level="info", stream=sys.stderr,
-                            color=wants_color(env))  # fmt: skip
+    stream = cast(TextIO, WholeLines(sys.stderr))  # a text stream, as far as logging goes
+    log = configure_logging(fmt="console", level="info", stream=stream, color=wants_color(env))
     where = "" if bind == "127.0.0.1:8089" else f"SCHEDULER_ADMIN_BIND={bind} "
     whole_line(
         f"cronclock demo: a demo application listens on {target.url}; jobs: "

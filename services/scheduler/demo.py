@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import socket
@@ -56,16 +57,40 @@ def demo_config(
     return Config(settings=settings, jobs=DEMO_TABLE, api_token=SecretStr(token))
 
 
-_OUT_LOCK = threading.Lock()
+# The demo's stdout (its application's lines) and stderr (the daemon's log) usually share one
+# terminal or pipe; every line of either goes out whole, one at a time, under this lock.
+_OUT_LOCK = threading.RLock()
 
 
 def whole_line(text: str, stream: TextIO | None = None) -> None:
-    """One line in one write: the demo application's handler threads print side by side, and
-    `print` writes the text and its newline apart, so two lines could be glued together."""
+    """One line in one write, flushed: `print` writes a text and its newline apart, so a line
+    of another thread or of the other stream could land between them."""
     out = stream or sys.stdout
     with _OUT_LOCK:
         out.write(text + "\n")
         out.flush()
+
+
+class WholeLines(io.TextIOBase):
+    """A stream for the daemon's log in the demo: it passes on whole lines only, each with
+    `whole_line`, so a log line and an application line never share a line."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        with _OUT_LOCK:
+            *lines, self._pending = (self._pending + text).split("\n")
+            for line in lines:
+                whole_line(line, self._out)
+        return len(text)
+
+    def flush(self) -> None:
+        return None  # a line is flushed when it is whole
+
+    def isatty(self) -> bool:
+        return self._out.isatty()
 
 
 def admin_address(preferred: int = 8089) -> str:
