@@ -1,7 +1,7 @@
 """Runtime schedules: creates per second through the admin API, planning time and memory with
 10,000 and 100,000 schedules, and the lateness of a one-time schedule while 10,000 are planned.
 
-Run: python bench/schedules.py [--repeats 3] [--only creates|planning|lateness]
+Run: python bench/schedules.py [--repeats 3] [--only creates|batch|planning|lateness]
 
 Every figure has its peer measured in the same run: creates/s beside plain GET /healthz
 requests/s through the same server; planning and memory beside the same daemon with no
@@ -89,6 +89,38 @@ def creates(target: BenchTarget, state: str, repeats: int) -> list[str]:
         )
         print(lines[-1], flush=True)
     return lines
+
+
+def batched(port: int, batches: int, size: int = 1000) -> float:
+    """Schedules per second created through POST /api/schedules:batch, one client."""
+    later = datetime.now(UTC) + timedelta(hours=2)
+    stamp = time.time_ns()
+    with admin_client(port) as client:
+        began = time.perf_counter()
+        for b in range(batches):
+            items = [{"id": f"b{stamp}-{b}-{n}", "schedule": at(later + timedelta(seconds=n)),
+                      "endpoint": f"/r/{b}/{n}", "body": {"user": n}, "group": "bench"}
+                     for n in range(size)]  # fmt: skip
+            response = client.post("/api/schedules:batch", json={"schedules": items})
+            assert response.status_code == 200 and response.json()["created"] == size, response.text
+        return batches * size / (time.perf_counter() - began)
+
+
+def batches(target: BenchTarget, state: str, repeats: int) -> list[str]:
+    """Batches of 1,000 beside single PUTs (1 client) on the same daemon, in the same run."""
+    batch, single = [], []
+    for _ in range(repeats):
+        port = free_port()
+        daemon = Cronclock(target, 1, "daily 04:00", state, admin_port=port)
+        batch.append(batched(port, 10))
+        single.append(rate(port, 1, 1000, "create"))
+        daemon.stop()
+    line = (f"schedules/s, {state}, batches of 1,000 (10 per run): {statistics.median(batch):.0f} "
+            f"(single PUTs, 1 client: {statistics.median(single):.0f}/s, ratio "
+            f"{statistics.median(batch) / statistics.median(single):.1f}); runs: "
+            + ", ".join(f"{value:.0f}" for value in batch))  # fmt: skip
+    print(line, flush=True)
+    return [line]
 
 
 # -- planning and memory --------------------------------------------------------------------
@@ -194,7 +226,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--probes", type=int, default=30, help="one-time probes per run")
     parser.add_argument("--redis", default=None, help="also measure creates on this redis:// URL")
-    parser.add_argument("--only", choices=["creates", "planning", "lateness"], default=None)
+    parser.add_argument("--only", choices=["creates", "batch", "planning", "lateness"],
+                        default=None)  # fmt: skip
     args = parser.parse_args()
     target = BenchTarget()
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
@@ -203,6 +236,10 @@ def main() -> None:
         creates(target, "sqlite", args.repeats)
         if args.redis:
             creates(target, args.redis, args.repeats)
+    if args.only in (None, "batch"):
+        batches(target, "sqlite", args.repeats)
+        if args.redis:
+            batches(target, args.redis, args.repeats)
     if args.only in (None, "planning"):
         planning(target, args.repeats)
     if args.only in (None, "lateness"):

@@ -14,6 +14,7 @@ import importlib.resources
 import string
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Annotated, Any
@@ -36,6 +37,8 @@ from .config import Job
 from .coordination import Coordinator, Solo
 from .dispatch import Dispatcher
 from .schedules import (
+    BATCH_LIMIT,
+    MAX_BATCH_BYTES,
     MAX_REQUEST_BYTES,
     SCHEDULE_ID,
     LimitReached,
@@ -205,6 +208,21 @@ class ScheduleDetail(ScheduleView):
     runs: list[RunView] = []
 
 
+class BatchItem(BaseModel):
+    id: str
+    change: str  # created | replaced | unchanged
+    revision: int
+    status: str  # active, or the status an unchanged schedule has
+    first_slot: str | None  # the first slot this revision arms (GET the schedule for its next)
+
+
+class BatchResult(BaseModel):
+    schedules: list[BatchItem]  # in the order they were sent
+    created: int
+    replaced: int
+    unchanged: int
+
+
 class ScheduleList(BaseModel):
     schedules: list[ScheduleView]
     next_after: str | None  # pass as `after` for the next page; null on the last page
@@ -217,6 +235,7 @@ def _iso(instant: datetime | None) -> str | None:
 # -- the app --------------------------------------------------------------------------------
 
 MAX_HOLD_SECONDS = 0.5
+BATCH_PATH = "/api/schedules:batch"
 JobName = Annotated[str, Path(min_length=1, max_length=200, description="the job's name")]
 ScheduleId = Annotated[
     str, Path(pattern=SCHEDULE_ID.pattern, description="the schedule's id, chosen by the caller")
@@ -243,7 +262,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES)
+    app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES, larger={BATCH_PATH: MAX_BATCH_BYTES})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -604,6 +623,71 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             status_code=201 if change == "created" else 200,
         )
 
+    @app.post(
+        BATCH_PATH,
+        dependencies=auth,
+        responses=SCHEDULE_ERRORS,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": _batch_schema()}}}},
+    )  # fmt: skip
+    async def put_schedules(request: Request) -> BatchResult:
+        """Create or replace up to 1,000 runtime schedules in one request, all or none:
+        `{"schedules": [{"id": ..., <the PUT body>}, ...]}`. Every one is validated first; one
+        invalid (422, naming its index and id), a repeated id or the limit refuses the whole
+        batch and stores nothing. The batch is committed in one transaction (one Redis
+        script) before the answer."""
+        try:
+            body = await request.json()
+        except ValueError:
+            raise HTTPException(422, "the body must be JSON") from None
+        except RecursionError:
+            raise HTTPException(422, "the body is nested too deeply") from None
+        return await asyncio.to_thread(store_batch, body)
+
+    def store_batch(body: Any) -> BatchResult:
+        items = body.get("schedules") if isinstance(body, dict) else None
+        if not isinstance(items, list) or set(body) != {"schedules"}:
+            raise HTTPException(422, 'expected {"schedules": [{"id": ..., "schedule": ..., '
+                                '"endpoint": ...}, ...]}')  # fmt: skip
+        if not 1 <= len(items) <= BATCH_LIMIT:
+            raise HTTPException(422, f"schedules: {len(items)} given; send 1 to {BATCH_LIMIT}")
+        pairs = []
+        for index, item in enumerate(items):
+            id = item.get("id") if isinstance(item, dict) else None
+            if not isinstance(id, str):
+                raise HTTPException(422, f"schedules[{index}]: expected an object with an "
+                                    '"id" (text) and the fields of a PUT body')  # fmt: skip
+            pairs.append((id, {k: v for k, v in item.items() if k != "id"}))
+        try:
+            stored = runtime().put_many(pairs, ctx.clock.now())
+        except ScheduleInvalid as error:
+            raise HTTPException(422, str(error)) from None
+        except LimitReached as error:
+            raise HTTPException(
+                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); nothing of the batch was stored"
+            ) from None
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        changed = [record.id for record, change in stored if change != "unchanged"]
+        if changed:
+            ctx.scheduler.schedules_changed(changed)
+        counts = Counter(change for _, change in stored)
+        return BatchResult(
+            schedules=[
+                BatchItem(
+                    id=record.id,
+                    change=change,
+                    revision=record.revision,
+                    status=record.status,
+                    first_slot=_iso(record.first),
+                )
+                for record, change in stored
+            ],
+            created=counts["created"],
+            replaced=counts["replaced"],
+            unchanged=counts["unchanged"],
+        )
+
     @app.get("/api/schedules", dependencies=auth, responses=SCHEDULE_ERRORS)
     def list_schedules(
         status: Annotated[ScheduleStatus | None, Query(description="only this status")] = None,
@@ -655,6 +739,17 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         return detail(record)
 
 
+def _batch_schema() -> dict[str, Any]:
+    """The batch body: {"schedules": [a PUT body with its "id", ...]}."""
+    item = ScheduleSpec.model_json_schema()
+    item = {**item, "properties": {"id": {"type": "string", "pattern": SCHEDULE_ID.pattern},
+                                   **item["properties"]},
+            "required": ["id", *item.get("required", [])]}  # fmt: skip
+    return {"type": "object", "additionalProperties": False, "required": ["schedules"],
+            "properties": {"schedules": {"type": "array", "minItems": 1,
+                                         "maxItems": BATCH_LIMIT, "items": item}}}  # fmt: skip
+
+
 # The status page: no inline script, nothing from elsewhere, never cached, never framed.
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -693,17 +788,19 @@ class BodyLimit:
     route sees it. A larger one is 413 when its Content-Length says so, or as soon as that
     many bytes of a chunked body have arrived; nothing beyond the limit is ever held."""
 
-    def __init__(self, app: Any, limit: int) -> None:
+    def __init__(self, app: Any, limit: int, larger: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.larger = larger or {}  # paths allowed a larger body (the batch endpoint)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.larger.get(scope["path"], self.limit)
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            await self._refuse(scope, send, f"request body of {int(length)} bytes")
+        if length.isdigit() and int(length) > limit:
+            await self._refuse(scope, send, f"request body of {int(length)} bytes", limit)
             return
         chunks, size = [], 0
         while True:
@@ -712,8 +809,8 @@ class BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.limit:
-                await self._refuse(scope, send, f"request body of more than {self.limit} bytes")
+            if size > limit:
+                await self._refuse(scope, send, f"request body of more than {limit} bytes", limit)
                 return
             if not message.get("more_body", False):
                 break
@@ -728,9 +825,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Any, send: Any, what: str) -> None:
+    async def _refuse(self, scope: Any, send: Any, what: str, limit: int) -> None:
         response = JSONResponse(
-            {"error": f"{what}; at most {self.limit}"},
+            {"error": f"{what}; at most {limit}"},
             status_code=413,
             headers={"Connection": "close"},  # the rest of the body is not read
         )

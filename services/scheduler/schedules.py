@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -37,6 +37,7 @@ Change = Literal["created", "replaced", "unchanged"]
 SCHEDULE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 GROUP = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 MAX_REQUEST_BYTES = 256 * 1024  # a PUT body larger than this is refused before it is parsed
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # the same for a batch of up to BATCH_LIMIT schedules
 
 
 class ScheduleSpec(CallSpec):
@@ -79,22 +80,35 @@ class LimitReached(Exception):
     """SCHEDULER_MAX_RUNTIME_SCHEDULES active schedules exist already."""
 
 
+def limit_reached(active: int, adds: int, limit: int) -> LimitReached:
+    more = "" if adds == 1 else f" and this batch adds {adds}"
+    return LimitReached(f"{active} active runtime schedules exist{more}; the limit is {limit}")
+
+
+# A batch (POST /api/schedules:batch) holds at most this many schedules.
+BATCH_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Put:
+    """One validated create-or-replace, as it is stored."""
+
+    id: str
+    spec: str  # canonical JSON
+    group: str | None
+    anchor: datetime
+    first: datetime | None
+
+
 class ScheduleStore(Protocol):
     """Where runtime schedules persist: the same place as the job state (SQLite or Redis)."""
 
-    def put_schedule(
-        self,
-        id: str,
-        *,
-        spec: str,
-        group: str | None,
-        anchor: datetime,
-        first: datetime | None,
-        now: datetime,
-        limit: int,
-    ) -> tuple[ScheduleRecord, Change]:
-        """Create or replace; the same spec again is a no-op (unless it was cancelled).
-        Raises LimitReached when `limit` active schedules exist and this adds one."""
+    def put_schedules(
+        self, puts: Sequence[Put], *, now: datetime, limit: int
+    ) -> list[tuple[ScheduleRecord, Change]]:
+        """Create or replace each (distinct ids), all or none, committed before it returns;
+        the same spec again is a no-op (unless it was cancelled). Raises LimitReached, storing
+        nothing, when the active schedules would then be more than `limit`."""
         ...
 
     def get_schedule(self, id: str) -> ScheduleRecord | None: ...
@@ -135,36 +149,33 @@ class ScheduleStore(Protocol):
     def close(self) -> None: ...
 
 
-def decide_put(
-    existing: ScheduleRecord | None,
-    id: str,
+def decide_puts(
+    existing: dict[str, ScheduleRecord],
+    puts: Sequence[Put],
     *,
-    spec: str,
-    group: str | None,
-    anchor: datetime,
-    first: datetime | None,
     now: datetime,
     active: int,
     limit: int,
-) -> tuple[ScheduleRecord, Change]:
-    """What a PUT does to `existing` (the Redis store does the same in a script)."""
-    if existing is not None and existing.spec == spec and existing.status != "cancelled":
-        return existing, "unchanged"
-    if (existing is None or existing.status != "active") and active >= limit:
-        raise LimitReached(f"{active} active runtime schedules exist; the limit is {limit}")
-    record = ScheduleRecord(
-        id=id,
-        revision=existing.revision + 1 if existing else 1,
-        spec=spec,
-        status="active",
-        group=group,
-        created=existing.created if existing else now,
-        updated=now,
-        anchor=anchor,
-        first=first,
-        finished=None,
-    )
-    return record, "replaced" if existing else "created"
+) -> list[tuple[ScheduleRecord, Change]]:
+    """What a batch of PUTs does to the `existing` records (the Redis store does the same in
+    a script); LimitReached before anything is decided to be written."""
+    decided: list[tuple[ScheduleRecord, Change]] = []
+    adds = 0
+    for put in puts:
+        old = existing.get(put.id)
+        if old is not None and old.spec == put.spec and old.status != "cancelled":
+            decided.append((old, "unchanged"))
+            continue
+        adds += old is None or old.status != "active"
+        record = ScheduleRecord(
+            id=put.id, revision=old.revision + 1 if old else 1, spec=put.spec, status="active",
+            group=put.group, created=old.created if old else now, updated=now,
+            anchor=put.anchor, first=put.first, finished=None,
+        )  # fmt: skip
+        decided.append((record, "replaced" if old else "created"))
+    if adds and active + adds > limit:
+        raise limit_reached(active, adds, limit)
+    return decided
 
 
 # -------------------------------------------------------------------------------------------
@@ -179,24 +190,15 @@ class MemorySchedules:
         self._lock = threading.Lock()
         self._records: dict[str, ScheduleRecord] = {}
 
-    def put_schedule(
-        self,
-        id: str,
-        *,
-        spec: str,
-        group: str | None,
-        anchor: datetime,
-        first: datetime | None,
-        now: datetime,
-        limit: int,
-    ) -> tuple[ScheduleRecord, Change]:
+    def put_schedules(
+        self, puts: Sequence[Put], *, now: datetime, limit: int
+    ) -> list[tuple[ScheduleRecord, Change]]:
         with self._lock:
-            record, change = decide_put(
-                self._records.get(id), id, spec=spec, group=group, anchor=anchor, first=first,
-                now=now, active=self._active(), limit=limit,
-            )  # fmt: skip
-            self._records[id] = record
-        return record, change
+            decided = decide_puts(self._records, puts, now=now, active=self._active(),
+                                  limit=limit)  # fmt: skip
+            for record, _ in decided:
+                self._records[record.id] = record
+        return decided
 
     def _active(self) -> int:
         return sum(record.status == "active" for record in self._records.values())
@@ -314,7 +316,10 @@ class SqliteSchedules:
         self._active: int | None = None
 
     def _write(self, statement: tuple[str, tuple[object, ...]]) -> None:
-        self._state.write([statement], wait=True)
+        self._write_all([statement])
+
+    def _write_all(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
+        self._state.write(statements, wait=True)
         if (problem := self._state.problem()) is not None:
             raise StoreUnavailable(problem)
 
@@ -325,37 +330,26 @@ class SqliteSchedules:
             )[0][0]
         return self._active
 
-    def put_schedule(
-        self,
-        id: str,
-        *,
-        spec: str,
-        group: str | None,
-        anchor: datetime,
-        first: datetime | None,
-        now: datetime,
-        limit: int,
-    ) -> tuple[ScheduleRecord, Change]:
+    def put_schedules(
+        self, puts: Sequence[Put], *, now: datetime, limit: int
+    ) -> list[tuple[ScheduleRecord, Change]]:
         with self._lock:
-            existing = self.get_schedule(id)
-            record, change = decide_put(
-                existing, id, spec=spec, group=group, anchor=anchor, first=first, now=now,
-                active=self._count(), limit=limit,
-            )  # fmt: skip
-            if change == "unchanged":
-                return record, change
-            self._write(
-                (
-                    f"INSERT OR REPLACE INTO schedules ({_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.id, record.revision, record.spec, record.status, record.group,
-                     _us(record.created), _us(record.updated), _us(record.anchor),
-                     _us(record.first), None),
-                )
-            )  # fmt: skip
-            if existing is None or existing.status != "active":
-                self._active = self._count() + 1
-        return record, change
+            existing = self.get_schedules(put.id for put in puts)
+            decided = decide_puts(existing, puts, now=now, active=self._count(), limit=limit)
+            changed = [record for record, change in decided if change != "unchanged"]
+            if changed:  # one transaction, one commit: all or none
+                self._write_all([
+                    (f"INSERT OR REPLACE INTO schedules ({_COLUMNS}) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (record.id, record.revision, record.spec, record.status, record.group,
+                      _us(record.created), _us(record.updated), _us(record.anchor),
+                      _us(record.first), None))
+                    for record in changed
+                ])  # fmt: skip
+                adds = sum(1 for r in changed if (old := existing.get(r.id)) is None
+                           or old.status != "active")  # fmt: skip
+                self._active = self._count() + adds
+        return decided
 
     def get_schedule(self, id: str) -> ScheduleRecord | None:
         rows = self._state.read(f"SELECT {_COLUMNS} FROM schedules WHERE id = ?", (id,))
@@ -577,19 +571,30 @@ class RuntimeSchedules:
 
     def put(self, id: str, body: Any, now: datetime) -> tuple[ScheduleRecord, Change]:
         """Validate and store; ScheduleInvalid, LimitReached or StoreUnavailable."""
-        checked = self.validate(id, body, now)
-        spec = json.dumps(
-            checked.spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
-        )
-        return self.store.put_schedule(
-            id,
-            spec=spec,
-            group=checked.spec.group,
-            anchor=checked.anchor,
-            first=checked.first,
-            now=now,
-            limit=self.limit,
-        )
+        return self.put_many([(id, body)], now, batch=False)[0]
+
+    def put_many(
+        self, items: Sequence[tuple[str, Any]], now: datetime, *, batch: bool = True
+    ) -> list[tuple[ScheduleRecord, Change]]:
+        """Validate every one, then store them all or none (one transaction or script). In
+        a batch an error names the schedule's index and id."""
+        puts, seen = [], set()
+        for index, (id, body) in enumerate(items):
+            try:
+                if id in seen:
+                    raise ScheduleInvalid("this id appears twice in the batch")
+                seen.add(id)
+                checked = self.validate(id, body, now)
+            except ScheduleInvalid as error:
+                if not batch:
+                    raise
+                raise ScheduleInvalid(f"schedules[{index}] (id {id!r}): {error}") from None
+            spec = json.dumps(
+                checked.spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+            )
+            puts.append(Put(id=id, spec=spec, group=checked.spec.group, anchor=checked.anchor,
+                            first=checked.first))  # fmt: skip
+        return self.store.put_schedules(puts, now=now, limit=self.limit)
 
     def job(self, record: ScheduleRecord) -> Job:
         """The job a stored schedule runs as."""

@@ -239,6 +239,32 @@ def test_a_thousand_one_time_schedules_due_in_the_same_second_all_fire_once(
     assert cronclock.process.stop() == 0
 
 
+def test_a_batch_of_a_thousand_is_durable_when_acknowledged_and_each_fires_once(
+    daemon: Callable[..., Daemon], target: Target, tmp_path: Path
+) -> None:
+    """Issue 18: POST /api/schedules:batch commits before it answers. The daemon is killed
+    (SIGKILL) right after the answer; the restarted one fires all 1,000, each once."""
+    cronclock = solo(daemon, target, tmp_path)
+    when = whole_second(8)
+    ids = [f"bulk-{n:04d}" for n in range(1000)]
+    batch = {"schedules": [{"id": id, **one_time(when, f"/b/{id}")} for id in ids]}
+    answer = cronclock.admin.request("POST", "/api/schedules:batch", json=batch)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["created"] == 1000
+    cronclock.process.process.send_signal(signal.SIGKILL)
+    cronclock.process.process.wait(10)
+    cronclock.start()
+    assert target.wait_for(lambda calls: len(calls) >= 1000, timeout=60)
+    time.sleep(1)
+    calls = target.calls()
+    assert len(calls) == 1000 and set(keys(calls).values()) == {1}
+    assert {call.path for call in calls} == {f"/b/{id}" for id in ids}
+    assert all(call.scheduled_for == when for call in calls)
+    again = cronclock.admin.request("POST", "/api/schedules:batch", json=batch).json()
+    assert again["unchanged"] == 1000  # executed ones are not re-armed by the same body
+    assert cronclock.process.stop() == 0
+
+
 def test_with_two_replicas_on_redis_schedules_created_through_either_fire_exactly_once(
     daemon: Callable[..., Daemon],
     target: Target,

@@ -15,7 +15,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from services.scheduler.schedules import SqliteSchedules
+from services.scheduler.schedules import Put, SqliteSchedules
 from services.scheduler.state import SqliteStateStore, StoreUnavailable
 from services.scheduler.stores.redis import RedisSchedules, RedisStateStore
 from tests.scheduler.test_admin import T0, World
@@ -51,15 +51,18 @@ def redis_world(server: RedisServer, **kwargs: Any) -> World:
                                                             namespace="cc", log=LOG), **kwargs)  # fmt: skip
 
 
+def make_world(kind: str, request: pytest.FixtureRequest, tmp_path: Path, **kwargs: Any) -> World:
+    if kind == "memory":
+        return World(**kwargs)
+    if kind == "sqlite":
+        store = SqliteStateStore(tmp_path / "state.db", log=LOG)
+        return World(store=store, schedule_store=SqliteSchedules(store), **kwargs)
+    return redis_world(request.getfixturevalue("redis_server"), **kwargs)
+
+
 @pytest.fixture(params=["memory", "sqlite", "redis"])
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
-    if request.param == "memory":
-        w = World()
-    elif request.param == "sqlite":
-        store = SqliteStateStore(tmp_path / "state.db", log=LOG)
-        w = World(store=store, schedule_store=SqliteSchedules(store))
-    else:
-        w = redis_world(request.getfixturevalue("redis_server"))
+    w = make_world(request.param, request, tmp_path)
     yield w
     w.close()
     w.store.close()
@@ -289,6 +292,98 @@ class TestPut:
         assert world.client.get("/api/schedules/x").status_code == 404
 
 
+class TestBatch:
+    """Issue 18: POST /api/schedules:batch creates or replaces up to 1,000, all or none."""
+
+    def test_creates_replaces_and_unchanged_in_one_request_then_each_fires_once(
+        self, world: World
+    ) -> None:
+        assert world.client.put("/api/schedules/b0", json=body()).status_code == 201
+        assert world.client.put("/api/schedules/b1", json=body()).status_code == 201
+        sent = [{"id": "b0", **body()}, {"id": "b1", **body(retries=1)},
+                *({"id": f"b{n}", **body(group="bulk")} for n in range(2, 6))]  # fmt: skip
+        answer = world.client.post("/api/schedules:batch", json={"schedules": sent})
+        assert answer.status_code == 200, answer.text
+        result = answer.json()
+        assert (result["created"], result["replaced"], result["unchanged"]) == (4, 1, 1)
+        assert [item["id"] for item in result["schedules"]] == [f"b{n}" for n in range(6)]
+        assert [item["change"] for item in result["schedules"]] == [
+            "unchanged", "replaced", "created", "created", "created", "created"]  # fmt: skip
+        assert result["schedules"][1]["revision"] == 2
+        assert {item["first_slot"] for item in result["schedules"]} == {"2026-11-22T10:01:00.000Z"}
+        groups = world.client.get("/api/schedules", params={"group": "bulk"}).json()
+        assert [item["id"] for item in groups["schedules"]] == ["b2", "b3", "b4", "b5"]
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 6)
+        run_until(world, SOON + timedelta(minutes=1))
+        assert len(calls(world)) == 6
+        keys = [r.headers["X-Scheduler-Job"] for r in calls(world)]
+        assert sorted(keys) == [f"schedule/b{n}" for n in range(6)]
+
+    @pytest.mark.parametrize(
+        ("sent", "error"),
+        [
+            (
+                [{"id": "ok", **body()}, {"id": "bad", **body(schedule="every fortnight")}],
+                "schedules[1] (id 'bad'): schedule: invalid schedule 'every fortnight'",
+            ),
+            (
+                [{"id": "ok", **body()}, {"id": "ok", **body()}],
+                "schedules[1] (id 'ok'): this id appears twice in the batch",
+            ),
+            (
+                [{"id": "no spaces", **body()}],
+                "schedules[0] (id 'no spaces'): id 'no spaces': use 1-128 letters",
+            ),
+            (
+                [{"id": "ok", **body(), "colour": "red"}],
+                "schedules[0] (id 'ok'): colour='red': unknown field",
+            ),
+            ([body()], 'schedules[0]: expected an object with an "id"'),
+            ([], "schedules: 0 given; send 1 to 1000"),
+            ([{"id": f"s{n}", **body()} for n in range(1001)], "schedules: 1001 given"),
+        ],
+    )
+    def test_one_bad_schedule_refuses_the_batch_and_stores_nothing(
+        self, world: World, sent: list[dict[str, Any]], error: str
+    ) -> None:
+        answer = world.client.post("/api/schedules:batch", json={"schedules": sent})
+        assert answer.status_code == 422 and error in answer.json()["error"], answer.text
+        assert world.client.get("/api/schedules").json()["schedules"] == []
+
+    @pytest.mark.parametrize("bad", [[], {"schedules": "x"}, {"schedules": [], "more": 1}, "x"])
+    def test_a_body_that_is_not_a_batch_is_refused(self, world: World, bad: Any) -> None:
+        answer = world.client.post("/api/schedules:batch", json=bad)
+        assert answer.status_code == 422 and "expected" in answer.json()["error"]
+
+    @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+    def test_a_batch_over_the_limit_stores_none_of_it(
+        self, kind: str, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> None:
+        world = make_world(kind, request, tmp_path, limit=3)
+        for id in ("a", "b"):
+            assert world.client.put(f"/api/schedules/{id}", json=body()).status_code == 201
+        sent = [{"id": "a", **body(retries=2)}, {"id": "c", **body()}, {"id": "d", **body()}]
+        refused = world.client.post("/api/schedules:batch", json={"schedules": sent})
+        assert refused.status_code == 422
+        error = refused.json()["error"]
+        assert "2 active runtime schedules exist and this batch adds 2; the limit is 3" in error
+        assert "nothing of the batch was stored" in error
+        listed = world.client.get("/api/schedules").json()["schedules"]
+        assert [(item["id"], item["revision"]) for item in listed] == [("a", 1), ("b", 1)]
+        fits = world.client.post("/api/schedules:batch", json={"schedules": sent[:2]})
+        assert fits.status_code == 200 and fits.json()["created"] == 1
+        world.close()
+        world.store.close()
+
+    def test_without_the_token_nothing_is_created(self, world: World) -> None:
+        from fastapi.testclient import TestClient
+
+        sent = {"schedules": [{"id": "x", **body()}]}
+        assert TestClient(world.app).post("/api/schedules:batch", json=sent).status_code == 401
+        assert world.client.get("/api/schedules").json()["schedules"] == []
+
+
 class TestReadAndCancel:
     def test_list_filters_by_status_and_group_a_page_at_a_time(self, world: World) -> None:
         for n in range(7):
@@ -491,7 +586,8 @@ class TestRedis:
         heard: list[list[str]] = []
         a.watch(heard.append)
         time.sleep(0.3)  # the watcher reads from now on
-        b.put_schedule("w1", spec="{}", group=None, anchor=T0, first=SOON, now=T0, limit=10)
+        b.put_schedules([Put(id="w1", spec="{}", group=None, anchor=T0, first=SOON)], now=T0,
+                        limit=10)  # fmt: skip
         b.cancel_schedule("w1", T0)
         assert eventually(lambda: any("w1" in ids for ids in heard))
         a.close()

@@ -37,7 +37,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -49,7 +49,7 @@ from structlog.typing import FilteringBoundLogger
 
 from ..config import Settings, redact_url
 from ..coordination import Leadership, OpenState, replica_identity
-from ..schedules import Change, LimitReached, ScheduleRecord, ScheduleStatus
+from ..schedules import Change, Put, ScheduleRecord, ScheduleStatus, limit_reached
 from ..state import (
     COALESCE_SECONDS,
     RUNTIME_PREFIX,
@@ -854,37 +854,57 @@ def _run_record(job: str, fields: dict[str, str]) -> RunRecord:
 # -------------------------------------------------------------------------------------------
 # Runtime schedules on Redis
 
-# Create or replace (ARGV: ns, id, spec, group, anchor, first, now, limit). Returns
-# {'unchanged'}, {'limit', active} or {change, revision, created}.
-_PUT_SCHEDULE = """
-local ns, id, spec, group = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local anchor, first, now, limit = ARGV[5], ARGV[6], ARGV[7], tonumber(ARGV[8])
-local key = ns .. ':schedule:' .. id
-local old = redis.call('HMGET', key, 'revision', 'spec', 'status', 'group', 'created')
-if old[1] and old[2] == spec and old[3] ~= 'cancelled' then return {'unchanged'} end
-local active = redis.call('ZCARD', ns .. ':schedules:status:active')
-if (not old[1] or old[3] ~= 'active') and active >= limit then
-  return {'limit', tostring(active)}
-end
-local revision, created, change = 1, now, 'created'
-if old[1] then
-  revision, created, change = tonumber(old[1]) + 1, old[5], 'replaced'
-  redis.call('ZREM', ns .. ':schedules:status:' .. old[3], id)
-  if old[4] ~= '' and old[4] ~= group then
-    redis.call('ZREM', ns .. ':schedules:group:' .. old[4], id)
+# Create or replace a batch, all or none (ARGV: ns, now, limit, then id, spec, group, anchor,
+# first for each). The first pass decides, the second writes: a batch over the limit changes
+# nothing. Returns {'limit', active, adds} or, per schedule, change, revision, created.
+_PUT_SCHEDULES = """
+local ns, now, limit = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local n = (#ARGV - 3) / 5
+local olds, adds = {}, 0
+for i = 1, n do
+  local base = 3 + (i - 1) * 5
+  local id, spec = ARGV[base + 1], ARGV[base + 2]
+  local old = redis.call('HMGET', ns .. ':schedule:' .. id, 'revision', 'spec', 'status', 'group',
+    'created')
+  olds[i] = old
+  if not (old[1] and old[2] == spec and old[3] ~= 'cancelled') and old[3] ~= 'active' then
+    adds = adds + 1
   end
 end
-redis.call('HSET', key, 'revision', revision, 'spec', spec, 'status', 'active', 'group', group,
-  'created', created, 'updated', now, 'anchor', anchor, 'first', first, 'finished', '')
-redis.call('ZADD', ns .. ':schedules', 0, id)
-redis.call('ZADD', ns .. ':schedules:status:active', 0, id)
-redis.call('ZREM', ns .. ':schedules:ended', id)
-if group ~= '' then
-  redis.call('ZADD', ns .. ':schedules:group:' .. group, 0, id)
-  redis.call('SADD', ns .. ':schedules:groups', group)
+local active = redis.call('ZCARD', ns .. ':schedules:status:active')
+if adds > 0 and active + adds > limit then return {'limit', tostring(active), tostring(adds)} end
+local out = {}
+for i = 1, n do
+  local base = 3 + (i - 1) * 5
+  local id, spec, group = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
+  local anchor, first = ARGV[base + 4], ARGV[base + 5]
+  local key, old = ns .. ':schedule:' .. id, olds[i]
+  if old[1] and old[2] == spec and old[3] ~= 'cancelled' then
+    table.insert(out, 'unchanged'); table.insert(out, old[1]); table.insert(out, old[5])
+  else
+    local revision, created, change = 1, now, 'created'
+    if old[1] then
+      revision, created, change = tonumber(old[1]) + 1, old[5], 'replaced'
+      redis.call('ZREM', ns .. ':schedules:status:' .. old[3], id)
+      if old[4] ~= '' and old[4] ~= group then
+        redis.call('ZREM', ns .. ':schedules:group:' .. old[4], id)
+      end
+    end
+    redis.call('HSET', key, 'revision', revision, 'spec', spec, 'status', 'active',
+      'group', group, 'created', created, 'updated', now, 'anchor', anchor, 'first', first,
+      'finished', '')
+    redis.call('ZADD', ns .. ':schedules', 0, id)
+    redis.call('ZADD', ns .. ':schedules:status:active', 0, id)
+    redis.call('ZREM', ns .. ':schedules:ended', id)
+    if group ~= '' then
+      redis.call('ZADD', ns .. ':schedules:group:' .. group, 0, id)
+      redis.call('SADD', ns .. ':schedules:groups', group)
+    end
+    redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
+    table.insert(out, change); table.insert(out, tostring(revision)); table.insert(out, created)
+  end
 end
-redis.call('XADD', ns .. ':schedules:changes', 'MAXLEN', '~', 10000, '*', 'id', id)
-return {change, tostring(revision), created}
+return out
 """
 # End an active schedule (ARGV: ns, id, status, now, revision or '' for any, announce).
 _END_SCHEDULE = """
@@ -946,7 +966,7 @@ class RedisSchedules:
         self._ns = namespace
         self._log = log
         self._block_ms = max(50, round(block_seconds * 1000))
-        self._put = client.register_script(_PUT_SCHEDULE)
+        self._put = client.register_script(_PUT_SCHEDULES)
         self._end = client.register_script(_END_SCHEDULE)
         self._purge = client.register_script(_PURGE_SCHEDULES)
         self._stopping = threading.Event()
@@ -962,32 +982,31 @@ class RedisSchedules:
             self._state._trouble(error)
             raise StoreUnavailable(self._state.problem() or str(error)) from None
 
-    def put_schedule(
-        self,
-        id: str,
-        *,
-        spec: str,
-        group: str | None,
-        anchor: datetime,
-        first: datetime | None,
-        now: datetime,
-        limit: int,
-    ) -> tuple[ScheduleRecord, Change]:
-        args: list[str | int] = [self._ns, id, spec, group or "", _us(anchor),
-                                 _us(first) if first else "", _us(now), limit]  # fmt: skip
+    def put_schedules(
+        self, puts: Sequence[Put], *, now: datetime, limit: int
+    ) -> list[tuple[ScheduleRecord, Change]]:
+        args: list[str | int] = [self._ns, _us(now), limit]
+        for put in puts:
+            args += [put.id, put.spec, put.group or "", _us(put.anchor),
+                     _us(put.first) if put.first else ""]  # fmt: skip
         result = [str(part) for part in self._call(lambda: self._put(args=args))]
-        if result[0] == "unchanged":
-            record = self.get_schedule(id)
-            assert record is not None
-            return record, "unchanged"
         if result[0] == "limit":
-            raise LimitReached(f"{result[1]} active runtime schedules exist; the limit is {limit}")
-        change = cast(Change, result[0])
-        record = ScheduleRecord(
-            id=id, revision=int(result[1]), spec=spec, status="active", group=group,
-            created=_dt(result[2]) or now, updated=now, anchor=anchor, first=first, finished=None,
-        )  # fmt: skip
-        return record, change
+            raise limit_reached(int(result[1]), int(result[2]), limit)
+        unchanged = {put.id for put, change in zip(puts, result[::3], strict=True)
+                     if change == "unchanged"}  # fmt: skip
+        kept = self.get_schedules(unchanged) if unchanged else {}
+        decided: list[tuple[ScheduleRecord, Change]] = []
+        for put, change, revision, created in zip(puts, result[::3], result[1::3], result[2::3],
+                                                  strict=True):  # fmt: skip
+            if change == "unchanged":
+                decided.append((kept[put.id], "unchanged"))
+                continue
+            decided.append((ScheduleRecord(
+                id=put.id, revision=int(revision), spec=put.spec, status="active",
+                group=put.group, created=_dt(created) or now, updated=now, anchor=put.anchor,
+                first=put.first, finished=None,
+            ), cast(Change, change)))  # fmt: skip
+        return decided
 
     def get_schedule(self, id: str) -> ScheduleRecord | None:
         return self.get_schedules([id]).get(id)
