@@ -41,6 +41,7 @@ from .schedules import (
     MAX_BATCH_BYTES,
     MAX_REQUEST_BYTES,
     SCHEDULE_ID,
+    Change,
     LimitReached,
     RuntimeSchedules,
     ScheduleInvalid,
@@ -605,23 +606,31 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         return await asyncio.to_thread(store_schedule, id, body)
 
     def store_schedule(id: str, body: Any) -> JSONResponse:
-        schedules = runtime()
-        try:
-            record, change = schedules.put(id, body, ctx.clock.now())
-        except ScheduleInvalid as error:
-            raise HTTPException(422, str(error)) from None
-        except LimitReached as error:
-            raise HTTPException(
-                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); cancel some or raise it"
-            ) from None
-        except StoreUnavailable as error:
-            raise unavailable(error) from None
-        if change != "unchanged":
-            ctx.scheduler.schedules_changed([id])
+        ((record, change),) = put_or_refuse([(id, body)], batch=False)
         return JSONResponse(
             detail(record, change).model_dump(mode="json"),
             status_code=201 if change == "created" else 200,
         )
+
+    def put_or_refuse(
+        pairs: list[tuple[str, Any]], *, batch: bool
+    ) -> list[tuple[ScheduleRecord, Change]]:
+        """Store (all or none) and let the loop plan what changed, or the HTTP error."""
+        try:
+            stored = runtime().put_many(pairs, ctx.clock.now(), batch=batch)
+        except ScheduleInvalid as error:
+            raise HTTPException(422, str(error)) from None
+        except LimitReached as error:
+            none = "nothing of the batch was stored; " if batch else ""
+            raise HTTPException(
+                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); {none}cancel some or raise it"
+            ) from None
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        changed = [record.id for record, change in stored if change != "unchanged"]
+        if changed:
+            ctx.scheduler.schedules_changed(changed)
+        return stored
 
     @app.post(
         BATCH_PATH,
@@ -658,19 +667,7 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
                 raise HTTPException(422, f"schedules[{index}]: expected an object with an "
                                     '"id" (text) and the fields of a PUT body')  # fmt: skip
             pairs.append((id, {k: v for k, v in item.items() if k != "id"}))
-        try:
-            stored = runtime().put_many(pairs, ctx.clock.now())
-        except ScheduleInvalid as error:
-            raise HTTPException(422, str(error)) from None
-        except LimitReached as error:
-            raise HTTPException(
-                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); nothing of the batch was stored"
-            ) from None
-        except StoreUnavailable as error:
-            raise unavailable(error) from None
-        changed = [record.id for record, change in stored if change != "unchanged"]
-        if changed:
-            ctx.scheduler.schedules_changed(changed)
+        stored = put_or_refuse(pairs, batch=True)
         counts = Counter(change for _, change in stored)
         return BatchResult(
             schedules=[
