@@ -478,7 +478,7 @@ def cmd_trigger_wait(settings: Settings, job: str, timeout: float, *, as_json: b
     key = body["idempotency_key"]
     if as_json:
         _json(body)
-        return 0 if body["outcome"] in ("success", "busy") else 1
+        return outcome_exit_code(body["outcome"])
     if body["outcome"] is None:
         print(f"{job}: still running after {timeout:g} s (it goes on), Idempotency-Key {key}")
         return 1
@@ -486,7 +486,7 @@ def cmd_trigger_wait(settings: Settings, job: str, timeout: float, *, as_json: b
     error = f": {body['error']}" if body["error"] else ""
     print(f"{job}: {body['outcome']} (HTTP {status}) after {body['attempts']} attempt(s), "
           f"Idempotency-Key {key}{error}")  # fmt: skip
-    return 0 if body["outcome"] in ("success", "busy") else 1
+    return outcome_exit_code(body["outcome"])
 
 
 def cmd_schedules(settings: Settings, args: argparse.Namespace) -> int:
@@ -596,7 +596,7 @@ def cmd_fire(
     result = dispatcher.call(job, clock.now(), key=key, deadline=None)
     dispatcher.shutdown(0)
     reporter.close()
-    code = 0 if result.outcome in ("success", "busy") else 1
+    code = outcome_exit_code(result.outcome)
     if as_json:
         _json({"job": job.name, "idempotency_key": key, "outcome": result.outcome,
                "status": result.status, "attempts": result.attempts,
@@ -608,6 +608,11 @@ def cmd_fire(
         f"{result.duration * 1000:.0f} ms" + (f": {result.error}" if result.error else "")
     )
     return code
+
+
+def outcome_exit_code(outcome: str | None) -> int:
+    """0 when a call succeeded or the application was busy with the job (409), else 1."""
+    return 0 if outcome in ("success", "busy") else 1
 
 
 def _paused_in_daemon(settings: Settings, name: str) -> bool:

@@ -597,13 +597,7 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
     async def put_schedule(id: ScheduleId, request: Request) -> JSONResponse:
         """Create (201) or replace (200) a runtime schedule. The same body again changes
         nothing; a replacement keeps the history and never fires a slot already handled."""
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(422, "the body must be JSON") from None
-        except RecursionError:
-            raise HTTPException(422, "the body is nested too deeply") from None
-        return await asyncio.to_thread(store_schedule, id, body)
+        return await asyncio.to_thread(store_schedule, id, await json_body(request))
 
     def store_schedule(id: str, body: Any) -> JSONResponse:
         ((record, change),) = put_or_refuse([(id, body)], batch=False)
@@ -645,13 +639,7 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         invalid (422, naming its index and id), a repeated id or the limit refuses the whole
         batch and stores nothing. The batch is committed in one transaction (one Redis
         script) before the answer."""
-        try:
-            body = await request.json()
-        except ValueError:
-            raise HTTPException(422, "the body must be JSON") from None
-        except RecursionError:
-            raise HTTPException(422, "the body is nested too deeply") from None
-        return await asyncio.to_thread(store_batch, body)
+        return await asyncio.to_thread(store_batch, await json_body(request))
 
     def store_batch(body: Any) -> BatchResult:
         items = body.get("schedules") if isinstance(body, dict) else None
@@ -734,6 +722,16 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             raise HTTPException(409, f"schedule {id!r} has already ended: {record.status}")
         ctx.scheduler.schedules_changed([id])
         return detail(record)
+
+
+async def json_body(request: Request) -> Any:
+    """The request's JSON body, or 422 saying why it is not one."""
+    try:
+        return await request.json()
+    except ValueError:
+        raise HTTPException(422, "the body must be JSON") from None
+    except RecursionError:
+        raise HTTPException(422, "the body is nested too deeply") from None
 
 
 def _batch_schema() -> dict[str, Any]:

@@ -156,9 +156,10 @@ def decide_puts(
     now: datetime,
     active: int,
     limit: int,
-) -> list[tuple[ScheduleRecord, Change]]:
-    """What a batch of PUTs does to the `existing` records (the Redis store does the same in
-    a script); LimitReached before anything is decided to be written."""
+) -> tuple[list[tuple[ScheduleRecord, Change]], int]:
+    """What a batch of PUTs does to the `existing` records, and how many active schedules it
+    adds (the Redis store does the same in a script); LimitReached before anything is
+    decided to be written."""
     decided: list[tuple[ScheduleRecord, Change]] = []
     adds = 0
     for put in puts:
@@ -175,7 +176,7 @@ def decide_puts(
         decided.append((record, "replaced" if old else "created"))
     if adds and active + adds > limit:
         raise limit_reached(active, adds, limit)
-    return decided
+    return decided, adds
 
 
 # -------------------------------------------------------------------------------------------
@@ -194,8 +195,8 @@ class MemorySchedules:
         self, puts: Sequence[Put], *, now: datetime, limit: int
     ) -> list[tuple[ScheduleRecord, Change]]:
         with self._lock:
-            decided = decide_puts(self._records, puts, now=now, active=self._active(),
-                                  limit=limit)  # fmt: skip
+            decided, _ = decide_puts(self._records, puts, now=now, active=self._active(),
+                                     limit=limit)  # fmt: skip
             for record, _ in decided:
                 self._records[record.id] = record
         return decided
@@ -315,11 +316,9 @@ class SqliteSchedules:
         self._lock = threading.Lock()  # one change at a time: read, decide, write
         self._active: int | None = None
 
-    def _write(self, statement: tuple[str, tuple[object, ...]]) -> None:
-        self._write_all([statement])
-
-    def _write_all(self, statements: list[tuple[str, tuple[object, ...]]]) -> None:
-        self._state.write(statements, wait=True)
+    def _write(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        """Committed in one transaction before it returns, or StoreUnavailable."""
+        self._state.write(list(statements), wait=True)
         if (problem := self._state.problem()) is not None:
             raise StoreUnavailable(problem)
 
@@ -335,10 +334,11 @@ class SqliteSchedules:
     ) -> list[tuple[ScheduleRecord, Change]]:
         with self._lock:
             existing = self.get_schedules(put.id for put in puts)
-            decided = decide_puts(existing, puts, now=now, active=self._count(), limit=limit)
+            decided, adds = decide_puts(existing, puts, now=now, active=self._count(),
+                                        limit=limit)  # fmt: skip
             changed = [record for record, change in decided if change != "unchanged"]
             if changed:  # one transaction, one commit: all or none
-                self._write_all([
+                self._write(*[
                     (f"INSERT OR REPLACE INTO schedules ({_COLUMNS}) "
                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      (record.id, record.revision, record.spec, record.status, record.group,
@@ -346,8 +346,6 @@ class SqliteSchedules:
                       _us(record.first), None))
                     for record in changed
                 ])  # fmt: skip
-                adds = sum(1 for r in changed if (old := existing.get(r.id)) is None
-                           or old.status != "active")  # fmt: skip
                 self._active = self._count() + adds
         return decided
 
@@ -569,15 +567,12 @@ class RuntimeSchedules:
 
     # -- changes ----------------------------------------------------------------------------
 
-    def put(self, id: str, body: Any, now: datetime) -> tuple[ScheduleRecord, Change]:
-        """Validate and store; ScheduleInvalid, LimitReached or StoreUnavailable."""
-        return self.put_many([(id, body)], now, batch=False)[0]
-
     def put_many(
         self, items: Sequence[tuple[str, Any]], now: datetime, *, batch: bool = True
     ) -> list[tuple[ScheduleRecord, Change]]:
-        """Validate every one, then store them all or none (one transaction or script). In
-        a batch an error names the schedule's index and id."""
+        """Validate every one, then store them all or none (one transaction or script):
+        ScheduleInvalid, LimitReached or StoreUnavailable. In a batch an error names the
+        schedule's index and id."""
         puts, seen = [], set()
         for index, (id, body) in enumerate(items):
             try:
