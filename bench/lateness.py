@@ -3,10 +3,14 @@
 Run: python bench/lateness.py [--duration 20] [--idle 60] [--only NAME]
 Needs the bench extra (pip install -e '.[bench]') for the APScheduler 3.x peer.
 
-Both schedulers run as their own processes against one loopback target (bench/_target.py)
-that stamps each request's arrival; lateness = arrival - X-Scheduled-For. Same jobs, same
-thread count (8), same HTTP client (httpx, keep-alive). cronclock runs with its default
-SQLite state store and, where named, with memory:// for comparison.
+Every sender runs as its own process against one loopback target (bench/_target.py) that
+stamps each request's arrival; lateness = arrival - X-Scheduled-For. Same jobs, 8 connections
+(or threads) each. cronclock runs with its default SQLite state store, with its fast path
+(the wire: one event loop writing requests built ahead) and, as `cronclock-threads`, with
+SCHEDULER_FAST_PATH=false (every call through httpx on the thread pool). APScheduler 3.11 is
+the peer; `floor` (bench/peers/floor_run.py) is a minimal raw-socket sender with no scheduler,
+the machine's limit for a Python sender. CPU per fire is the daemon's process CPU time over
+the run divided by the calls it made (all bookkeeping included).
 """
 
 from __future__ import annotations
@@ -105,6 +109,27 @@ class Cronclock:
         self.process.wait(60)
 
 
+class Floor:
+    def __init__(self, target: BenchTarget, jobs: int, cadence: int, duration: float) -> None:
+        args = [sys.executable, str(ROOT / "bench" / "peers" / "floor_run.py"), target.url,
+                str(jobs), str(cadence), str(THREADS), str(duration)]  # fmt: skip
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        self.process.wait(120)
+
+
+def _daemon(target: BenchTarget, jobs: int, schedule: str, who: str) -> Cronclock:
+    """cronclock as `who` names it: cronclock-sqlite|memory (fast path), cronclock-threads."""
+    if who == "cronclock-threads":
+        return Cronclock(
+            target, jobs, schedule, "sqlite", extra_env={"SCHEDULER_FAST_PATH": "false"}
+        )
+    return Cronclock(target, jobs, schedule, who.removeprefix("cronclock-"))
+
+
 class Apscheduler:
     def __init__(
         self, target: BenchTarget, jobs: int, cadence: int, duration: float, idle: bool = False
@@ -138,27 +163,32 @@ def lateness(target: BenchTarget, since: float) -> list[float]:
 def steady(target: BenchTarget, jobs: int, duration: float, who: str) -> Result:
     """`jobs` jobs every second for `duration` seconds."""
     target.reset()
-    if who == "apscheduler":
-        peer = Apscheduler(target, jobs, 1, duration + WARMUP)
+    cpu_us = math.nan
+    if who in ("apscheduler", "floor"):
+        peer = (Apscheduler if who == "apscheduler" else Floor)(target, jobs, 1, duration + WARMUP)
         since = time.time() + WARMUP
         peer.stop()
     else:
-        daemon = Cronclock(target, jobs, "every 1s", who.removeprefix("cronclock-"))
-        since = time.time() + WARMUP
-        time.sleep(duration + WARMUP)
+        daemon = _daemon(target, jobs, "every 1s", who)
+        time.sleep(WARMUP)
+        since, before, calls = time.time(), cpu_seconds(daemon.process.pid), len(target.arrivals)
+        time.sleep(duration)
+        used, calls = cpu_seconds(daemon.process.pid) - before, len(target.arrivals) - calls
+        cpu_us = used / max(calls, 1) * 1e6
         daemon.stop()
-    return Result(f"{jobs} jobs every 1s: {who}", percentiles(lateness(target, since)))
+    stats = percentiles(lateness(target, since))
+    return Result(f"{jobs} jobs every 1s: {who}", {**stats, "cpu_us_per_fire": cpu_us})
 
 
-def burst(target: BenchTarget, duration: float, who: str) -> Result:
-    """1,000 jobs due at the same instant, every 10 s: how late the whole burst lands."""
+def burst(target: BenchTarget, duration: float, who: str, size: int = 1000) -> Result:
+    """`size` jobs due at the same instant, every 10 s: how late the whole burst lands."""
     target.reset()
-    if who == "apscheduler":
-        peer = Apscheduler(target, 1000, 10, duration + WARMUP)
+    if who in ("apscheduler", "floor"):
+        peer = (Apscheduler if who == "apscheduler" else Floor)(target, size, 10, duration + WARMUP)
         since = time.time() + WARMUP
         peer.stop()
     else:
-        daemon = Cronclock(target, 1000, "every 10s", "sqlite")
+        daemon = _daemon(target, size, "every 10s", who)
         since = time.time() + WARMUP
         time.sleep(duration + WARMUP)
         daemon.stop()
@@ -167,13 +197,13 @@ def burst(target: BenchTarget, duration: float, who: str) -> Result:
     for arrival in target.arrivals:
         if arrival.scheduled >= since:
             bursts.setdefault(arrival.scheduled, []).append(arrival.at - arrival.scheduled)
-    complete = [max(values) for values in bursts.values() if len(values) == 1000]
+    complete = [max(values) for values in bursts.values() if len(values) == size]
     extra = (
         f"bursts complete={len(complete)}/{len(bursts)}, last call of a burst (median)={statistics.median(complete) * 1000:.0f} ms"
         if complete
         else "no complete burst"
     )
-    return Result(f"1000 jobs at one instant: {who}", percentiles(late), extra)
+    return Result(f"{size} jobs at one instant: {who}", percentiles(late), extra)
 
 
 def idle(target: BenchTarget, seconds: float, who: str) -> Result:
@@ -250,8 +280,10 @@ def main() -> None:
     parser.add_argument("--idle", type=float, default=60.0, help="seconds of the idle scenario")
     parser.add_argument("--repeats", type=int, default=3, help="runs per steady scenario")
     parser.add_argument(
-        "--only", choices=["steady", "burst", "idle", "admin", "startup"], default=None
+        "--only", choices=["steady", "burst", "burst10k", "idle", "admin", "startup"], default=None
     )
+    parser.add_argument("--who", default="cronclock-sqlite,cronclock-threads,apscheduler,floor",
+                        help="senders of the steady and burst scenarios, comma-separated")  # fmt: skip
     args = parser.parse_args()
     target = BenchTarget()
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores; "
@@ -269,17 +301,20 @@ def main() -> None:
         for jobs in (10, 100):
             runs: dict[str, list[dict[str, float]]] = {}
             for _ in range(args.repeats):  # interleaved, so drift hits every peer alike
-                for who in ("cronclock-sqlite", "cronclock-memory", "apscheduler"):
+                for who in args.who.split(","):
                     runs.setdefault(who, []).append(steady(target, jobs, args.duration, who).stats)
             for who, stats in runs.items():
                 show(Result(
                     f"{jobs} jobs every 1s: {who}",
-                    {key: statistics.median(s[key] for s in stats) for key in ("n", "p50", "p99", "max")},
+                    {key: statistics.median(s[key] for s in stats) for key in ("n", "p50", "p99", "max", "cpu_us_per_fire")},
                     f"(median of {len(stats)} runs; p99s: " + ", ".join(f"{s['p99']:.1f}" for s in stats) + ")",
                 ))  # fmt: skip
     if args.only in (None, "burst"):
-        for who in ("cronclock", "apscheduler"):
+        for who in args.who.split(","):
             show(burst(target, 25.0, who))
+    if args.only in (None, "burst10k"):
+        for who in ("cronclock-sqlite", "floor"):
+            show(burst(target, 25.0, who, size=10_000))
     if args.only in (None, "idle"):
         for who in ("cronclock", "apscheduler"):
             show(idle(target, args.idle, who))

@@ -738,6 +738,7 @@ def _serve(
     from .schedules import RuntimeSchedules
     from .state import StateInUse
     from .telemetry import Metrics, make_reporter
+    from .wire import Wire
 
     settings = config.settings
     try:
@@ -770,6 +771,7 @@ def _serve(
         fencing_token=coordinator.fencing_token,
         may_fire=coordinator.leading,
         on_finished=lambda job, result, deadline: scheduler.call_finished(job, result, deadline),
+        wire=Wire(connections=settings.max_concurrency) if settings.fast_path else None,
     )
     scheduler = Scheduler(
         jobs=[job for job in config.jobs],

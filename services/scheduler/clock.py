@@ -44,6 +44,12 @@ _COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at lea
 # The loop hands slots to dispatch this far ahead; dispatch builds the request, the state is
 # written, and the call goes out at the slot's instant (bench/README.md shows why).
 DEFAULT_LEAD_SECONDS = 0.05
+# Many slots due at one instant are handed on earlier: by what handing one on costs (planning,
+# the state write, building its request; measured at each beat, this until then) times their
+# number, with a margin, so the last request is ready before the instant. At most MAX_LEAD.
+HAND_ON_SECONDS_PER_SLOT = 0.0002
+LEAD_MARGIN = 1.5
+MAX_LEAD_SECONDS = 2.0
 # Runtime schedules: definitions kept in memory at most (the rest are read when due), and how
 # often the leader purges ended ones past their retention.
 JOB_CACHE_SIZE = 10_000
@@ -117,6 +123,18 @@ class Firer(Protocol):
 
     def submit(self, job: Job, slots: Sequence[datetime], *, deadline: datetime | None) -> None:
         """Fire `slots` of `job` in order; `deadline` is the job's next planned slot."""
+
+
+def due_by(heap: list[tuple[datetime, int, str]], when: datetime) -> int:
+    """How many entries of `heap` fall at or before `when`, visiting only those."""
+    count, stack = 0, [0] if heap and heap[0][0] <= when else []
+    while stack:
+        index = stack.pop()
+        count += 1
+        for child in (2 * index + 1, 2 * index + 2):
+            if child < len(heap) and heap[child][0] <= when:
+                stack.append(child)
+    return count
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +212,8 @@ class Scheduler:
         self._log = log
         self._tick = tick_seconds
         self._reload = reload
-        self._lead = timedelta(seconds=lead_seconds)
+        self._base_lead = self._lead = timedelta(seconds=lead_seconds)
+        self._per_slot = HAND_ON_SECONDS_PER_SLOT  # seconds to hand one slot on (measured)
         self._metrics = metrics if metrics is not None else Metrics()
         self._heap: list[tuple[datetime, int, str]] = []
         self._planned: dict[str, datetime] = {}
@@ -369,10 +388,20 @@ class Scheduler:
             return min(self._tick, 1.0)
         if not self._heap:
             return self._tick
+        self._lead = self._lead_for(self._heap[0][0])
         return max(0.0, min(self._tick, (self._heap[0][0] - self._lead - now).total_seconds()))
+
+    def _lead_for(self, earliest: datetime) -> timedelta:
+        """The base lead, or more when more slots fall due with the earliest than it covers."""
+        if not self._base_lead:
+            return self._base_lead
+        count = due_by(self._heap, earliest + self._base_lead)
+        needed = min(MAX_LEAD_SECONDS, count * self._per_slot * LEAD_MARGIN)
+        return max(self._base_lead, timedelta(seconds=needed))
 
     def fire_due(self, now: datetime) -> None:
         """Hand every slot due by `now` (plus the lead) to the firer; plan each job's next."""
+        begun = self._clock.monotonic()
         self._apply_changes(now)
         due_runtime, self._overdue = self._overdue, {}
         while self._heap and self._heap[0][0] <= now + self._lead:
@@ -397,7 +426,9 @@ class Scheduler:
                     self._replan(job, max(slot, now))
         if due_runtime:
             self._fire_schedules(due_runtime, now)
-        self._hand_on()
+        handed = self._hand_on()
+        if handed >= 100:  # enough to measure what one costs
+            self._per_slot = (self._clock.monotonic() - begun) / handed
         if self._runtime is not None and self._clock.monotonic() >= self._next_purge:
             self._next_purge = self._clock.monotonic() + PURGE_EVERY_SECONDS
             self._purge(now)
@@ -514,11 +545,12 @@ class Scheduler:
     def _fire(self, job: Job, slots: list[datetime], next_slot: datetime | None) -> None:
         self._handoffs.append((job, slots, next_slot))
 
-    def _hand_on(self) -> None:
-        """Record every slot of this beat as started (one durable write), then submit them."""
+    def _hand_on(self) -> int:
+        """Record every slot of this beat as started (one durable write), then submit them;
+        how many were handed on."""
         handoffs, self._handoffs = self._unhanded(self._handoffs), []
         if not handoffs:
-            return
+            return 0
         refused = self._store.mark_started(
             (job.name, slot, idempotency_key(job.name, slot))
             for job, slots, _ in handoffs
@@ -541,6 +573,7 @@ class Scheduler:
         if "not_leader" in refused.values():
             self._coordinator.step_down()
             self._step_down()
+        return sum(len(slots) for _, slots, _ in handoffs)
 
     def _unhanded(
         self, handoffs: list[tuple[Job, list[datetime], datetime | None]]

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     timezone: str = Field("UTC", alias="SCHEDULER_TIMEZONE")
     jobs_file: Path | None = Field(None, alias="SCHEDULER_JOBS_FILE")
     max_concurrency: int = Field(8, ge=1, le=512, alias="SCHEDULER_MAX_CONCURRENCY")
+    # Scheduled first attempts over plain HTTP written at their instant by one event loop
+    # (dispatch.py, wire.py); false sends every call through httpx on the thread pool.
+    fast_path: bool = Field(True, alias="SCHEDULER_FAST_PATH")
     tick_seconds: float = Field(
         30.0, ge=0.1, le=3600, allow_inf_nan=False, alias="SCHEDULER_TICK_SECONDS"
     )

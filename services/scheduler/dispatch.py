@@ -1,10 +1,16 @@
-"""Firing: a thread pool, in-flight dedup and overlap policy, retries, and the httpx call."""
+"""Firing: in-flight dedup and overlap policy, retries, and the call.
+
+A scheduled slot's first attempt over plain HTTP is written at its instant by the event loop of
+`wire.py` (requests built ahead, warm connections); everything else (TLS, a proxy, retries,
+replayed batches, manual triggers) and all bookkeeping run on a small thread pool, through httpx.
+"""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,6 +29,7 @@ from .config import Job
 from .slots import format_slot, idempotency_key, manual_key
 from .state import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics
+from .wire import BODY_READ_CAP, KEPT_BYTES, Exchange, Wire, serialise
 
 OutcomeClass = Literal["success", "busy", "transient", "permanent"]
 
@@ -32,11 +39,9 @@ RETRY_AFTER_CAP_SECONDS = 3600.0
 LATE_WARNING_SECONDS = 1.0
 CONNECT_RETRY_DELAY_SECONDS = 0.2
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
-# Of an answer, at most this much is read (the rest is dropped with the connection), and the
-# first ERROR_TEXT_CHARS of it go into the run's error text.
-BODY_READ_CAP = 64 * 1024
-ERROR_TEXT_CHARS = 200
-_KEPT_BYTES = ERROR_TEXT_CHARS * 4  # enough bytes for that many characters of UTF-8
+# Of an answer, at most BODY_READ_CAP bytes are read (the rest is dropped with the
+# connection), and the first ERROR_TEXT_CHARS of it go into the run's error text.
+ERROR_TEXT_CHARS = KEPT_BYTES // 4  # that many characters of UTF-8 fit in the bytes kept
 
 
 def classify(status: int) -> OutcomeClass:
@@ -77,6 +82,7 @@ class Sent:
     unsent: bool  # failed before anything was sent (connection refused, connect timeout)
     started: datetime
     duration: float
+    lost_lease: bool = False  # not sent: the lease could not be confirmed at the slot
 
     @property
     def outcome(self) -> Outcome:
@@ -232,7 +238,9 @@ def http_client(max_concurrency: int) -> httpx.Client:
         keepalive_expiry=limits.keepalive_expiry,
         network_backend=_DeadlineBackend(),
     )
-    return httpx.Client(transport=transport)
+    # Answers are read only for their status and an error's first characters: uncompressed
+    # (the wire reads them raw, and both paths send the same headers).
+    return httpx.Client(transport=transport, headers={"Accept-Encoding": "identity"})
 
 
 def _error_text(status: int, prefix: bytes) -> str:
@@ -242,9 +250,15 @@ def _error_text(status: int, prefix: bytes) -> str:
     return f"HTTP {status}: {text}" if text else f"HTTP {status}"
 
 
+def _proxied() -> bool:
+    """Whether the environment routes plain HTTP through a proxy (httpx honours it)."""
+    proxies = urllib.request.getproxies()
+    return "http" in proxies or "all" in proxies
+
+
 class Dispatcher:
-    """Runs calls on a pool of `max_concurrency` threads; never the same job twice at once
-    unless its overlap policy is `allow`."""
+    """Fires calls, on the wire's event loop (`wire`) or a pool of `max_concurrency`
+    threads; never the same job twice at once unless its overlap policy is `allow`."""
 
     def __init__(
         self,
@@ -264,8 +278,12 @@ class Dispatcher:
         pause: Callable[[float], None] = time.sleep,
         metrics: Metrics | None = None,
         on_finished: Callable[[Job, CallResult | None, datetime | None], None] | None = None,
+        wire: Wire | None = None,
     ) -> None:
         self._store = store
+        # Scheduled first attempts over plain HTTP go on the wire (not through a proxy).
+        self._wire = wire if wire is not None and not _proxied() else None
+        self._wire_closing = False
         # Told when a batch of calls is over (or skipped), with the job's next slot.
         self._on_finished = on_finished
         self._clock = clock
@@ -288,7 +306,7 @@ class Dispatcher:
         self._firing = 0  # batches handed on whose first call has not been sent yet
         # job -> the batch queued behind its run in flight (overlap = "queue")
         self._pending: dict[str, tuple[Job, list[tuple[datetime, str]], datetime | None]] = {}
-        self._futures: set[Future[CallResult]] = set()
+        self._futures: set[Future[Any]] = set()
         self._reachability = Reachability()
 
     # -- submission -----------------------------------------------------------------------
@@ -313,7 +331,88 @@ class Dispatcher:
                     "queued behind the run in flight", job=job.name, slot=format_slot(batch[-1][0])
                 )
                 return
-            self._start(job, batch, deadline)
+            if not self._on_wire(job, batch, deadline):
+                self._start(job, batch, deadline)
+
+    def _on_wire(
+        self, job: Job, batch: list[tuple[datetime, str]], deadline: datetime | None
+    ) -> bool:
+        """Hand a single slot's first attempt to the wire: built now, written at the slot.
+        False when it takes the ordinary path. Called with self._lock held."""
+        if self._wire is None or len(batch) != 1:
+            return False
+        url = self.url(job)
+        if url.scheme != "http":
+            return False
+        slot, key = batch[0]
+        try:
+            payload = serialise(self._build(job, url, slot, key, 1))
+        except Exception:  # the ordinary path records it as a failed run
+            return False
+        at = time.monotonic() + (slot - self._clock.now()).total_seconds()
+        future: Future[CallResult | None] = Future()
+
+        def answered(exchange: Exchange) -> None:  # on the wire's loop
+            if self._wire_closing:  # the pool may be gone: record it here
+                self._after_wire(future, job, batch, deadline, exchange, at)
+                return
+            self._pool.submit(self._after_wire, future, job, batch, deadline, exchange, at)
+
+        try:
+            self._wire.send(url.host, url.port or 80, payload, at=at, timeout=job.timeout,
+                            may_fire=self._may_fire, done=answered)  # fmt: skip
+        except RuntimeError:  # the wire is closed: shutting down
+            return False
+        self._in_flight[job.name] = self._in_flight.get(job.name, 0) + 1
+        self._futures.add(future)
+        future.add_done_callback(self._futures.discard)
+        return True
+
+    def _after_wire(
+        self,
+        future: Future[CallResult | None],
+        job: Job,
+        batch: list[tuple[datetime, str]],
+        deadline: datetime | None,
+        exchange: Exchange,
+        at: float,
+    ) -> None:
+        """The bookkeeping of a call the wire made (and its retries, on the ordinary path)."""
+        try:
+            if exchange.failure == "stopped" and exchange.written is None:
+                slot, key = batch[0]
+                self._skipped(job, slot, key, "shutting down")
+                self._finished(job, None, deadline)
+                self._release(job)
+                future.set_result(None)
+                return
+            first = self._sent_from(job, batch[0], exchange, at)
+            future.set_result(self._run(job, batch, deadline, first=first))
+        except BaseException as error:
+            future.set_exception(error)
+
+    def _sent_from(
+        self, job: Job, scheduled: tuple[datetime, str], exchange: Exchange, at: float
+    ) -> Sent:
+        """The wire's exchange, classified as the ordinary path classifies an attempt."""
+        slot, key = scheduled
+        written = exchange.written if exchange.written is not None else exchange.ended
+        self._observe_lateness(job, slot, key, written - at)
+        started = slot + timedelta(seconds=written - at)
+        duration = exchange.ended - written
+        status, retry_after, unsent = exchange.status, None, False
+        if exchange.failure is None:
+            assert status is not None
+            kind = classify(status)
+            error = None if kind == "success" else _error_text(status, exchange.prefix)
+            if kind == "transient":
+                retry_after = parse_retry_after(exchange.retry_after, self._clock.now())
+        else:
+            kind, error = "transient", exchange.error
+            unsent = exchange.failure == "connect"
+        return Sent(kind=kind, status=status, error=error, retry_after=retry_after,
+                    unsent=unsent, started=started, duration=duration,
+                    lost_lease=exchange.failure == "lease")  # fmt: skip
 
     def trigger(self, job: Job) -> tuple[str, Future[CallResult]] | str:
         """Fire `job` now with a manual key (claimed like a slot); or why not."""
@@ -344,16 +443,23 @@ class Dispatcher:
         return future
 
     def _run(
-        self, job: Job, batch: list[tuple[datetime, str]], deadline: datetime | None
+        self,
+        job: Job,
+        batch: list[tuple[datetime, str]],
+        deadline: datetime | None,
+        first: Sent | None = None,
     ) -> CallResult:
+        """Call the batch's slots in order; `first`: the first slot's first attempt, made
+        on the wire."""
         done = 0
         sent = threading.Event()
 
         def first_sent() -> None:
             if not sent.is_set():
                 sent.set()
-                with self._lock:
-                    self._firing -= 1
+                if first is None:
+                    with self._lock:
+                        self._firing -= 1
 
         result: CallResult | None = None
         try:
@@ -363,7 +469,8 @@ class Dispatcher:
                 # A replayed slot's retries must not run into the slot replayed after it.
                 until = batch[index + 1][0] if index + 1 < len(batch) else deadline
                 try:
-                    result = self.call(job, slot, key=key, deadline=until, on_sent=first_sent)
+                    result = self.call(job, slot, key=key, deadline=until, on_sent=first_sent,
+                                       first=first if index == 0 else None)  # fmt: skip
                 except Exception as error:  # a bug must not kill the pool thread silently
                     self._log.exception("dispatch crashed", job=job.name, slot=format_slot(slot))
                     self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
@@ -378,13 +485,17 @@ class Dispatcher:
             for slot, key in batch[done:]:
                 self._skipped(job, slot, key, "shutting down")
             self._finished(job, result, deadline)
-            with self._lock:
-                self._in_flight[job.name] -= 1
-                if not self._in_flight[job.name]:
-                    del self._in_flight[job.name]
-                    queued = self._pending.pop(job.name, None)
-                    if queued is not None and not self._stopping.is_set():
-                        self._start(*queued)
+            self._release(job)
+
+    def _release(self, job: Job) -> None:
+        """A run of `job` is over; the batch queued behind it (overlap = "queue") starts."""
+        with self._lock:
+            self._in_flight[job.name] -= 1
+            if not self._in_flight[job.name]:
+                del self._in_flight[job.name]
+                queued = self._pending.pop(job.name, None)
+                if queued is not None and not self._stopping.is_set():
+                    self._start(*queued)
 
     def _finished(self, job: Job, result: CallResult | None, deadline: datetime | None) -> None:
         if self._on_finished is None:
@@ -412,7 +523,7 @@ class Dispatcher:
     def firing(self) -> bool:
         """True while calls handed on are waiting for their instant or being sent: the admin
         API holds its requests back then, so they do not compete with firing for the GIL."""
-        return self._firing > 0
+        return self._firing > 0 or (self._wire is not None and self._wire.unwritten > 0)
 
     def target(self) -> TargetHealth:
         """Whether the application answers, as the latest attempts found it."""
@@ -457,12 +568,26 @@ class Dispatcher:
         if ahead > 0:
             self._pause(ahead)
             ahead = (slot - self._clock.now()).total_seconds()
+        self._observe_lateness(job, slot, key, -ahead)
+
+    def _observe_lateness(self, job: Job, slot: datetime, key: str, late: float) -> None:
         if "@manual-" not in key:
-            self._metrics.lateness.observe(max(0.0, -ahead))
-        if -ahead > LATE_WARNING_SECONDS:
+            self._metrics.lateness.observe(max(0.0, late))
+        if late > LATE_WARNING_SECONDS:
             self._log.warning(
-                "late fire", job=job.name, slot=format_slot(slot), late_seconds=round(-ahead, 3)
+                "late fire", job=job.name, slot=format_slot(slot), late_seconds=round(late, 3)
             )
+
+    def _build(
+        self, job: Job, url: httpx.URL, slot: datetime, key: str, attempt: int
+    ) -> httpx.Request:
+        return self._client.build_request(
+            job.method,
+            url,
+            headers=self.headers(job, slot, key, attempt),
+            json=job.body,
+            timeout=job.timeout,
+        )
 
     def call(
         self,
@@ -472,27 +597,30 @@ class Dispatcher:
         key: str,
         deadline: datetime | None,
         on_sent: Callable[[], None] | None = None,
+        first: Sent | None = None,
     ) -> CallResult:
-        """Call the job's endpoint for `slot`, retrying transient failures; record every attempt."""
+        """Call the job's endpoint for `slot`, retrying transient failures; record every
+        attempt. `first`: the first attempt, already made on the wire."""
         attempt, retries_left, connect_retry_used = 0, job.retries, False
         begun = self._clock.monotonic()
+        if first is not None:
+            begun -= first.duration
         while True:
             attempt += 1
-            try:
-                request = self._client.build_request(
-                    job.method,
-                    self.url(job),
-                    headers=self.headers(job, slot, key, attempt),
-                    json=job.body,
-                    timeout=job.timeout,
-                )
-            except Exception as failure:  # config refuses such jobs; this is the last guard
-                return self._unbuildable(job, slot, key, attempt, failure, begun)
-            if attempt == 1:
-                self._await_slot(job, slot, key)
-                if not self._may_fire():
+            if first is not None:
+                sent, first = first, None
+                if sent.lost_lease:
                     return self._lost_lease(job, slot, key, begun)
-            sent = self._send(job, request)
+            else:
+                try:
+                    request = self._build(job, self.url(job), slot, key, attempt)
+                except Exception as failure:  # config refuses such jobs; this is the last guard
+                    return self._unbuildable(job, slot, key, attempt, failure, begun)
+                if attempt == 1:
+                    self._await_slot(job, slot, key)
+                    if not self._may_fire():
+                        return self._lost_lease(job, slot, key, begun)
+                sent = self._send(job, request)
             self._reachability.attempted(sent)
             if on_sent is not None:
                 on_sent()
@@ -634,11 +762,11 @@ class Dispatcher:
         """Read at most BODY_READ_CAP bytes of the answer (so a connection whose answer was
         short is kept alive); the first of them explain a failure."""
         if response.is_stream_consumed:  # an answer built in memory (a mock transport)
-            return response.content[:_KEPT_BYTES]
+            return response.content[:KEPT_BYTES]
         kept, read = b"", 0
         for chunk in response.iter_raw(16384):
-            if len(kept) < _KEPT_BYTES:
-                kept += chunk[: _KEPT_BYTES - len(kept)]
+            if len(kept) < KEPT_BYTES:
+                kept += chunk[: KEPT_BYTES - len(kept)]
             read += len(chunk)
             if read >= BODY_READ_CAP:
                 break
@@ -698,6 +826,9 @@ class Dispatcher:
                 future.result(timeout=remaining)
             except Exception:  # outcome already recorded and logged by the call
                 continue
+        if self._wire is not None:
+            self._wire_closing = True
+            self._wire.close()  # what it still holds is failed, and recorded so
         left = sorted(self.in_flight())
         if left:
             self._log.warning("abandoning calls still in flight after the grace period", jobs=left)

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import heapq
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from schedule_grammar import parse
-from services.scheduler.clock import CATCHUP_ALL_CAP, Scheduler, decide
+from services.scheduler.clock import (
+    CATCHUP_ALL_CAP,
+    HAND_ON_SECONDS_PER_SLOT,
+    LEAD_MARGIN,
+    Scheduler,
+    decide,
+    due_by,
+)
 from services.scheduler.config import Job
 from services.scheduler.slots import format_slot
 from services.scheduler.state import MemoryStateStore
@@ -92,6 +102,32 @@ class TestLead:
         clock.advance(7.70)
         scheduler.fire_due(clock.now())
         assert firer.slots("j") == [utc(2026, 11, 22, 10, 0, 15)], "handed on with its own slot"
+
+    def test_a_burst_at_one_instant_is_handed_on_earlier_by_what_it_costs(self) -> None:
+        """1,000 slots at one instant cannot all be planned, recorded and built in the base
+        lead: the loop wakes earlier by their number times the cost of one."""
+        clock = VirtualClock(T0)
+        firer = RecordingFirer()
+        jobs = [job(f"j{n}", "every 15s") for n in range(1000)]
+        scheduler = Scheduler(jobs=jobs, firer=firer, store=MemoryStateStore(), clock=clock,
+                              log=structlog.get_logger(), tick_seconds=30, lead_seconds=0.05)  # fmt: skip
+        scheduler.start(clock.now())
+        lead = 1000 * HAND_ON_SECONDS_PER_SLOT * LEAD_MARGIN
+        assert scheduler.seconds_until_next(clock.now()) == pytest.approx(7.75 - lead)
+        clock.advance(7.75 - lead)
+        scheduler.fire_due(clock.now())
+        assert len(firer.fired) == 1000
+        assert {slot for _, slot, _ in firer.fired} == {utc(2026, 11, 22, 10, 0, 15)}
+
+    @given(st.lists(st.integers(0, 50), max_size=200), st.integers(-1, 51))
+    def test_due_by_counts_the_entries_at_or_before_an_instant(
+        self, seconds: list[int], bound: int
+    ) -> None:
+        heap: list[tuple[datetime, int, str]] = []
+        for n, second in enumerate(seconds):
+            heapq.heappush(heap, (T0 + timedelta(seconds=second), n, "j"))
+        when = T0 + timedelta(seconds=bound)
+        assert due_by(heap, when) == sum(1 for second in seconds if second <= bound)
 
 
 class TestFirstStart:
