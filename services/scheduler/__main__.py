@@ -773,6 +773,8 @@ def _serve(
         on_finished=lambda job, result, deadline: scheduler.call_finished(job, result, deadline),
         wire=Wire(connections=settings.max_concurrency) if settings.fast_path else None,
     )
+    log.info("calls go out", fast_path=dispatcher.fast_path,
+             max_concurrency=settings.max_concurrency)  # fmt: skip
     scheduler = Scheduler(
         jobs=[job for job in config.jobs],
         firer=dispatcher,

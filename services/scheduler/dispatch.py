@@ -7,6 +7,7 @@ replayed batches, manual triggers) and all bookkeeping run on a small thread poo
 
 from __future__ import annotations
 
+import queue
 import random
 import threading
 import time
@@ -250,6 +251,16 @@ def _error_text(status: int, prefix: bytes) -> str:
     return f"HTTP {status}: {text}" if text else f"HTTP {status}"
 
 
+def _settle(future: Future[Any], done: Future[Any]) -> None:
+    """Give `future` the outcome of `done`."""
+    if done.cancelled():
+        future.cancel()
+    elif (error := done.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(done.result())
+
+
 def _proxied() -> bool:
     """Whether the environment routes plain HTTP through a proxy (httpx honours it)."""
     proxies = urllib.request.getproxies()
@@ -282,7 +293,10 @@ class Dispatcher:
     ) -> None:
         self._store = store
         # Scheduled first attempts over plain HTTP go on the wire (not through a proxy).
-        self._wire = wire if wire is not None and not _proxied() else None
+        self._proxied = _proxied()
+        self._wire = wire if wire is not None and not self._proxied else None
+        if wire is not None and self._wire is None:
+            wire.close()
         self._wire_closing = False
         # Told when a batch of calls is over (or skipped), with the job's next slot.
         self._on_finished = on_finished
@@ -301,6 +315,13 @@ class Dispatcher:
         self._pause = pause
         self._metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
+        # The wire's answers are recorded by one thread, in the order they were handed back;
+        # only an attempt that may be retried (and so sleep) goes on to the pool.
+        self._answers: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._bookkeeper = threading.Thread(target=self._keep_books, name="bookkeeper",
+                                            daemon=True)  # fmt: skip
+        if self._wire is not None:
+            self._bookkeeper.start()
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
         self._firing = 0  # batches handed on whose first call has not been sent yet
@@ -353,10 +374,7 @@ class Dispatcher:
         future: Future[CallResult | None] = Future()
 
         def answered(exchange: Exchange) -> None:  # on the wire's loop
-            if self._wire_closing:  # the pool may be gone: record it here
-                self._after_wire(future, job, batch, deadline, exchange, at)
-                return
-            self._pool.submit(self._after_wire, future, job, batch, deadline, exchange, at)
+            self._answers.put(lambda: self._after_wire(future, job, batch, deadline, exchange, at))
 
         try:
             self._wire.send(url.host, url.port or 80, payload, at=at, timeout=job.timeout,
@@ -387,9 +405,20 @@ class Dispatcher:
                 future.set_result(None)
                 return
             first = self._sent_from(job, batch[0], exchange, at)
+            if first.kind == "transient" and not first.lost_lease and not self._wire_closing:
+                retried = self._pool.submit(self._run, job, batch, deadline, first)
+                retried.add_done_callback(lambda done: _settle(future, done))
+                return
             future.set_result(self._run(job, batch, deadline, first=first))
         except BaseException as error:
             future.set_exception(error)
+
+    def _keep_books(self) -> None:
+        while (task := self._answers.get()) is not None:
+            try:
+                task()
+            except Exception:  # _after_wire settles its future; this is the last guard
+                self._log.exception("after the call: bookkeeping failed")
 
     def _sent_from(
         self, job: Job, scheduled: tuple[datetime, str], exchange: Exchange, at: float
@@ -524,6 +553,13 @@ class Dispatcher:
         """True while calls handed on are waiting for their instant or being sent: the admin
         API holds its requests back then, so they do not compete with firing for the GIL."""
         return self._firing > 0 or (self._wire is not None and self._wire.unwritten > 0)
+
+    @property
+    def fast_path(self) -> str:
+        """The event loop first attempts go out on, or why they do not take the fast path."""
+        if self._wire is not None:
+            return self._wire.loop_name
+        return "off (a proxy is set in the environment)" if self._proxied else "off"
 
     def target(self) -> TargetHealth:
         """Whether the application answers, as the latest attempts found it."""
@@ -829,6 +865,8 @@ class Dispatcher:
         if self._wire is not None:
             self._wire_closing = True
             self._wire.close()  # what it still holds is failed, and recorded so
+            self._answers.put(None)
+            self._bookkeeper.join(timeout=10)
         left = sorted(self.in_flight())
         if left:
             self._log.warning("abandoning calls still in flight after the grace period", jobs=left)

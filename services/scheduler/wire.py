@@ -87,9 +87,9 @@ class Wire:
     """One event loop, in a thread of its own, that writes prepared requests at their instant
     onto warm keep-alive connections (at most `connections` per origin)."""
 
-    def __init__(self, *, connections: int) -> None:
+    def __init__(self, *, connections: int, uvloop: bool = True) -> None:
         self._limit = connections
-        self._loop = _new_loop()
+        self._loop = _new_loop(uvloop)
         self._origins: dict[tuple[str, int], _Origin] = {}
         self._lock = threading.Lock()
         self._unwritten = 0  # sent to the loop and not written (nor failed) yet
@@ -438,10 +438,13 @@ def _consume(task: asyncio.Task[None]) -> None:
         task.exception()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where it is installed, the standard loop otherwise."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
+def _new_loop(prefer_uvloop: bool) -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (and wanted), the standard loop otherwise."""
+    if prefer_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()

@@ -52,6 +52,32 @@ class TestFiring:
             )
             assert call.header("X-Scheduled-For").endswith(".000Z")  # type: ignore[union-attr]
 
+    @pytest.mark.parametrize("fast_path", ["true", "false"])
+    def test_both_paths_fire_every_slot_once_and_say_which_they_take(
+        self,
+        fast_path: str,
+        target: Target,
+        jobs_file: Callable[[str], Path],
+        daemon: Callable[..., Daemon],
+    ) -> None:
+        path = jobs_file(every_second() + every_second("/other").replace("jobs.tick", "jobs.b"))
+        proc = daemon(API_URL=target.url, SCHEDULER_API_TOKEN=TOKEN, SCHEDULER_JOBS_FILE=str(path),
+                      SCHEDULER_FAST_PATH=fast_path, SCHEDULER_LOG_FORMAT="json")  # fmt: skip
+        assert target.wait_for(lambda calls: len(calls) >= 6), proc.log_path.read_text()
+        assert proc.stop() == 0
+        for name in ("/tick", "/other"):
+            slots = [call.scheduled_for for call in target.calls(name)]
+            assert slots == sorted(set(slots)), "no slot twice"
+            assert all(c.at >= c.scheduled_for for c in target.calls(name)), "never early"
+        lines = [json.loads(line) for line in proc.log_path.read_text().splitlines()
+                 if line.startswith("{")]  # fmt: skip
+        (said,) = [line for line in lines if line["event"] == "calls go out"]
+        if fast_path == "true":
+            assert said["fast_path"] in ("asyncio", "uvloop")
+        else:
+            assert said["fast_path"] == "off"
+        assert sum(line["event"] == "fired" for line in lines) == len(target.calls())
+
     def test_local_dev_mode_sends_no_authorization_and_warns(
         self, target: Target, jobs_file: Callable[[str], Path], daemon: Callable[..., Daemon]
     ) -> None:

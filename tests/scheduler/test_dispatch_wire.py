@@ -289,3 +289,14 @@ def test_a_server_that_reads_slowly_still_gets_the_whole_request() -> None:
     assert received and received[0].endswith(b'"}')
     world.dispatcher.shutdown(1)
     listener.close()
+
+
+def test_a_proxy_in_the_environment_turns_the_fast_path_off(
+    target: Target, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpx sends through HTTP_PROXY; the wire does not know proxies, so it steps aside."""
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    world = World(target.url)
+    assert world.dispatcher.fast_path == "off (a proxy is set in the environment)"
+    assert not world.dispatcher.firing
+    world.dispatcher.shutdown(0)

@@ -4,6 +4,7 @@ request as a test scripts it: body framings, closed and idle connections, resets
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import socket
 import threading
 import time
@@ -101,9 +102,14 @@ def raw() -> Iterator[Raw]:
     server.close()
 
 
-@pytest.fixture
-def wire() -> Iterator[Wire]:
-    w = Wire(connections=4)
+LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
+
+
+@pytest.fixture(params=LOOPS)
+def wire(request: pytest.FixtureRequest) -> Iterator[Wire]:
+    """A wire on each event loop it can run on: asyncio's, and uvloop where installed."""
+    w = Wire(connections=4, uvloop=request.param == "uvloop")
+    assert w.loop_name == request.param
     yield w
     w.close()
 
