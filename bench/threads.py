@@ -1,0 +1,69 @@
+"""Where a fire's CPU goes: the daemon's CPU time per thread, per call, at N jobs every second.
+
+Run: python bench/threads.py [--jobs 100] [--seconds 15]   (needs py-spy for thread names)
+
+The daemon runs as in bench/lateness.py (SQLite state, the fast path); each thread's CPU time
+is read from /proc/<pid>/task/<tid>/schedstat (nanoseconds) before and after, and divided by
+the calls the target received meanwhile. Thread names come from `py-spy dump` when installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _target import BenchTarget
+from lateness import Cronclock
+
+
+def per_thread(pid: int) -> dict[str, float]:
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            seconds[task.name] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return seconds
+
+
+def names(pid: int) -> dict[str, str]:
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return {}
+    dump = subprocess.run([spy, "dump", "-p", str(pid)], capture_output=True, text=True).stdout
+    return dict(re.findall(r'Thread (\d+) \([^)]*\): "([^"]+)"', dump))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    args = parser.parse_args()
+    target = BenchTarget()
+    daemon = Cronclock(target, args.jobs, "every 1s", "sqlite")
+    time.sleep(3)
+    pid = daemon.process.pid
+    called = names(pid)
+    before, calls = per_thread(pid), len(target.arrivals)
+    time.sleep(args.seconds)
+    after, calls = per_thread(pid), len(target.arrivals) - calls
+    daemon.stop()
+    print(f"{args.jobs} jobs every 1 s, {args.seconds:g} s, {calls} calls")
+    total = 0.0
+    for tid, used in sorted(after.items(), key=lambda item: before.get(item[0], 0) - item[1]):
+        spent = used - before.get(tid, 0.0)
+        total += spent
+        print(
+            f"  {called.get(tid, tid):14} {spent * 1000:8.1f} ms  {spent / max(calls, 1) * 1e6:6.0f} µs/fire"
+        )
+    print(f"  {'all':14} {total * 1000:8.1f} ms  {total / max(calls, 1) * 1e6:6.0f} µs/fire")
+    target.stop()
+
+
+if __name__ == "__main__":
+    main()
