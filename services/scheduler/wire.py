@@ -122,11 +122,11 @@ class Wire:
         """Write `payload` to host:port at `at` (time.monotonic()), unless `may_fire()` says
         no then; `done(exchange)` is called once, from the loop's thread."""
         request = _Request(payload, at, timeout, may_fire, done)
-        with self._lock:
+        with self._lock:  # (so nothing is handed to the loop after close() began)
             if self._closed:
                 raise RuntimeError("the wire is closed")
             self._unwritten += 1
-        self._loop.call_soon_threadsafe(self._schedule, host, port, request)
+            self._loop.call_soon_threadsafe(self._schedule, host, port, request)
 
     def close(self) -> None:
         """Fail what has not been written, close every connection, stop the loop."""
@@ -251,7 +251,11 @@ class _Origin:
                 return
         self.upcoming -= 1
         self.pending.discard(request)
-        if not request.may_fire():
+        try:
+            allowed = request.may_fire()
+        except Exception:  # cannot tell: a slot is called at most once, so not now
+            allowed = False
+        if not allowed:
             self.wire.finish(request, _failed("lease", "the lease could not be confirmed", None))
             return
         request.timer = self.loop.call_later(request.timeout, self.expire, request)
@@ -288,7 +292,11 @@ class _Origin:
         if request in self.waiting:
             self.waiting.remove(request)
             self.wire._waiting -= 1
-            self.wire.finish(request, _failed("timeout", error, None))
+            if self.idle or self.busy:  # the application is there, but slow
+                failure = _failed("timeout", f"{error} waiting for a free connection", None)
+            else:  # no connection could be made in time: nothing reached the application
+                failure = _failed("connect", f"connection failed: {error} connecting", None)
+            self.wire.finish(request, failure)
 
     def released(self, connection: _Connection, keep: bool) -> None:
         self.busy.discard(connection)

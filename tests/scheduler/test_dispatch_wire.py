@@ -3,11 +3,14 @@ bytes as the ordinary path, retries, overlap, timeouts, the lease, shutdown, uvi
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -300,3 +303,63 @@ def test_a_proxy_in_the_environment_turns_the_fast_path_off(
     assert world.dispatcher.fast_path == "off (a proxy is set in the environment)"
     assert not world.dispatcher.firing
     world.dispatcher.shutdown(0)
+
+
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[str]:
+    """A real nginx on a free port with a 1 s keep-alive timeout, from its own directory."""
+    if NGINX is None:
+        pytest.skip("nginx is not installed (.ci/run installs it: apt-get install nginx)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp = " ".join(f"{kind}_temp_path {tmp_path}/{kind};"
+                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))  # fmt: skip
+    (tmp_path / "nginx.conf").write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    {temp}
+    keepalive_timeout 1s;
+    server {{
+        listen 127.0.0.1:{port};
+        location /ok {{ return 200 "ok"; }}
+        location /down {{ return 503 "down for maintenance"; }}
+    }}
+}}
+""")
+    process = subprocess.Popen([NGINX, "-p", str(tmp_path), "-e", f"{tmp_path}/error.log",
+                                "-c", str(tmp_path / "nginx.conf")])  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_nginx_answers_every_fire_across_its_keep_alive_timeout(nginx: str) -> None:
+    world = World(nginx)
+    ok, down = job(endpoint="/ok"), job(name="down", endpoint="/down")
+    for index, gap in enumerate([0.05, 0.6, 1.1, 1.05]):
+        world.fire(ok, soon(gap))
+        world.wait(index + 1)
+    world.fire(down, soon())
+    world.wait(5)
+    assert [r.outcome for r in world.runs()] == ["success"] * 4
+    (failed,) = world.runs("down")
+    assert (failed.outcome, failed.status) == ("failed", 503)
+    assert failed.error == "HTTP 503: down for maintenance"
+    world.dispatcher.shutdown(1)

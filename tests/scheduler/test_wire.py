@@ -302,6 +302,30 @@ def test_no_lease_at_the_instant_means_nothing_is_written(wire: Wire, raw: Raw) 
     assert raw.requests == []
 
 
+def test_a_lease_check_that_fails_means_nothing_is_written(wire: Wire, raw: Raw) -> None:
+    def broken() -> bool:
+        raise ConnectionError("the lease store is gone")
+
+    result = exchange(wire, raw, may_fire=broken)
+    assert result.failure == "lease" and raw.requests == []
+
+
+def test_waiting_for_a_free_connection_counts_against_the_timeout(raw: Raw) -> None:
+    """With one connection held by a slow answer, the next request times out unwritten,
+    and says it was waiting (the application is there, only slow)."""
+    raw.handler = lambda sock, request: time.sleep(2)
+    wire = Wire(connections=1)
+    try:
+        slow = send(wire, raw, timeout=1.5)
+        time.sleep(0.1)
+        waiting = send(wire, raw, timeout=0.3).result(timeout=10)
+        assert waiting.failure == "timeout" and waiting.written is None
+        assert waiting.error == "timed out after 0.3s waiting for a free connection"
+        assert slow.result(timeout=10).failure == "timeout"
+    finally:
+        wire.close()
+
+
 def test_answers_wait_until_every_due_request_is_written(raw: Raw) -> None:
     """Bookkeeping never delays a call of the same instant: with one connection and three
     requests due at once, no answer is handed back before the third is written."""
