@@ -155,7 +155,7 @@ def test_the_image_installs_the_dependencies_and_the_redis_extra(tmp_path: Path)
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     wanted = project["dependencies"] + project["optional-dependencies"]["redis"]
-    assert printed.split() == wanted and any(line.startswith("redis") for line in wanted)
+    assert printed.splitlines() == wanted and any(line.startswith("redis") for line in wanted)
 
 
 def test_compose_hardens_the_scheduler_and_mounts_a_jobs_file(compose: dict[str, Any]) -> None:

@@ -32,8 +32,10 @@ BODY_READ_CAP = 64 * 1024
 KEPT_BYTES = 800  # the answer's first bytes, kept for the error text
 # A connection idle longer than this is not written to: a server may close an idle
 # connection just as a request arrives (uvicorn after 5 s, gunicorn after 2 s). One is opened
-# ahead of the slot instead, while the request waits for its instant.
+# ahead of the slot instead: when the request is handed over and again WARM_AHEAD_SECONDS
+# before its instant; the rule holds at the instant itself (a stale one is closed, not used).
 REUSE_IDLE_SECONDS = 1.0
+WARM_AHEAD_SECONDS = 0.02
 # The event loop's timers wake up to a millisecond late (epoll's resolution); a request's
 # timer is set this much early and the instant is then met exactly by a short wait.
 EARLY_SECONDS = 0.001
@@ -151,6 +153,9 @@ class Wire:
         origin.warm(request.timeout)
         delay = request.at - time.monotonic() - EARLY_SECONDS
         request.timer = self._loop.call_later(max(0.0, delay), origin.due, request)
+        if delay > WARM_AHEAD_SECONDS and request.at not in origin.rewarm:  # once per instant
+            origin.rewarm.add(request.at)
+            self._loop.call_later(delay - WARM_AHEAD_SECONDS, origin.warm_again, request)
 
     def _written(self) -> None:
         with self._lock:
@@ -197,6 +202,7 @@ class _Origin:
         self.upcoming = 0  # scheduled, not yet due
         self.waiting: deque[_Request] = deque()
         self.pending: set[_Request] = set()  # scheduled, not yet due (for close)
+        self.rewarm: set[float] = set()  # instants with a warm-up planned just before them
 
     def warm(self, timeout: float) -> None:
         """Open connections ahead of the instant, one per request to come (up to the
@@ -209,6 +215,10 @@ class _Origin:
         wanted = min(self.wire._limit, self.upcoming + len(self.waiting) + len(self.busy))
         for _ in range(wanted - have):
             self.open(timeout)
+
+    def warm_again(self, request: _Request) -> None:
+        self.rewarm.discard(request.at)
+        self.warm(request.timeout)
 
     def open(self, timeout: float) -> None:
         self.opening += 1
@@ -265,8 +275,12 @@ class _Origin:
 
     def pump(self) -> None:
         """Put waiting requests on idle connections; open more while some wait."""
+        now = time.monotonic()
         while self.waiting and self.idle:
             connection = self.idle.pop()
+            if now - connection.idle_since > REUSE_IDLE_SECONDS:  # the server may be closing it
+                connection.close()
+                continue
             request = self.waiting.popleft()
             self.wire._waiting -= 1
             self.busy.add(connection)
