@@ -109,16 +109,26 @@ class Cronclock:
         self.process.wait(60)
 
 
-class Floor:
-    def __init__(self, target: BenchTarget, jobs: int, cadence: int, duration: float) -> None:
-        args = [sys.executable, str(ROOT / "bench" / "peers" / "floor_run.py"), target.url,
-                str(jobs), str(cadence), str(THREADS), str(duration)]  # fmt: skip
+class Peer:
+    """A sender from bench/peers/ (`script` URL JOBS CADENCE THREADS DURATION [extra ...]),
+    running once it prints "ready"."""
+
+    def __init__(self, script: str, target: BenchTarget, jobs: int, cadence: int,
+                 duration: float, *extra: str) -> None:  # fmt: skip
+        args = [sys.executable, str(ROOT / "bench" / "peers" / script), target.url, str(jobs),
+                str(cadence), str(THREADS), str(duration), *extra]  # fmt: skip
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         assert self.process.stdout.readline().strip() == "ready"
 
     def stop(self) -> None:
         self.process.wait(120)
+
+
+def _peer(who: str, target: BenchTarget, jobs: int, cadence: int, duration: float) -> Peer:
+    """`apscheduler` (APScheduler 3.x) or `floor` (the raw-socket sender)."""
+    script = "apscheduler_run.py" if who == "apscheduler" else "floor_run.py"
+    return Peer(script, target, jobs, cadence, duration)
 
 
 def _daemon(target: BenchTarget, jobs: int, schedule: str, who: str) -> Cronclock:
@@ -134,34 +144,21 @@ def _daemon(target: BenchTarget, jobs: int, schedule: str, who: str) -> Croncloc
     return Cronclock(target, jobs, schedule, who.removeprefix("cronclock-"))
 
 
-class Apscheduler:
-    def __init__(
-        self, target: BenchTarget, jobs: int, cadence: int, duration: float, idle: bool = False
-    ) -> None:
-        args = [sys.executable, str(ROOT / "bench" / "peers" / "apscheduler_run.py"), target.url,
-                str(jobs), str(cadence), str(THREADS), str(duration)] + (["--idle"] if idle else [])  # fmt: skip
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-        assert self.process.stdout is not None
-        assert self.process.stdout.readline().strip() == "ready"
-
-    def stop(self) -> None:
-        self.process.wait(120)
+def thread_cpu_seconds(pid: int) -> dict[str, float]:
+    """Each thread's CPU time to the nanosecond (its schedstat; /proc/<pid>/stat counts
+    10 ms ticks), by thread id."""
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            seconds[task.name] = int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+    return seconds
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds_precise(pid: int) -> float:
-    """The process's CPU time to the nanosecond: every thread's schedstat (ticks are 10 ms)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # a thread that ended meanwhile
-    return total / 1e9
+    """The process's CPU time: its live threads' (see thread_cpu_seconds)."""
+    return sum(thread_cpu_seconds(pid).values())
 
 
 def rss_mb(pid: int) -> float:
@@ -180,16 +177,16 @@ def steady(target: BenchTarget, jobs: int, duration: float, who: str) -> Result:
     target.reset()
     cpu_us = math.nan
     if who in ("apscheduler", "floor"):
-        peer = (Apscheduler if who == "apscheduler" else Floor)(target, jobs, 1, duration + WARMUP)
+        peer = _peer(who, target, jobs, 1, duration + WARMUP)
         since = time.time() + WARMUP
         peer.stop()
     else:
         daemon = _daemon(target, jobs, "every 1s", who)
         time.sleep(WARMUP)
         pid = daemon.process.pid
-        since, before, calls = time.time(), cpu_seconds_precise(pid), len(target.arrivals)
+        since, before, calls = time.time(), cpu_seconds(pid), len(target.arrivals)
         time.sleep(duration)
-        used, calls = cpu_seconds_precise(pid) - before, len(target.arrivals) - calls
+        used, calls = cpu_seconds(pid) - before, len(target.arrivals) - calls
         cpu_us = used / max(calls, 1) * 1e6
         daemon.stop()
     stats = percentiles(lateness(target, since))
@@ -200,7 +197,7 @@ def burst(target: BenchTarget, duration: float, who: str, size: int = 1000) -> R
     """`size` jobs due at the same instant, every 10 s: how late the whole burst lands."""
     target.reset()
     if who in ("apscheduler", "floor"):
-        peer = (Apscheduler if who == "apscheduler" else Floor)(target, size, 10, duration + WARMUP)
+        peer = _peer(who, target, size, 10, duration + WARMUP)
         since = time.time() + WARMUP
         peer.stop()
     else:
@@ -226,7 +223,7 @@ def idle(target: BenchTarget, seconds: float, who: str) -> Result:
     """1,000 hourly jobs, none due: CPU seconds over `seconds`, and resident memory."""
     minute = (datetime.now(UTC).minute + 30) % 60
     if who == "apscheduler":
-        peer = Apscheduler(target, 1000, 3600, seconds + 5, idle=True)
+        peer = Peer("apscheduler_run.py", target, 1000, 3600, seconds + 5, "--idle")
         pid = peer.process.pid
         time.sleep(2)
         before = cpu_seconds(pid)

@@ -18,17 +18,7 @@ import time
 from pathlib import Path
 
 from _target import BenchTarget
-from lateness import Cronclock
-
-
-def per_thread(pid: int) -> dict[str, float]:
-    seconds = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            seconds[task.name] = int((task / "schedstat").read_text().split()[0]) / 1e9
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return seconds
+from lateness import Cronclock, thread_cpu_seconds
 
 
 def names(pid: int) -> dict[str, str]:
@@ -49,9 +39,9 @@ def main() -> None:
     time.sleep(3)
     pid = daemon.process.pid
     called = names(pid)
-    before, calls = per_thread(pid), len(target.arrivals)
+    before, calls = thread_cpu_seconds(pid), len(target.arrivals)
     time.sleep(args.seconds)
-    after, calls = per_thread(pid), len(target.arrivals) - calls
+    after, calls = thread_cpu_seconds(pid), len(target.arrivals) - calls
     daemon.stop()
     print(f"{args.jobs} jobs every 1 s, {args.seconds:g} s, {calls} calls")
     total = 0.0

@@ -148,7 +148,6 @@ class Wire:
         origin = self._origins.get((host, port))
         if origin is None:
             origin = self._origins[(host, port)] = _Origin(self, host, port)
-        origin.upcoming += 1
         origin.pending.add(request)
         origin.warm(request.timeout)
         delay = request.at - time.monotonic() - EARLY_SECONDS
@@ -199,20 +198,19 @@ class _Origin:
         self.idle: list[_Connection] = []
         self.busy: set[_Connection] = set()
         self.opening = 0
-        self.upcoming = 0  # scheduled, not yet due
-        self.waiting: deque[_Request] = deque()
-        self.pending: set[_Request] = set()  # scheduled, not yet due (for close)
+        self.waiting: deque[_Request] = deque()  # due, not yet on a connection
+        self.pending: set[_Request] = set()  # scheduled, not yet due
         self.rewarm: set[float] = set()  # instants with a warm-up planned just before them
 
     def warm(self, timeout: float) -> None:
         """Open connections ahead of the instant, one per request to come (up to the
         limit); idle ones the server may be about to close are replaced."""
         now = time.monotonic()
-        for connection in [c for c in self.idle if now - c.idle_since > REUSE_IDLE_SECONDS]:
+        for connection in [c for c in self.idle if c.stale(now)]:
             self.idle.remove(connection)
             connection.close()
         have = len(self.idle) + self.opening + len(self.busy)
-        wanted = min(self.wire._limit, self.upcoming + len(self.waiting) + len(self.busy))
+        wanted = min(self.wire._limit, len(self.pending) + len(self.waiting) + len(self.busy))
         for _ in range(wanted - have):
             self.open(timeout)
 
@@ -243,9 +241,10 @@ class _Origin:
     def connect_failed(self, failure: BaseException) -> None:
         """Nothing reached the application: every request due here fails unsent (the
         dispatcher retries such a failure once, on the ordinary path)."""
-        text = str(failure) or type(failure).__name__
-        kind: Failure = "timeout" if isinstance(failure, TimeoutError) else "connect"
-        error = f"connection failed: {text}" if kind == "connect" else "connect timed out"
+        if isinstance(failure, TimeoutError):
+            error = "connect timed out"
+        else:
+            error = f"connection failed: {str(failure) or type(failure).__name__}"
         if self.opening or self.idle or self.busy:
             return  # another connection may yet serve them
         while self.waiting:
@@ -259,7 +258,6 @@ class _Origin:
             if left > EARLY_SECONDS * 2:  # woken far too early: wait again
                 request.timer = self.loop.call_later(left - EARLY_SECONDS, self.due, request)
                 return
-        self.upcoming -= 1
         self.pending.discard(request)
         try:
             allowed = request.may_fire()
@@ -278,7 +276,7 @@ class _Origin:
         now = time.monotonic()
         while self.waiting and self.idle:
             connection = self.idle.pop()
-            if now - connection.idle_since > REUSE_IDLE_SECONDS:  # the server may be closing it
+            if connection.stale(now):  # the server may be closing it
                 connection.close()
                 continue
             request = self.waiting.popleft()
@@ -297,11 +295,7 @@ class _Origin:
         request.timer = None
         error = f"timed out after {request.timeout:g}s"
         if request.connection is not None:
-            connection, request.connection = request.connection, None
-            connection.request = None
-            self.busy.discard(connection)
-            connection.abort()
-            self.wire.finish(request, _failed("timeout", error, request.written))
+            request.connection._fail("timeout", error)
             return
         if request in self.waiting:
             self.waiting.remove(request)
@@ -333,15 +327,14 @@ class _Origin:
     def close(self) -> None:
         for connection in list(self.busy):
             connection._fail("stopped", "no answer before shutdown; the call was sent")
-        for connection in [*self.idle, *self.busy]:
+        for connection in self.idle:
             connection.abort()
         self.idle.clear()
-        for request in list(self.pending):
-            self.pending.discard(request)
-            self.wire.finish(request, _failed("stopped", "not sent: shutting down", None))
-        while self.waiting:
-            request = self.waiting.popleft()
-            self.wire._waiting -= 1
+        unsent = [*self.pending, *self.waiting]
+        self.wire._waiting -= len(self.waiting)
+        self.pending.clear()
+        self.waiting.clear()
+        for request in unsent:
             self.wire.finish(request, _failed("stopped", "not sent: shutting down", None))
 
 
@@ -358,6 +351,10 @@ class _Connection(asyncio.Protocol):
         self.retry_after: str | None = None
         self.kept = b""
         self.read = 0
+
+    def stale(self, now: float) -> bool:
+        """Idle so long that the server may be closing it: not to be written to."""
+        return now - self.idle_since > REUSE_IDLE_SECONDS
 
     # -- asyncio --------------------------------------------------------------------------
 
