@@ -11,12 +11,12 @@ runtime schedules; lateness beside the same probes with nothing else planned.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
 import sqlite3
 import statistics
-import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,28 +47,44 @@ def at(instant: datetime) -> str:
 
 
 def rate(port: int, clients: int, count: int, request: str) -> float:
-    """Requests per second with `clients` threads, each with its own keep-alive client."""
+    """Requests per second from `clients` keep-alive connections, each sending its next request
+    when the last is answered. The client writes prepared bytes and reads only the status line
+    and Content-Length on one event loop, so it costs a few µs per request and the figure is the
+    daemon's (httpx cost ~0.5 ms per request here, as much as the daemon's side)."""
     later = datetime.now(UTC) + timedelta(hours=2)
     per = count // clients
+    stamp = time.time_ns()
 
-    def work(k: int) -> None:
-        with admin_client(port) as client:
-            for n in range(per):
-                if request == "create":
-                    body = {"schedule": at(later + timedelta(seconds=n)), "endpoint": f"/r/{k}/{n}",
-                            "body": {"user": n}, "group": "bench"}  # fmt: skip
-                    response = client.put(f"/api/schedules/c{k}-{n}-{time.time_ns()}", json=body)
-                    assert response.status_code == 201, response.text
-                else:
-                    assert client.get("/healthz").status_code == 200
+    def prepared(k: int, n: int) -> bytes:
+        if request == "healthz":
+            return b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n"
+        body = json.dumps({"schedule": at(later + timedelta(seconds=n)), "endpoint": f"/r/{k}/{n}",
+                           "body": {"user": n}, "group": "bench"}).encode()  # fmt: skip
+        head = (f"PUT /api/schedules/c{stamp}-{k}-{n} HTTP/1.1\r\nHost: bench\r\n"
+                f"Authorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        return head.encode() + body
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(clients)]
-    began = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return per * clients / (time.perf_counter() - began)
+    wanted = b"201" if request == "create" else b"200"
+    batches = [[prepared(k, n) for n in range(per)] for k in range(clients)]
+
+    async def client(requests: list[bytes]) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for raw in requests:
+            writer.write(raw)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = head[9:12]
+            length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            answer = await reader.readexactly(length)
+            assert status == wanted, (head, answer)
+        writer.close()
+
+    async def all_clients() -> float:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(requests) for requests in batches))
+        return per * clients / (time.perf_counter() - began)
+
+    return asyncio.run(all_clients())
 
 
 def creates(target: BenchTarget, state: str, repeats: int) -> list[str]:

@@ -11,13 +11,15 @@ import functools
 import hmac
 import html
 import importlib.resources
+import inspect
 import string
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -52,6 +54,9 @@ from .schedules import (
 from .slots import format_slot
 from .state import RunRecord, StateStore, StoreUnavailable
 from .telemetry import Metrics, ThreadDeaths
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -254,6 +259,15 @@ SCHEDULE_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# FastAPI 0.165 and later look for OpenTelemetry providers on every request (when
+# opentelemetry-api is installed); the admin API exports no spans, so that is switched off.
+_NO_TELEMETRY: dict[str, Any] = (
+    {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
+)
+
+
 def create_app(ctx: AdminContext) -> FastAPI:
     app = FastAPI(
         title="cronclock admin API",
@@ -262,8 +276,10 @@ def create_app(ctx: AdminContext) -> FastAPI:
         # /docs and /redoc load scripts from a CDN: off. The schema stays at /openapi.json.
         docs_url=None,
         redoc_url=None,
+        **_NO_TELEMETRY,
     )
     app.add_middleware(BodyLimit, limit=MAX_REQUEST_BYTES, larger={BATCH_PATH: MAX_BATCH_BYTES})
+    app.add_middleware(YieldToFiring, dispatcher=ctx.dispatcher)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -287,17 +303,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
         )
         return JSONResponse({"error": f"bad parameters: {problems}"}, status_code=422)
 
-    @app.middleware("http")
-    async def yield_to_firing(request: Request, call_next: Any) -> Any:
-        # Calls due now come first: hold the request (at most half a second) while the
-        # dispatcher is sending, instead of taking the GIL from it.
-        waited = 0.0
-        while ctx.dispatcher.firing and waited < MAX_HOLD_SECONDS:
-            await asyncio.sleep(0.002)
-            waited += 0.002
-        return await call_next(request)
-
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:
         expected = ctx.admin_token.get_secret_value() if ctx.admin_token else None
         if expected is None:
             if ctx.local_dev_mode:
@@ -567,8 +573,8 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         )
 
     def detail(record: ScheduleRecord, change: str | None = None) -> ScheduleDetail:
-        try:
-            runs = ctx.store.runs(record.job_name, 50)
+        try:  # a schedule just created has no history (a purge deletes it with the schedule)
+            runs = [] if change == "created" else ctx.store.runs(record.job_name, 50)
         except StoreUnavailable as error:
             raise unavailable(error) from None
         last = next((run for run in runs if run.attempt > 0 or run.outcome == "interrupted"),
@@ -597,14 +603,46 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
     async def put_schedule(id: ScheduleId, request: Request) -> JSONResponse:
         """Create (201) or replace (200) a runtime schedule. The same body again changes
         nothing; a replacement keeps the history and never fires a slot already handled."""
-        return await asyncio.to_thread(store_schedule, id, await json_body(request))
+        answer = await put_together((id, await json_body(request)))
+        if isinstance(answer, HTTPException):
+            raise answer
+        return answer
 
-    def store_schedule(id: str, body: Any) -> JSONResponse:
-        ((record, change),) = put_or_refuse([(id, body)], batch=False)
-        return JSONResponse(
-            detail(record, change).model_dump(mode="json"),
-            status_code=201 if change == "created" else 200,
-        )
+    def store_schedules(pairs: list[tuple[str, Any]]) -> list[JSONResponse | HTTPException]:
+        """Single PUTs that came together: each judged alone, stored in one transaction."""
+        answers: list[JSONResponse | HTTPException] = []
+        outcomes = runtime().put_each(pairs, ctx.clock.now())
+        changed = {outcome[0].id: outcome[0] for outcome in outcomes
+                   if isinstance(outcome, tuple) and outcome[1] != "unchanged"}  # fmt: skip
+        if changed:
+            ctx.scheduler.schedules_changed(changed, records=changed)
+        for outcome in outcomes:
+            if not isinstance(outcome, tuple):
+                answers.append(refusal(outcome, batch=False))
+                continue
+            record, change = outcome
+            try:
+                view = detail(record, change)
+            except HTTPException as error:
+                answers.append(error)
+                continue
+            status = 201 if change == "created" else 200
+            answers.append(JSONResponse(view.model_dump(mode="json"), status_code=status))
+        return answers
+
+    put_together = Together(store_schedules)
+
+    def refusal(
+        error: ScheduleInvalid | LimitReached | StoreUnavailable, *, batch: bool
+    ) -> HTTPException:
+        if isinstance(error, StoreUnavailable):
+            return unavailable(error)
+        if isinstance(error, LimitReached):
+            none = "nothing of the batch was stored; " if batch else ""
+            return HTTPException(
+                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); {none}cancel some or raise it"
+            )
+        return HTTPException(422, str(error))
 
     def put_or_refuse(
         pairs: list[tuple[str, Any]], *, batch: bool
@@ -612,18 +650,11 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         """Store (all or none) and let the loop plan what changed, or the HTTP error."""
         try:
             stored = runtime().put_many(pairs, ctx.clock.now(), batch=batch)
-        except ScheduleInvalid as error:
-            raise HTTPException(422, str(error)) from None
-        except LimitReached as error:
-            none = "nothing of the batch was stored; " if batch else ""
-            raise HTTPException(
-                422, f"{error} (SCHEDULER_MAX_RUNTIME_SCHEDULES); {none}cancel some or raise it"
-            ) from None
-        except StoreUnavailable as error:
-            raise unavailable(error) from None
-        changed = [record.id for record, change in stored if change != "unchanged"]
+        except (ScheduleInvalid, LimitReached, StoreUnavailable) as error:
+            raise refusal(error, batch=batch) from None
+        changed = {record.id: record for record, change in stored if change != "unchanged"}
         if changed:
-            ctx.scheduler.schedules_changed(changed)
+            ctx.scheduler.schedules_changed(changed, records=changed)
         return stored
 
     @app.post(
@@ -776,6 +807,58 @@ def _run_view(record: RunRecord) -> RunView:
         error=record.error,
         count=record.count,
     )
+
+
+class Together(Generic[T, R]):
+    """Requests that arrive while earlier ones are being handled wait, then are handled
+    together in one call on a worker thread. Single PUTs that come together so share one
+    transaction and one commit; before, each took the store's lock in turn with its own
+    commit and its own thread, and eight clients were slower than one."""
+
+    def __init__(self, handle: Callable[[list[T]], list[R]]) -> None:
+        self._handle = handle
+        self._waiting: list[tuple[T, asyncio.Future[R]]] = []
+        self._draining: asyncio.Task[None] | None = None
+
+    async def __call__(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item, future))
+        if self._draining is None:
+            self._draining = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    answers = await asyncio.to_thread(self._handle, [item for item, _ in group])
+                except Exception as error:  # each waiter gets it: the handler's 500
+                    for _, future in group:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                for (_, future), answer in zip(group, answers, strict=True):
+                    if not future.done():  # a client that went away cancelled its wait
+                        future.set_result(answer)
+        finally:
+            self._draining = None
+
+
+class YieldToFiring:
+    """ASGI middleware: calls due now come first. A request is held (at most half a second)
+    while the dispatcher is sending, instead of taking the GIL from it."""
+
+    def __init__(self, app: Any, dispatcher: Any) -> None:
+        self.app = app
+        self.dispatcher = dispatcher
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        waited = 0.0
+        while self.dispatcher.firing and waited < MAX_HOLD_SECONDS:
+            await asyncio.sleep(0.002)
+            waited += 0.002
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -11,7 +11,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
@@ -37,7 +37,7 @@ from .telemetry import Metrics, Throttle
 
 if TYPE_CHECKING:
     from .dispatch import CallResult
-    from .schedules import RuntimeSchedules, ScheduleStatus
+    from .schedules import RuntimeSchedules, ScheduleRecord, ScheduleStatus
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
 _COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at least"
@@ -198,6 +198,7 @@ class Scheduler:
         self._planned_runtime: dict[str, datetime] = {}  # runtime job name -> next slot
         self._cache: dict[str, Job] = {}  # runtime jobs read lately (at most JOB_CACHE_SIZE)
         self._changed: set[str] = set()  # schedule ids changed since the last beat
+        self._stored: dict[str, ScheduleRecord] = {}  # ... with what this process stored
         self._ending: dict[str, int] = {}  # runtime job -> revision whose last call is out
         self._overdue: dict[str, datetime] = {}  # due while their store could not be read
         self._retry_plan = False  # planning the runtime schedules failed: again next beat
@@ -234,17 +235,25 @@ class Scheduler:
         self._reload_requested.set()
         self._clock.wake()
 
-    def schedules_changed(self, ids: Iterable[str]) -> None:
+    def schedules_changed(
+        self, ids: Iterable[str], records: Mapping[str, ScheduleRecord] | None = None
+    ) -> None:
         """Runtime schedules were created, replaced or cancelled (here or on another
-        replica): the loop reads them again at its next beat. No ids: changes may have been
-        missed, so every schedule is planned afresh. A standby keeps nothing: a new term
-        reads every schedule."""
+        replica): the loop plans them at its next beat. `records`: what this process has
+        just committed for some of them, planned as they are (no read back); the others are
+        read. No ids: changes may have been missed, so every schedule is planned afresh. A
+        standby keeps nothing: a new term reads every schedule."""
         ids = list(ids)
         with self._lock:
             if self._term is None:
                 return
             if ids:
                 self._changed.update(ids)
+                for id in ids:  # a change announced without its record must be read
+                    if records is not None and id in records:
+                        self._stored[id] = records[id]
+                    else:
+                        self._stored.pop(id, None)
             else:
                 self._retry_plan = True
         self._clock.wake()
@@ -696,6 +705,7 @@ class Scheduler:
             return
         with self._lock:
             self._changed.clear()  # everything is read now; later changes come after
+            self._stored.clear()
             self._planned_runtime.clear()  # (their heap entries are stale now)
             self._cache.clear()
         try:
@@ -752,11 +762,20 @@ class Scheduler:
             if not self._changed:
                 return
             ids, self._changed = self._changed, set()
+            given, self._stored = self._stored, {}
+            records = {
+                id: record
+                for id, record in given.items()
+                if (cached := self._cache.get(RUNTIME_PREFIX + id)) is None
+                or cached.revision < record.revision  # not older than what is planned
+            }
         try:
-            records = self._runtime.store.get_schedules(ids)
+            if missing := ids - records.keys():
+                records |= self._runtime.store.get_schedules(missing)
         except StoreUnavailable as error:
             with self._lock:
                 self._changed |= ids
+                self._stored = records | self._stored
             if self._store_trouble.ready():
                 self._log.error("schedule changes not read; retrying", error=str(error))
             return

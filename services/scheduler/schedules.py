@@ -85,6 +85,9 @@ def limit_reached(active: int, adds: int, limit: int) -> LimitReached:
     return LimitReached(f"{active} active runtime schedules exist{more}; the limit is {limit}")
 
 
+# RuntimeSchedules.job keeps this many parsed jobs (a batch's worth), then starts afresh.
+PARSED_KEPT = 1000
+
 # A batch (POST /api/schedules:batch) holds at most this many schedules.
 BATCH_LIMIT = 1000
 
@@ -466,6 +469,10 @@ class ScheduleInvalid(ValueError):
     """A PUT body that cannot become a schedule; the message names the field (422)."""
 
 
+# What one of several single PUTs stored together came to (RuntimeSchedules.put_each).
+PutOutcome = tuple[ScheduleRecord, Change] | ScheduleInvalid | LimitReached | StoreUnavailable
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Validated:
     spec: ScheduleSpec
@@ -494,6 +501,7 @@ class RuntimeSchedules:
         self._timezone = timezone
         self.limit = limit
         self.retention = timedelta(seconds=retention)
+        self._parsed: dict[tuple[str, int, str, datetime], Job] = {}  # by job()
 
     # -- validation -------------------------------------------------------------------------
 
@@ -579,22 +587,71 @@ class RuntimeSchedules:
                 if id in seen:
                     raise ScheduleInvalid("this id appears twice in the batch")
                 seen.add(id)
-                checked = self.validate(id, body, now)
+                puts.append(self._put(id, body, now))
             except ScheduleInvalid as error:
                 if not batch:
                     raise
                 raise ScheduleInvalid(f"schedules[{index}] (id {id!r}): {error}") from None
-            spec = json.dumps(
-                checked.spec.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
-            )
-            puts.append(Put(id=id, spec=spec, group=checked.spec.group, anchor=checked.anchor,
-                            first=checked.first))  # fmt: skip
         return self.store.put_schedules(puts, now=now, limit=self.limit)
 
+    def put_each(self, items: Sequence[tuple[str, Any]], now: datetime) -> list[PutOutcome]:
+        """Single PUTs that arrived together, each judged as if it came alone, in order, but
+        stored in as few transactions as their ids allow: the PUTs up to an id seen again are
+        one transaction, so one commit serves them all. A group that would pass the limit is
+        stored one by one, so the PUTs before the limit succeed; an invalid one fails alone."""
+        outcomes: list[PutOutcome] = [ScheduleInvalid("not stored")] * len(items)
+        group: list[tuple[int, Put]] = []
+
+        def store(group: list[tuple[int, Put]]) -> None:
+            try:
+                stored = self.store.put_schedules([put for _, put in group], now=now,
+                                                  limit=self.limit)  # fmt: skip
+            except LimitReached as error:
+                if len(group) == 1:
+                    outcomes[group[0][0]] = error
+                    return
+                for one in group:
+                    store([one])
+                return
+            except StoreUnavailable as error:
+                for index, _ in group:
+                    outcomes[index] = error
+                return
+            for (index, _), outcome in zip(group, stored, strict=True):
+                outcomes[index] = outcome
+
+        for index, (id, body) in enumerate(items):
+            try:
+                put = self._put(id, body, now)
+            except ScheduleInvalid as error:
+                outcomes[index] = error
+                continue
+            if any(other.id == id for _, other in group):
+                store(group)
+                group = []
+            group.append((index, put))
+        if group:
+            store(group)
+        return outcomes
+
+    def _put(self, id: str, body: Any, now: datetime) -> Put:
+        checked = self.validate(id, body, now)
+        spec = json.dumps(checked.spec.model_dump(mode="json"), sort_keys=True,
+                          separators=(",", ":"))  # fmt: skip
+        return Put(id=id, spec=spec, group=checked.spec.group, anchor=checked.anchor,
+                   first=checked.first)  # fmt: skip
+
     def job(self, record: ScheduleRecord) -> Job:
-        """The job a stored schedule runs as."""
-        spec = ScheduleSpec.model_validate_json(record.spec)
-        return self._job(record.id, spec, revision=record.revision, anchor=record.anchor)
+        """The job a stored schedule runs as. The last few are kept: the answer to a PUT and
+        the loop planning it then share one parse."""
+        key = (record.id, record.revision, record.spec, record.anchor)
+        if (job := self._parsed.get(key)) is None:
+            spec = ScheduleSpec.model_validate_json(record.spec)
+            job = self._job(record.id, spec, revision=record.revision, anchor=record.anchor)
+            if len(self._parsed) >= PARSED_KEPT:
+                self._parsed.clear()
+            self._parsed[key] = job
+        return job
 
     def jobs(self, ids: Iterable[str]) -> dict[str, Job]:
         """The jobs of the active schedules among `ids` (by id). One whose stored definition

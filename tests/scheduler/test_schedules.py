@@ -3,7 +3,9 @@ validation, firing, endings, retention, on the memory, SQLite and Redis stores."
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -522,6 +524,137 @@ class TestFiring:
         assert world.client.get("/api/schedules/old").status_code == 404
         assert world.store.runs("schedule/old") == []
         assert status(world, "forever") == "active"
+
+
+class TestPutsThatComeTogether:
+    """Issue 18: single PUTs that arrive while others are stored are stored together (one
+    transaction), each judged as if it came alone, in order."""
+
+    @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+    def test_each_is_judged_alone_and_in_order(
+        self, kind: str, request: pytest.FixtureRequest, tmp_path: Path
+    ) -> None:
+        world = make_world(kind, request, tmp_path, limit=3)
+        try:
+            assert world.client.put("/api/schedules/old", json=body()).status_code == 201
+            outcomes = world.schedules.put_each(
+                [("a", body()), ("bad", body(schedule="every fortnight")), ("a", body()),
+                 ("a", body(retries=2)), ("old", body()), ("b", body()), ("c", body())],
+                world.clock.now(),
+            )  # fmt: skip
+            changes = [o[1] if isinstance(o, tuple) else type(o).__name__ for o in outcomes]
+            assert changes == ["created", "ScheduleInvalid", "unchanged", "replaced",
+                               "unchanged", "created", "LimitReached"]  # fmt: skip
+            assert [o[0].revision for o in outcomes if isinstance(o, tuple)] == [1, 1, 2, 1, 1]
+            assert "the limit is 3" in str(outcomes[6])
+            listed = world.client.get("/api/schedules").json()["schedules"]
+            assert [item["id"] for item in listed] == ["a", "b", "old"]
+        finally:
+            world.close()
+            world.store.close()
+
+    def test_puts_that_wait_for_a_running_one_are_stored_in_one_call(self) -> None:
+        from services.scheduler.admin import Together
+
+        groups: list[list[int]] = []
+        release = threading.Event()
+
+        def handle(items: list[int]) -> list[int]:
+            groups.append(items)
+            if len(groups) == 1:
+                release.wait(5)
+            return [item * 10 for item in items]
+
+        async def main() -> list[int]:
+            together = Together(handle)
+            first = asyncio.ensure_future(together(1))
+            await asyncio.sleep(0.05)  # the first is being handled
+            rest = [asyncio.ensure_future(together(n)) for n in (2, 3, 4)]
+            await asyncio.sleep(0.01)
+            release.set()
+            return [await first] + [await one for one in rest]
+
+        assert asyncio.run(main()) == [10, 20, 30, 40]
+        assert groups == [[1], [2, 3, 4]]
+
+    def test_a_handler_that_raises_fails_its_group_and_the_next_goes_on(self) -> None:
+        from services.scheduler.admin import Together
+
+        def handle(items: list[int]) -> list[int]:
+            if 0 in items:
+                raise RuntimeError("boom")
+            return items
+
+        async def main() -> tuple[BaseException | None, int]:
+            together = Together(handle)
+            failed = await asyncio.gather(together(0), return_exceptions=True)
+            return failed[0] if isinstance(failed[0], BaseException) else None, await together(5)
+
+        error, answer = asyncio.run(main())
+        assert isinstance(error, RuntimeError) and answer == 5
+
+
+class TestPlanningWhatWasStored:
+    """Issue 18: a schedule this process stored is planned from the record it stored (no read
+    back, no second parse); a change announced without its record is read."""
+
+    @staticmethod
+    def counting_reads(world: World, monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+        reads: list[list[str]] = []
+        store = world.schedules.store
+        original = store.get_schedules
+
+        def get_schedules(ids: Any) -> dict[str, Any]:
+            ids = list(ids)
+            reads.append(ids)
+            return original(ids)
+
+        monkeypatch.setattr(store, "get_schedules", get_schedules)
+        return reads
+
+    def test_a_put_is_planned_from_its_stored_record(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        reads = self.counting_reads(world, monkeypatch)
+        parsed = []
+        original = world.schedules._job
+        monkeypatch.setattr(world.schedules, "_job",
+                            lambda *a, **k: parsed.append(a[0]) or original(*a, **k))  # fmt: skip
+        assert world.client.put("/api/schedules/p1", json=body()).status_code == 201
+        reads.clear()
+        world.scheduler.fire_due(world.clock.now())
+        assert world.scheduler.planned_schedule("schedule/p1") == SOON
+        assert reads == []
+        assert parsed == ["p1", "p1"]  # validated, then the job the answer and the loop share
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 1)
+
+    def test_a_change_announced_without_its_record_is_read(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        reads = self.counting_reads(world, monkeypatch)
+        assert world.client.put("/api/schedules/p2", json=body()).status_code == 201
+        world.scheduler.schedules_changed(["p2"])  # as another replica's change would come
+        reads.clear()
+        world.scheduler.fire_due(world.clock.now())
+        assert reads == [["p2"]]
+        assert world.scheduler.planned_schedule("schedule/p2") == SOON
+
+    def test_an_older_record_handed_over_late_is_not_planned(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        assert world.client.put("/api/schedules/p3", json=body()).status_code == 201
+        world.scheduler.fire_due(world.clock.now())
+        old = world.schedules.store.get_schedules(["p3"])["p3"]
+        later = SOON + timedelta(minutes=5)
+        assert (
+            world.client.put("/api/schedules/p3", json=body(schedule=at(later))).status_code == 200
+        )
+        world.scheduler.fire_due(world.clock.now())
+        assert world.scheduler.planned_schedule("schedule/p3") == later
+        world.scheduler.schedules_changed(["p3"], records={"p3": old})  # revision 1, after 2
+        world.scheduler.fire_due(world.clock.now())
+        assert world.scheduler.planned_schedule("schedule/p3") == later
 
 
 def test_sqlite_keeps_schedules_and_a_new_process_plans_them(tmp_path: Path) -> None:

@@ -365,6 +365,40 @@ def test_answers_wait_until_every_due_request_is_written(raw: Raw) -> None:
         wire.close()
 
 
+def test_answers_are_not_held_long_behind_requests_waiting_for_a_slow_application(
+    raw: Raw,
+) -> None:
+    """Past the instant, a request waiting for a free connection waits for the application,
+    not for bookkeeping: answers are held at most HOLD_ANSWERS_SECONDS (CI saw 1,000 one-time
+    schedules against a slow target recorded only after the last call, 5 s late)."""
+
+    def slow(sock: socket.socket, request: bytes) -> None:
+        time.sleep(0.1)
+        ok(sock, request)
+
+    raw.handler = slow
+    handed: list[float] = []
+    wire = Wire(connections=1)
+    try:
+        futures: list[Future[Exchange]] = []
+        at = time.monotonic() + 0.05
+        for _ in range(10):  # one connection, 0.1 s each: the last answer after ~1 s
+            future: Future[Exchange] = Future()
+
+            def done(exchange: Exchange, future: Future[Exchange] = future) -> None:
+                handed.append(time.monotonic())
+                future.set_result(exchange)
+
+            wire.send("127.0.0.1", raw.port, payload(), at=at, timeout=5,
+                      may_fire=lambda: True, done=done)  # fmt: skip
+            futures.append(future)
+        results = [f.result(timeout=10) for f in futures]
+        assert [r.status for r in results] == [200] * 10
+        assert handed[0] < results[-2].ended  # handed back while the others still waited
+    finally:
+        wire.close()
+
+
 def test_closing_fails_what_was_not_written(raw: Raw) -> None:
     wire = Wire(connections=2)
     later = send(wire, raw, at=time.monotonic() + 60)
