@@ -738,7 +738,7 @@ def _serve(
     from .schedules import RuntimeSchedules
     from .state import StateInUse
     from .telemetry import Metrics, make_reporter
-    from .wire import Wire
+    from .wire import LoopThread, Wire
 
     settings = config.settings
     try:
@@ -748,6 +748,8 @@ def _serve(
             f"SCHEDULER_STATE_URL={redact_url(settings.state_url)!r}: {error}"
         ) from None
     store, coordinator, close_state = opened.store, opened.coordinator, opened.close
+    # One event loop: the wire writes the calls on it, the admin API is served on it.
+    loop = LoopThread()
     runtime = RuntimeSchedules(
         opened.schedules,
         timezone=settings.timezone,
@@ -771,7 +773,7 @@ def _serve(
         fencing_token=coordinator.fencing_token,
         may_fire=coordinator.leading,
         on_finished=lambda job, result, deadline: scheduler.call_finished(job, result, deadline),
-        wire=Wire(connections=settings.max_concurrency) if settings.fast_path else None,
+        wire=Wire(connections=settings.max_concurrency, loop=loop) if settings.fast_path else None,
     )
     log.info("calls go out", fast_path=dispatcher.fast_path,
              max_concurrency=settings.max_concurrency)  # fmt: skip
@@ -818,11 +820,12 @@ def _serve(
             schedules=runtime,
             thread_deaths=deaths,
         )
-        admin = AdminServer(create_app(context), settings.admin_bind, log)
+        admin = AdminServer(create_app(context), settings.admin_bind, log, loop)
         try:
             url = admin.start()
         except OSError as error:
             dispatcher.shutdown(0)
+            loop.stop()
             close_state()
             reporter.close()
             raise ConfigError(
@@ -833,8 +836,8 @@ def _serve(
             log.warning(
                 "admin API without SCHEDULER_ADMIN_TOKEN: only /healthz and /metrics answer"
             )
-        log.info("admin API listening", url=url)
-    loop = threading.Thread(target=scheduler.run, name="clock", daemon=True)
+        log.info("admin API listening", url=url, loop=loop.name)
+    beats = threading.Thread(target=scheduler.run, name="clock", daemon=True)
     enabled = [job.name for job in config.jobs if job.enabled]
     log.info(
         "cronclock started",
@@ -845,11 +848,11 @@ def _serve(
         state=redact_url(settings.state_url),
         replica=coordinator.status().identity,
     )
-    loop.start()
+    beats.start()
     started = clock.monotonic()
     # The main thread only waits: signal handlers run here, never inside the loop's locks.
-    while loop.is_alive():
-        loop.join(0.2)
+    while beats.is_alive():
+        beats.join(0.2)
         if stop_after is not None and clock.monotonic() - started >= stop_after:
             scheduler.stop()
         if deaths.reason is not None and not scheduler.stopping:
@@ -861,6 +864,7 @@ def _serve(
     coordinator.stop()
     if admin is not None:
         admin.stop()
+    loop.stop()
     if after is not None:
         after(store)
     close_state()

@@ -7,19 +7,21 @@ the dispatcher; none of them can block the clock loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import functools
 import hmac
 import html
 import importlib.resources
 import inspect
+import socket
 import string
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -54,6 +56,9 @@ from .schedules import (
 from .slots import format_slot
 from .state import RunRecord, StateStore, StoreUnavailable
 from .telemetry import Metrics, ThreadDeaths
+
+if TYPE_CHECKING:
+    from .wire import LoopThread
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -917,31 +922,46 @@ class BodyLimit:
 
 
 class AdminServer:
-    """uvicorn on a background thread."""
+    """uvicorn, served on the daemon's event loop (the one the wire writes calls on)."""
 
-    def __init__(self, app: FastAPI, bind: str, log: FilteringBoundLogger) -> None:
+    def __init__(
+        self, app: FastAPI, bind: str, log: FilteringBoundLogger, loop: LoopThread
+    ) -> None:
         host, _, port = bind.rpartition(":")
-        self._host = host.strip("[]")
+        self._host, self._port = host.strip("[]"), int(port)
         self._log = log
+        self._loop = loop
         self._server = uvicorn.Server(
-            uvicorn.Config(
-                app, host=self._host, port=int(port), log_level="warning", access_log=False,
-                lifespan="off",
-            )
-        )  # fmt: skip
-        self._thread = threading.Thread(target=self._server.run, name="admin", daemon=True)
+            uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        )
+        self._serving: concurrent.futures.Future[None] | None = None
 
     def start(self, timeout: float = 10.0) -> str:
         """Start serving; the URL it listens on. Raises OSError when it cannot listen."""
-        self._thread.start()
+        # Bound here, so a port in use is this caller's OSError (uvicorn would exit).
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self._host, self._port))
+            sock.listen(2048)
+        except OSError as error:
+            sock.close()
+            raise OSError(f"cannot listen: {error.strerror or error}") from None
+        self._serving = asyncio.run_coroutine_threadsafe(
+            self._server.serve(sockets=[sock]), self._loop.loop
+        )
         deadline = time.monotonic() + timeout
         while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise OSError("cannot listen (address in use or not available)")
-            time.sleep(0.01)
-        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
+            if self._serving.done() or time.monotonic() > deadline:
+                sock.close()
+                raise OSError("cannot serve (see the log)")
+            time.sleep(0.005)
+        host, port = sock.getsockname()[:2]
+        return f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(5)
+        if self._serving is not None:
+            with contextlib.suppress(Exception):
+                self._serving.result(5)

@@ -29,7 +29,7 @@ from .clock import Clock
 from .config import Job
 from .slots import format_slot, idempotency_key, manual_key
 from .state import Outcome, RunRecord, StateStore, not_called
-from .telemetry import ErrorReporter, JobFailed, Metrics
+from .telemetry import ErrorReporter, JobFailed, Metrics, log_batch
 from .wire import BODY_READ_CAP, KEPT_BYTES, Exchange, Wire, serialise
 
 OutcomeClass = Literal["success", "busy", "transient", "permanent"]
@@ -39,6 +39,11 @@ BACKOFF_CAP_SECONDS = 60.0
 RETRY_AFTER_CAP_SECONDS = 3600.0
 LATE_WARNING_SECONDS = 1.0
 CONNECT_RETRY_DELAY_SECONDS = 0.2
+# The marks a job's first-attempt template is built around (see Dispatcher._first_payload).
+_MARK_SLOT = datetime(1999, 12, 31, 23, 59, 58, 987000, tzinfo=UTC)
+_MARK_KEY = "cronclock-template-key-5f1c3a"
+# The bookkeeper records at most this many answers at once (their log lines in one write).
+BOOKS_AT_ONCE = 256
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 # Of an answer, at most BODY_READ_CAP bytes are read (the rest is dropped with the
 # connection), and the first ERROR_TEXT_CHARS of it go into the run's error text.
@@ -312,6 +317,8 @@ class Dispatcher:
         self._client = client or http_client(max_concurrency)
         self._base = httpx.URL(api_url.rstrip("/"))
         self._urls: dict[str, httpx.URL] = {}
+        # job name -> (the job, (fencing token, URL), its first attempt split around the marks)
+        self._templates: dict[str, tuple[Job, tuple[int | None, httpx.URL], Any]] = {}
         self._pause = pause
         self._metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
@@ -367,7 +374,7 @@ class Dispatcher:
             return False
         slot, key = batch[0]
         try:
-            payload = serialise(self._build(job, url, slot, key, 1))
+            payload = self._first_payload(job, url, slot, key)
         except Exception:  # the ordinary path records it as a failed run
             return False
         at = time.monotonic() + (slot - self._clock.now()).total_seconds()
@@ -414,11 +421,26 @@ class Dispatcher:
             future.set_exception(error)
 
     def _keep_books(self) -> None:
+        """Record the wire's answers: all those waiting at once, their log lines written
+        together in one write (log_batch)."""
         while (task := self._answers.get()) is not None:
-            try:
-                task()
-            except Exception:  # _after_wire settles its future; this is the last guard
-                self._log.exception("after the call: bookkeeping failed")
+            tasks: list[Callable[[], None] | None] = [task]
+            while len(tasks) < BOOKS_AT_ONCE:
+                try:
+                    more = self._answers.get_nowait()
+                except queue.Empty:
+                    break
+                tasks.append(more)
+                if more is None:
+                    break
+            with log_batch():
+                for task in tasks:
+                    if task is None:
+                        return
+                    try:
+                        task()
+                    except Exception:  # _after_wire settles its future; this is the last guard
+                        self._log.exception("after the call: bookkeeping failed")
 
     def _sent_from(
         self, job: Job, scheduled: tuple[datetime, str], exchange: Exchange, at: float
@@ -613,6 +635,39 @@ class Dispatcher:
             self._log.warning(
                 "late fire", job=job.name, slot=format_slot(slot), late_seconds=round(late, 3)
             )
+
+    def _first_payload(self, job: Job, url: httpx.URL, slot: datetime, key: str) -> bytes:
+        """A first attempt's bytes for the wire. Built with httpx once per job (and fencing
+        token) around two marks, then only the slot's X-Scheduled-For and Idempotency-Key are
+        filled in: the same bytes as a fresh build, at a fraction of its cost."""
+        fencing = self._fencing_token()
+        template = self._templates.get(job.name)
+        if template is None or template[0] is not job or template[1] != (fencing, url):
+            pieces = self._template(job, url)
+            template = (job, (fencing, url), pieces)
+            if job.schedule_id is None:  # runtime schedules' jobs are not kept
+                self._templates[job.name] = template
+        pieces = template[2]
+        if pieces is None or not key.isascii():
+            return serialise(self._build(job, url, slot, key, 1))
+        first, middle, last, slot_first = pieces
+        stamp, key_bytes = format_slot(slot).encode(), key.encode()
+        if slot_first:
+            return first + stamp + middle + key_bytes + last
+        return first + key_bytes + middle + stamp + last
+
+    def _template(self, job: Job, url: httpx.URL) -> tuple[bytes, bytes, bytes, bool] | None:
+        """The job's first attempt split around the slot's two header values; None when a
+        mark is not found exactly once (the job's own bytes contain one)."""
+        whole = serialise(self._build(job, url, _MARK_SLOT, _MARK_KEY, 1))
+        stamp, key = format_slot(_MARK_SLOT).encode(), _MARK_KEY.encode()
+        if whole.count(stamp) != 1 or whole.count(key) != 1:
+            return None
+        slot_first = whole.index(stamp) < whole.index(key)
+        one, two = (stamp, key) if slot_first else (key, stamp)
+        first, rest = whole.split(one)
+        middle, last = rest.split(two)
+        return first, middle, last, slot_first
 
     def _build(
         self, job: Job, url: httpx.URL, slot: datetime, key: str, attempt: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from datetime import UTC, datetime
 
@@ -16,6 +17,7 @@ def manual_key(job: str) -> str:
     return f"{job}@manual-{uuid.uuid4()}"
 
 
+@functools.lru_cache(maxsize=1024)  # the jobs due at one instant share one slot
 def format_slot(instant: datetime) -> str:
     """RFC 3339 UTC with milliseconds: 2026-11-22T03:00:00.000Z (the X-Scheduled-For form)."""
     utc = instant.astimezone(UTC)

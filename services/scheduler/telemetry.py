@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, Protocol, TextIO
 
@@ -32,22 +32,70 @@ def configure_logging(
         else structlog.dev.ConsoleRenderer(colors=color and out.isatty())
     )
     processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
         renderer,
     ]
+    global _writer
+    writer = _writer = LineWriter(out)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=lambda *args: writer,
         cache_logger_on_first_use=False,
     )
     logger: FilteringBoundLogger = structlog.get_logger("cronclock")
     return logger
+
+
+class LineWriter:
+    """structlog's logger: each line is written whole (its text and newline in one write) and
+    flushed. Within `batch()` a thread's lines are kept and written together in one write when
+    the batch ends: the bookkeeper so writes the "fired" lines of the answers it took at once.
+    Other threads' lines are never held."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def msg(self, message: str) -> None:
+        kept: list[str] | None = getattr(self._local, "kept", None)
+        if kept is not None:
+            kept.append(message)
+            return
+        with self._lock:
+            self._file.write(message + "\n")
+            self._file.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        if getattr(self._local, "kept", None) is not None:  # within one already
+            yield
+            return
+        self._local.kept = []
+        try:
+            yield
+        finally:
+            kept, self._local.kept = self._local.kept, None
+            if kept:
+                with self._lock:
+                    self._file.write("\n".join(kept) + "\n")
+                    self._file.flush()
+
+
+_writer: LineWriter | None = None  # the one configure_logging set up
+
+
+def log_batch() -> contextlib.AbstractContextManager[None]:
+    """Hold this thread's log lines and write them in one write at the end (see LineWriter);
+    nothing is held where logging was configured elsewhere (tests capturing logs)."""
+    return _writer.batch() if _writer is not None else contextlib.nullcontext()
 
 
 class ErrorReporter(Protocol):

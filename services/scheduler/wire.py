@@ -89,22 +89,49 @@ class _Request:
         self.written: float | None = None
 
 
-class Wire:
-    """One event loop, in a thread of its own, that writes prepared requests at their instant
-    onto warm keep-alive connections (at most `connections` per origin)."""
+class LoopThread:
+    """One asyncio event loop (uvloop where installed and wanted) running in a thread of its
+    own. The daemon runs one: the wire writes the calls on it and the admin API is served on
+    it, so an instant's writes wait at most for the callback running, never for another
+    thread to give up the GIL (up to its 5 ms switch interval)."""
 
-    def __init__(self, *, connections: int, uvloop: bool = True) -> None:
+    def __init__(self, *, uvloop: bool = True, name: str = "wire") -> None:
+        self.loop = _new_loop(uvloop)
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def name(self) -> str:
+        """uvloop or asyncio."""
+        return type(self.loop).__module__.split(".")[0]
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class Wire:
+    """Writes prepared requests at their instant onto warm keep-alive connections (at most
+    `connections` per origin), on a LoopThread: the one given, or one of its own."""
+
+    def __init__(
+        self, *, connections: int, loop: LoopThread | None = None, uvloop: bool = True
+    ) -> None:
         self._limit = connections
-        self._loop = _new_loop(uvloop)
+        self._owned = loop is None
+        self._thread = loop or LoopThread(uvloop=uvloop)
+        self._loop = self._thread.loop
         self._origins: dict[tuple[str, int], _Origin] = {}
         self._lock = threading.Lock()
         self._unwritten = 0  # sent to the loop and not written (nor failed) yet
         self._waiting = 0  # due, not yet on a connection
         self._answered: list[tuple[_Request, Exchange]] = []
         self._held_since = 0.0  # when the oldest answer held was kept
+        self._connecting: set[asyncio.Task[None]] = set()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop.run_forever, name="wire", daemon=True)
-        self._thread.start()
 
     @property
     def unwritten(self) -> int:
@@ -113,7 +140,7 @@ class Wire:
 
     @property
     def loop_name(self) -> str:
-        return type(self._loop).__module__.split(".")[0]
+        return self._thread.name
 
     def send(
         self,
@@ -136,16 +163,16 @@ class Wire:
             self._loop.call_soon_threadsafe(self._schedule, host, port, request)
 
     def close(self) -> None:
-        """Fail what has not been written, close every connection, stop the loop."""
+        """Fail what has not been written, close every connection; stop the loop when it is
+        the wire's own."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        with contextlib.suppress(RuntimeError):  # the loop is already closed
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self._loop.close()
+        with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is already closed
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=5)
+        if self._owned:
+            self._thread.stop()
 
     # -- on the loop ----------------------------------------------------------------------
 
@@ -187,11 +214,10 @@ class Wire:
         for origin in self._origins.values():
             origin.close()
         self.hand_back()
-        connecting = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        connecting = list(self._connecting)
         for task in connecting:
             task.cancel()
         await asyncio.gather(*connecting, return_exceptions=True)
-        self._loop.stop()
 
 
 class _Origin:
@@ -228,6 +254,8 @@ class _Origin:
     def open(self, timeout: float) -> None:
         self.opening += 1
         task = self.loop.create_task(self._connect(timeout))
+        self.wire._connecting.add(task)
+        task.add_done_callback(self.wire._connecting.discard)
         task.add_done_callback(_consume)
 
     async def _connect(self, timeout: float) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import ROOT, Daemon, base_env, run_cli
@@ -120,6 +121,28 @@ def test_an_admin_address_in_use_is_a_clear_start_failure(
     assert result.returncode == 2
     assert f"SCHEDULER_ADMIN_BIND='127.0.0.1:{port}'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"])
+def test_the_admin_api_is_served_on_the_event_loop_the_calls_go_out_on(
+    fast_path: str, target: Target, jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+) -> None:  # fmt: skip
+    """Issue 18: one event loop writes the calls and serves the admin API (uvloop here), on
+    the fast path and off it; IPv6 binds answer at a bracketed URL."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    port = free_port()
+    proc = daemon(API_URL=target.url, SCHEDULER_API_TOKEN="t", SCHEDULER_ADMIN_TOKEN=ADMIN,
+                  SCHEDULER_ADMIN_BIND=f"[::1]:{port}", SCHEDULER_FAST_PATH=fast_path,
+                  SCHEDULER_JOBS_FILE=str(jobs_file('[jobs.tick]\nschedule = "every 1s"\n'
+                                                    'endpoint = "/tick"\n')))  # fmt: skip
+    assert proc.wait_for_log("admin API listening"), proc.log_path.read_text()
+    (listening,) = proc.events("admin API listening")
+    assert listening["url"] == f"http://[::1]:{port}" and listening["loop"] == "uvloop"
+    assert httpx.get(f"http://[::1]:{port}/healthz", timeout=5).status_code == 200
+    assert target.wait_for(lambda calls: len(calls) >= 2)
+    assert proc.stop() == 0
 
 
 def test_a_chunked_body_is_refused_at_the_limit_not_read_whole(

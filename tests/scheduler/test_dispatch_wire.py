@@ -24,7 +24,7 @@ from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.slots import idempotency_key
 from services.scheduler.state import MemoryStateStore
-from services.scheduler.wire import Wire
+from services.scheduler.wire import Wire, serialise
 from tests.scheduler.test_wire import Raw, read_request
 from tests.support import Reply, Target
 
@@ -122,6 +122,33 @@ def test_both_paths_send_the_same_bytes() -> None:
         ordinary.dispatcher.shutdown(1)
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"body": {"a": 1, "text": "héllo ✓"}, "headers": {"X-Tenant": "t1"}},
+        {"name": "nightly.report", "method": "PUT", "body": None},
+        {"body": {"mark": "1999-12-31T23:59:58.987Z"}},  # the template's own mark in the body
+        {"name": "a.b:c@d-e_f", "endpoint": "/caf%C3%A9?x=1"},
+    ],
+)
+def test_a_first_attempt_is_filled_into_its_jobs_template_byte_for_byte(
+    fields: dict[str, Any],
+) -> None:
+    """Issue 18: the first attempt's bytes are built with httpx once per job, then only the
+    slot's own headers are filled in; they equal a fresh build for every slot and token."""
+    world = World("http://127.0.0.1:9")
+    j = job(**fields)
+    url = world.dispatcher.url(j)
+    for k, token in enumerate([None, None, 7, 7, 8], start=1):
+        world.dispatcher._fencing_token = lambda token=token: token  # type: ignore[misc]
+        slot = soon(60 * k)
+        key = idempotency_key(j.name, slot)
+        filled = world.dispatcher._first_payload(j, url, slot, key)
+        assert filled == serialise(world.dispatcher._build(j, url, slot, key, 1))
+    world.dispatcher.shutdown(1)
 
 
 def test_a_transient_failure_is_retried_on_the_ordinary_path(target: Target) -> None:
