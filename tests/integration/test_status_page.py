@@ -333,10 +333,16 @@ def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
     wait(lambda: len(_rows(driver, "#history-runs tbody tr[data-outcome]")) >= 4)
     outcomes = {r.get_attribute("data-outcome") for r in _rows(driver, "#history-runs tbody tr")}  # type: ignore[attr-defined]
     assert outcomes == {"success", "failed"}
-    Select(driver.find_element(By.ID, "history-filter")).select_by_value("failed")
-    shown = _rows(driver, "#history-runs tbody tr")
-    assert shown and {r.get_attribute("data-outcome") for r in shown} == {"failed"}  # type: ignore[attr-defined]
-    assert all("503" in r.text for r in shown)  # type: ignore[attr-defined]
+
+    def only_failed() -> bool:  # the history re-renders its filter as runs arrive: choose again
+        Select(driver.find_element(By.ID, "history-filter")).select_by_value("failed")
+        shown = _rows(driver, "#history-runs tbody tr")
+        return bool(shown) and all(
+            r.get_attribute("data-outcome") == "failed" and "503" in r.text  # type: ignore[attr-defined]
+            for r in shown
+        )
+
+    wait(only_failed)
     driver.execute_script("arguments[0].scrollIntoView()", driver.find_element(By.ID, "history"))
     assert driver.save_screenshot(str(ARTIFACTS / "status-page-history.png"))
     click(driver, "#history-close")
