@@ -139,6 +139,11 @@ class Wire:
         return self._unwritten
 
     @property
+    def writing(self) -> bool:
+        """Requests are due and waiting for a connection (a burst is being written)."""
+        return self._waiting > 0
+
+    @property
     def loop_name(self) -> str:
         return self._thread.name
 
