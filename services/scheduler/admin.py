@@ -617,10 +617,7 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         """Single PUTs that came together: each judged alone, stored in one transaction."""
         answers: list[JSONResponse | HTTPException] = []
         outcomes = runtime().put_each(pairs, ctx.clock.now())
-        changed = {outcome[0].id: outcome[0] for outcome in outcomes
-                   if isinstance(outcome, tuple) and outcome[1] != "unchanged"}  # fmt: skip
-        if changed:
-            ctx.scheduler.schedules_changed(changed, records=changed)
+        plan([outcome for outcome in outcomes if isinstance(outcome, tuple)])
         for outcome in outcomes:
             if not isinstance(outcome, tuple):
                 answers.append(refusal(outcome, batch=False))
@@ -657,10 +654,14 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             stored = runtime().put_many(pairs, ctx.clock.now(), batch=batch)
         except (ScheduleInvalid, LimitReached, StoreUnavailable) as error:
             raise refusal(error, batch=batch) from None
+        plan(stored)
+        return stored
+
+    def plan(stored: list[tuple[ScheduleRecord, Change]]) -> None:
+        """Let the loop plan what changed, from the records just committed."""
         changed = {record.id: record for record, change in stored if change != "unchanged"}
         if changed:
             ctx.scheduler.schedules_changed(changed, records=changed)
-        return stored
 
     @app.post(
         BATCH_PATH,

@@ -652,13 +652,12 @@ class Dispatcher:
         """A first attempt's bytes for the wire. Built with httpx once per job (and fencing
         token) around two marks, then only the slot's X-Scheduled-For and Idempotency-Key are
         filled in: the same bytes as a fresh build, at a fraction of its cost."""
+        if job.schedule_id is not None:  # runtime schedules' jobs are not kept: build it
+            return serialise(self._build(job, url, slot, key, 1))
         fencing = self._fencing_token()
         template = self._templates.get(job.name)
         if template is None or template[0] is not job or template[1] != (fencing, url):
-            pieces = self._template(job, url)
-            template = (job, (fencing, url), pieces)
-            if job.schedule_id is None:  # runtime schedules' jobs are not kept
-                self._templates[job.name] = template
+            template = self._templates[job.name] = (job, (fencing, url), self._template(job, url))
         pieces = template[2]
         if pieces is None or not key.isascii():
             return serialise(self._build(job, url, slot, key, 1))
