@@ -26,7 +26,7 @@ import httpx
 from _target import BenchTarget, percentiles
 from lateness import Cronclock, free_port, rss_mb
 
-from services.scheduler.state import MIGRATIONS, SCHEMA_VERSION
+from services.scheduler.stores.sqlite import MIGRATIONS, SCHEMA_VERSION
 
 ADMIN = "bench-admin"
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import structlog
 
-from services.scheduler.state import MemoryStateStore, RunRecord, SqliteStateStore, StateStore
+from services.scheduler.stores.memory import MemoryStateStore
+from services.scheduler.stores.protocols import RunRecord, StateStore
+from services.scheduler.stores.sqlite import SqliteStateStore
 
 T = datetime(2026, 11, 22, tzinfo=UTC)
 

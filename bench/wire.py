@@ -24,7 +24,7 @@ from schedule_grammar import parse
 from services.scheduler.clock import SystemClock
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher
-from services.scheduler.state import MemoryStateStore
+from services.scheduler.stores.memory import MemoryStateStore
 
 
 class _Quiet:

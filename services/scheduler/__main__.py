@@ -56,8 +56,8 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
     from .admin import AdminServer
-    from .clock import Clock
-    from .state import StateStore
+    from .slots import Clock
+    from .stores.protocols import StateStore
     from .telemetry import ThreadDeaths
 
 EXIT_CONFIG = 2
@@ -564,7 +564,7 @@ def cmd_fire(
 ) -> int:
     from .clock import SystemClock
     from .dispatch import Dispatcher
-    from .state import open_store
+    from .stores.memory import MemoryStateStore
     from .telemetry import configure_logging, make_reporter
 
     require_auth(config)
@@ -579,7 +579,7 @@ def cmd_fire(
     log = configure_logging(fmt=config.settings.log_format, level=config.settings.log_level,
                             color=wants_color(env))  # fmt: skip
     clock = SystemClock()
-    store = open_store("memory://", max_runs=10, max_age=timedelta(days=1), log=log)
+    store = MemoryStateStore(max_runs=10, max_age=timedelta(days=1))
     reporter = make_reporter(
         _secret(config.settings.posthog_api_key), config.settings.posthog_host, log
     )
@@ -733,16 +733,16 @@ def _serve(
     import threading
 
     from .clock import DEFAULT_LEAD_SECONDS, Scheduler
-    from .coordination import open_state
     from .dispatch import Dispatcher
     from .schedules import RuntimeSchedules
-    from .state import StateInUse
+    from .stores import open_store
+    from .stores.sqlite import StateInUse
     from .telemetry import Metrics, make_reporter
     from .wire import LoopThread, Wire
 
     settings = config.settings
     try:
-        opened = open_state(settings, log)
+        opened = open_store(settings, log)
     except StateInUse as error:
         raise ConfigError(
             f"SCHEDULER_STATE_URL={redact_url(settings.state_url)!r}: {error}"

@@ -36,25 +36,30 @@ from structlog.typing import FilteringBoundLogger
 from schedule_grammar import ScheduleError, dst_warnings
 
 from . import __version__
-from .clock import Clock, Scheduler
+from .clock import Scheduler
 from .config import Job
-from .coordination import Coordinator, Solo
+from .coordination import Solo
 from .dispatch import Dispatcher
 from .schedules import (
     BATCH_LIMIT,
     MAX_BATCH_BYTES,
     MAX_REQUEST_BYTES,
     SCHEDULE_ID,
-    Change,
-    LimitReached,
     RuntimeSchedules,
     ScheduleInvalid,
-    ScheduleRecord,
     ScheduleSpec,
-    ScheduleStatus,
 )
-from .slots import format_slot
-from .state import RunRecord, StateStore, StoreUnavailable
+from .slots import Clock, format_slot
+from .stores.protocols import (
+    Change,
+    Coordinator,
+    LimitReached,
+    RunRecord,
+    ScheduleRecord,
+    ScheduleStatus,
+    StateStore,
+    StoreUnavailable,
+)
 from .telemetry import Metrics, ThreadDeaths
 
 if TYPE_CHECKING:

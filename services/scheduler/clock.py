@@ -21,10 +21,11 @@ from structlog.typing import FilteringBoundLogger
 from schedule_grammar import Once, ScheduleError
 
 from .config import Job
-from .coordination import Coordinator, Solo
-from .slots import format_slot, idempotency_key
-from .state import (
+from .coordination import Solo
+from .slots import CallResult, Clock, format_slot, idempotency_key
+from .stores.protocols import (
     RUNTIME_PREFIX,
+    Coordinator,
     Outcome,
     Refusal,
     RunRecord,
@@ -36,8 +37,8 @@ from .state import (
 from .telemetry import Metrics, Throttle
 
 if TYPE_CHECKING:
-    from .dispatch import CallResult
-    from .schedules import RuntimeSchedules, ScheduleRecord, ScheduleStatus
+    from .schedules import RuntimeSchedules
+    from .stores.protocols import ScheduleRecord, ScheduleStatus
 
 CATCHUP_ALL_CAP = 100  # `catchup = "all"` replays at most this many missed slots
 _COUNT_CAP = 100_000  # missed slots counted beyond this are reported as "at least"
@@ -55,22 +56,6 @@ MAX_LEAD_SECONDS = 2.0
 JOB_CACHE_SIZE = 10_000
 PURGE_EVERY_SECONDS = 60.0
 _LOAD_BATCH = 500
-
-
-class Clock(Protocol):
-    """Time, injected: the loop is tested in virtual time without real sleeps."""
-
-    def now(self) -> datetime:
-        """The wall-clock time, aware UTC."""
-        ...
-
-    def monotonic(self) -> float: ...
-
-    def wait(self, timeout: float) -> bool:
-        """Sleep up to `timeout` seconds; True when woken early by `wake()`."""
-        ...
-
-    def wake(self) -> None: ...
 
 
 # A sleep looks at the wall clock this often: a step of more than STEP_TOLERANCE (an NTP

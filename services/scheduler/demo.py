@@ -20,7 +20,7 @@ from pydantic import SecretStr
 from schedule_grammar import parse
 
 from .config import Config, Job, Settings
-from .state import RunRecord, StateStore
+from .stores.protocols import RunRecord, StateStore
 
 # Second-level cadences so a newcomer sees every behaviour within half a minute.
 DEMO_TABLE = (

@@ -26,10 +26,9 @@ from pydantic import SecretStr
 from structlog.typing import FilteringBoundLogger
 
 from . import __version__
-from .clock import Clock
 from .config import Job
-from .slots import format_slot, idempotency_key, manual_key
-from .state import Outcome, RunRecord, StateStore, not_called
+from .slots import CallResult, Clock, format_slot, idempotency_key, manual_key
+from .stores.protocols import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics, log_batch
 from .wire import BODY_READ_CAP, KEPT_BYTES, Exchange, Wire, serialise
 
@@ -96,20 +95,6 @@ class Sent:
         if self.kind == "success":
             return "success"
         return "busy" if self.kind == "busy" else "failed"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CallResult:
-    """The final outcome of one slot (after retries)."""
-
-    job: str
-    slot: datetime
-    key: str
-    outcome: Outcome
-    attempts: int
-    status: int | None
-    error: str | None
-    duration: float
 
 
 # -- the wire: one deadline for the whole exchange -------------------------------------------

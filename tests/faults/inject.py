@@ -16,7 +16,7 @@ signals = ProcessSignals.install()  # as `python -m services.scheduler` does, fi
 
 
 def _writer_dies() -> None:
-    from services.scheduler import state
+    from services.scheduler.stores import sqlite as state
 
     original = state.SqliteStateStore._commit
     commits = {"n": 0}

@@ -18,8 +18,9 @@ from services.scheduler.admin import AdminContext, create_app
 from services.scheduler.clock import Scheduler
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher
-from services.scheduler.schedules import MemorySchedules, RuntimeSchedules, ScheduleStore
-from services.scheduler.state import MemoryStateStore, RunRecord, StateStore
+from services.scheduler.schedules import RuntimeSchedules
+from services.scheduler.stores.memory import MemorySchedules, MemoryStateStore
+from services.scheduler.stores.protocols import RunRecord, ScheduleStore, StateStore
 from services.scheduler.telemetry import Metrics
 from tests.support import VirtualClock
 

@@ -21,7 +21,7 @@ from services.scheduler.clock import (
 )
 from services.scheduler.config import Job
 from services.scheduler.slots import format_slot
-from services.scheduler.state import MemoryStateStore
+from services.scheduler.stores.memory import MemoryStateStore
 from tests.support import RecordingFirer, VirtualClock
 
 T0 = datetime(2026, 11, 22, 10, 0, 7, 250_000, tzinfo=UTC)

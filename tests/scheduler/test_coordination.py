@@ -15,10 +15,11 @@ from structlog.testing import capture_logs
 from schedule_grammar import parse
 from services.scheduler.clock import Scheduler
 from services.scheduler.config import Job, load_settings
-from services.scheduler.coordination import Leadership, Solo, open_state
-from services.scheduler.schedules import MemorySchedules
+from services.scheduler.coordination import Solo
 from services.scheduler.slots import idempotency_key
-from services.scheduler.state import JobState, MemoryStateStore, RunRecord, StoreUnavailable
+from services.scheduler.stores import open_store
+from services.scheduler.stores.memory import MemorySchedules, MemoryStateStore
+from services.scheduler.stores.protocols import JobState, Leadership, RunRecord, StoreUnavailable
 from services.scheduler.stores.redis import (
     RedisLease,
     RedisSchedules,
@@ -385,7 +386,7 @@ class TestSharedState:
 class TestWiring:
     def test_the_state_url_selects_redis(self, redis_server: RedisServer) -> None:
         settings = load_settings({"SCHEDULER_STATE_URL": redis_server.url})
-        opened = open_state(settings, LOG)
+        opened = open_store(settings, LOG)
         coordinator = opened.coordinator
         assert isinstance(opened.store, RedisStateStore) and isinstance(coordinator, RedisLease)
         assert isinstance(opened.schedules, RedisSchedules)
@@ -408,7 +409,7 @@ class TestWiring:
             assert connect_redis(load_settings(env)).ping()
 
     def test_embedded_state_is_solo(self) -> None:
-        opened = open_state(load_settings({"SCHEDULER_STATE_URL": "memory://"}), LOG)
+        opened = open_store(load_settings({"SCHEDULER_STATE_URL": "memory://"}), LOG)
         coordinator = opened.coordinator
         assert isinstance(opened.store, MemoryStateStore)
         assert isinstance(opened.schedules, MemorySchedules)

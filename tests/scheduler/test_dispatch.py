@@ -18,7 +18,7 @@ from services.scheduler import __version__
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher, classify, parse_retry_after
 from services.scheduler.slots import idempotency_key
-from services.scheduler.state import MemoryStateStore
+from services.scheduler.stores.memory import MemoryStateStore
 from tests.support import VirtualClock
 
 SLOT = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)

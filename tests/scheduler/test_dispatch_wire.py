@@ -25,7 +25,7 @@ from services.scheduler.clock import SystemClock
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.slots import idempotency_key
-from services.scheduler.state import MemoryStateStore
+from services.scheduler.stores.memory import MemoryStateStore
 from services.scheduler.wire import Wire, serialise
 from tests.scheduler.test_wire import Raw, read_request
 from tests.support import Reply, Target

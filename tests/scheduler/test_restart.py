@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from schedule_grammar import parse
 from services.scheduler.clock import Scheduler
 from services.scheduler.config import Job
-from services.scheduler.state import MemoryStateStore, StateStore
+from services.scheduler.stores.memory import MemoryStateStore
+from services.scheduler.stores.protocols import StateStore
 from tests.support import RecordingFirer, VirtualClock
 
 T0 = datetime(2026, 11, 22, 10, 0, 30, tzinfo=UTC)

@@ -17,9 +17,9 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from services.scheduler.schedules import Put, SqliteSchedules
-from services.scheduler.state import SqliteStateStore, StoreUnavailable
+from services.scheduler.stores.protocols import Put, StoreUnavailable
 from services.scheduler.stores.redis import RedisSchedules, RedisStateStore
+from services.scheduler.stores.sqlite import SqliteSchedules, SqliteStateStore
 from tests.scheduler.test_admin import T0, World
 from tests.support import RedisServer
 

@@ -8,7 +8,7 @@ import structlog
 from services.scheduler.__main__ import serve
 from services.scheduler.clock import SystemClock
 from services.scheduler.config import load_config
-from services.scheduler.state import MemoryStateStore
+from services.scheduler.stores.memory import MemoryStateStore
 
 
 def test_a_loop_that_dies_makes_the_process_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,15 +11,15 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from services.scheduler.config import sqlite_path
-from services.scheduler.state import (
+from services.scheduler.config import load_settings, sqlite_path
+from services.scheduler.stores import open_store
+from services.scheduler.stores.memory import MemorySchedules, MemoryStateStore
+from services.scheduler.stores.protocols import JobState, RunRecord
+from services.scheduler.stores.sqlite import (
     SCHEMA_VERSION,
-    JobState,
-    MemoryStateStore,
-    RunRecord,
+    SqliteSchedules,
     SqliteStateStore,
     StateInUse,
-    open_store,
 )
 
 T = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
@@ -379,13 +379,14 @@ class TestUrls:
 
     def test_memory_and_sqlite_stores_are_opened_by_url(self, tmp_path: Path) -> None:
         log = structlog.get_logger()
-        assert isinstance(
-            open_store("memory://", max_runs=1, max_age=timedelta(1), log=log), MemoryStateStore
-        )
-        sqlite_store = open_store(
-            f"sqlite:///{tmp_path}/s.db", max_runs=1, max_age=timedelta(1), log=log
-        )
-        assert isinstance(sqlite_store, SqliteStateStore)
+        memory = open_store(load_settings({"SCHEDULER_STATE_URL": "memory://"}), log)
+        assert isinstance(memory.store, MemoryStateStore)
+        assert isinstance(memory.schedules, MemorySchedules)
+        url = f"sqlite:///{tmp_path}/s.db"
+        sqlite = open_store(load_settings({"SCHEDULER_STATE_URL": url}), log)
+        assert isinstance(sqlite.store, SqliteStateStore)
+        assert isinstance(sqlite.schedules, SqliteSchedules)
+        sqlite.close()
 
 
 class TestOneProcessPerFile:

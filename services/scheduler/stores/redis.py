@@ -48,21 +48,27 @@ from redis.retry import Retry
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Settings, redact_url
-from ..coordination import Leadership, OpenState, replica_identity
-from ..schedules import Change, Put, ScheduleRecord, ScheduleStatus, limit_reached
-from ..state import (
+from ..coordination import replica_identity
+from ..telemetry import Throttle
+from .protocols import (
     COALESCE_SECONDS,
     RUNTIME_PREFIX,
+    Change,
     JobState,
+    Leadership,
+    OpenState,
     Outcome,
+    Put,
     Refusal,
     RunRecord,
+    ScheduleRecord,
+    ScheduleStatus,
     StoreUnavailable,
     apply_outcome,
     interrupted,
     is_runtime,
+    limit_reached,
 )
-from ..telemetry import Throttle
 
 _WRITE_QUEUE_CAP = 10_000  # writes kept for a Redis that is away; beyond, the oldest go
 # Records that account for slots not called are written at once, before the next claim can

@@ -1,8 +1,6 @@
-"""What cronclock remembers: per-job state and run history, behind the StateStore protocol.
-
-Two stores: SQLite (the embedded default, durable across restarts) and memory (tests, demos).
-Both keep job state in memory and answer reads from there; SQLite also writes every change
-through to disk, so a restart continues where the last process stopped.
+"""SQLite (`sqlite:///path`), the embedded default: job state, run history and runtime
+schedules in one file in WAL mode, durable across restarts; one process at a time holds it
+(StateLock), and that process always leads (coordination.Solo).
 """
 
 from __future__ import annotations
@@ -18,240 +16,30 @@ import struct
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, Protocol, TextIO
+from typing import Any, TextIO
 
 from structlog.typing import FilteringBoundLogger
 
-from .config import sqlite_path
-from .telemetry import Throttle
-
-Outcome = Literal[
-    "success", "busy", "failed", "skipped_overlap", "skipped_claimed", "missed", "interrupted"
-]
-# Why a slot handed on must not be called: another replica claimed it, the job is paused (as
-# the shared store says at that instant), this replica no longer leads, or the store is gone.
-Refusal = Literal["taken", "paused", "not_leader", "unavailable", "inactive"]
-# Runtime schedules (created through the admin API) run as jobs named `schedule/<id>`; no
-# static job name can contain '/'.
-RUNTIME_PREFIX = "schedule/"
-
-
-def is_runtime(job: str) -> bool:
-    return job.startswith(RUNTIME_PREFIX)
-
-
-class StoreUnavailable(Exception):
-    """A shared store cannot be reached; the operation did not happen."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RunRecord:
-    """One attempt of one slot (or a note about slots that did not run: missed, skipped)."""
-
-    job: str
-    slot: datetime  # the slot's nominal time (for a manual trigger: when it was asked for)
-    key: str  # the Idempotency-Key sent
-    attempt: int
-    started: datetime
-    outcome: Outcome
-    duration: float | None = None
-    status: int | None = None
-    error: str | None = None
-    count: int = 1  # for `missed`: how many slots this record stands for
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class JobState:
-    last_slot: datetime | None = None  # the latest slot handled: fired, skipped or missed
-    last_outcome: Outcome | None = None
-    last_status: int | None = None
-    last_run: datetime | None = None
-    last_success: datetime | None = None
-    paused: bool = False
-    # Restored by a replica after the shared store (Redis) lost its data: this replica may
-    # not know every slot the previous leader fired, so nothing is caught up from it.
-    uncertain: bool = False
-
-
-class StateStore(Protocol):
-    """Persistence of job state and run history. Implementations are thread-safe."""
-
-    def job_state(self, job: str) -> JobState: ...
-
-    def advance(self, job: str, slot: datetime) -> None:
-        """Record that every slot up to `slot` is handled (fired, skipped or missed)."""
-
-    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
-        """Claim and record (job, slot, key) handed to dispatch, durably, before their calls:
-        at most once per slot. One call for everything handed on in one beat. Returns the
-        keys that must not be called, with the reason (a shared store refuses slots another
-        replica claimed); the embedded stores refuse nothing."""
-        ...
-
-    def claim(self, job: str, key: str) -> Refusal | None:
-        """Claim a manual trigger's own key; None when this process may call it."""
-        ...
-
-    def refresh(self) -> None:
-        """Re-read job state another process may have written (a shared store only)."""
-
-    def mark_finished(self, job: str, key: str) -> None:
-        """The call for `key` is over (whatever its outcome)."""
-
-    def recover_interrupted(self, now: datetime) -> list[RunRecord]:
-        """Slots started by a process that died mid-call: recorded `interrupted`, returned."""
-        ...
-
-    def record_run(self, record: RunRecord) -> None: ...
-
-    def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
-        """The latest runs of a job, newest first."""
-        ...
-
-    def set_paused(self, job: str, paused: bool) -> None: ...
-
-    def forget(self, job: str) -> None:
-        """Drop what is cached in memory about `job` (a runtime schedule that ended); what
-        is stored stays."""
-
-    def problem(self) -> str | None:
-        """Why the store is degraded (e.g. disk full), or None when healthy."""
-        ...
-
-    def close(self) -> None: ...
-
-
-def apply_outcome(state: JobState, record: RunRecord) -> JobState:
-    """The job state after a run record: skipped and missed slots do not count as runs."""
-    if record.outcome in ("skipped_overlap", "missed"):
-        return state
-    return replace(
-        state,
-        last_outcome=record.outcome,
-        last_status=record.status,
-        last_run=record.started,
-        last_success=record.started if record.outcome == "success" else state.last_success,
-    )
-
-
-class MemoryStateStore:
-    """State kept in process memory (`memory://`): lost on restart, for tests and demos."""
-
-    def __init__(self, *, max_runs: int = 1000, max_age: timedelta = timedelta(days=30)) -> None:
-        self._lock = threading.Lock()
-        self._jobs: dict[str, JobState] = {}
-        self._runs: dict[str, deque[RunRecord]] = {}
-        self._in_flight: dict[str, tuple[str, datetime, datetime]] = {}  # key -> job, slot, since
-        self._max_runs = max_runs
-        self._max_age = max_age
-
-    def job_state(self, job: str) -> JobState:
-        with self._lock:
-            return self._jobs.get(job, JobState())
-
-    def job_states(self) -> dict[str, JobState]:
-        with self._lock:
-            return dict(self._jobs)
-
-    def put(self, job: str, state: JobState) -> None:
-        with self._lock:
-            self._jobs[job] = state
-
-    def advance(self, job: str, slot: datetime) -> None:
-        with self._lock:
-            self._advance(job, slot)
-
-    def _advance(self, job: str, slot: datetime) -> JobState:
-        state = self._jobs.get(job, JobState())
-        if state.last_slot is None or slot > state.last_slot:
-            state = self._jobs[job] = replace(state, last_slot=slot)
-        return state
-
-    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
-        with self._lock:
-            for job, slot, key in slots:
-                self._advance(job, slot)
-                self._in_flight[key] = (job, slot, datetime.now(UTC))
-        return {}
-
-    def claim(self, job: str, key: str) -> Refusal | None:
-        return None
-
-    def refresh(self) -> None:
-        return None
-
-    def mark_finished(self, job: str, key: str) -> None:
-        with self._lock:
-            self._in_flight.pop(key, None)
-
-    def in_flight(self) -> dict[str, tuple[str, datetime, datetime]]:
-        """key -> (job, slot, since) of the calls started and not finished."""
-        with self._lock:
-            return dict(self._in_flight)
-
-    def recover_interrupted(self, now: datetime) -> list[RunRecord]:
-        with self._lock:
-            left, self._in_flight = self._in_flight, {}
-        records = [interrupted(job, slot, key, now) for key, (job, slot, _) in left.items()]
-        for record in records:
-            self.record_run(record)
-        return records
-
-    def record_run(self, record: RunRecord, *, keep: bool = True) -> None:
-        """Apply the record to the job's state and, with `keep`, add it to the history."""
-        with self._lock:
-            if keep:
-                history = self._runs.setdefault(record.job, deque(maxlen=self._max_runs))
-                history.append(record)
-                horizon = record.started - self._max_age
-                while history and history[0].started < horizon:
-                    history.popleft()
-            self._jobs[record.job] = apply_outcome(self._jobs.get(record.job, JobState()), record)
-
-    def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
-        with self._lock:
-            history = list(self._runs.get(job, ()))
-        return history[::-1][:limit]
-
-    def set_paused(self, job: str, paused: bool) -> None:
-        with self._lock:
-            self._jobs[job] = replace(self._jobs.get(job, JobState()), paused=paused)
-
-    def forget(self, job: str) -> None:
-        with self._lock:
-            self._jobs.pop(job, None)
-            self._runs.pop(job, None)
-
-    def problem(self) -> str | None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-def not_called(
-    job: str, slot: datetime, key: str, outcome: Outcome, error: str, now: datetime
-) -> RunRecord:
-    """The record of a slot that was not called (skipped, missed, interrupted), and why."""
-    return RunRecord(
-        job=job, slot=slot, key=key, attempt=0, started=now, outcome=outcome, error=error
-    )
-
-
-def interrupted(job: str, slot: datetime, key: str, now: datetime) -> RunRecord:
-    return not_called(
-        job, slot, key, "interrupted",
-        "the process stopped during this call; not called again (at most once per slot)", now,
-    )  # fmt: skip
-
-
-# -------------------------------------------------------------------------------------------
-# SQLite
+from ..telemetry import Throttle
+from .memory import MemoryStateStore
+from .protocols import (
+    COALESCE_SECONDS,
+    RUNTIME_PREFIX,
+    Change,
+    JobState,
+    Put,
+    Refusal,
+    RunRecord,
+    ScheduleRecord,
+    ScheduleStatus,
+    StoreUnavailable,
+    decide_puts,
+    interrupted,
+)
 
 SCHEMA_VERSION = 2
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
@@ -313,9 +101,6 @@ WAL_CHECKPOINT_PAGES = 100
 WAL_SIZE_LIMIT = 512 * 1024
 # Run records refused by the disk are kept (at most this many) and written when it heals.
 BACKLOG_CAP = 10_000
-# History and finished-call writes wait this long to share a commit. A process killed in that
-# window loses their rows (a finished call is then recorded `interrupted`, never re-fired).
-COALESCE_SECONDS = 0.25
 
 
 Statement = tuple[str, tuple[object, ...]]
@@ -1051,13 +836,175 @@ def _upsert(name: str, state: JobState) -> Statement:
     )
 
 
-def open_store(
-    url: str, *, max_runs: int, max_age: timedelta, log: FilteringBoundLogger
-) -> StateStore:
-    """The store a SCHEDULER_STATE_URL names."""
-    scheme = url.partition("://")[0].lower()
-    if scheme == "memory":
-        return MemoryStateStore(max_runs=max_runs, max_age=max_age)
-    if scheme == "sqlite":
-        return SqliteStateStore(sqlite_path(url), log=log, max_runs=max_runs, max_age=max_age)
-    raise ValueError(f"state store {scheme!r} is not available in this build")
+# -------------------------------------------------------------------------------------------
+# Runtime schedules
+
+_COLUMNS = "id, revision, spec, status, grp, created, updated, anchor, first, finished"
+_PURGE_BATCH = 500
+
+
+def _row(row: tuple[Any, ...]) -> ScheduleRecord:
+    id, revision, spec, status, group, created, updated, anchor, first, finished = row
+    return ScheduleRecord(
+        id=id,
+        revision=revision,
+        spec=spec,
+        status=status,
+        group=group,
+        created=_dt(created) or _EPOCH,
+        updated=_dt(updated) or _EPOCH,
+        anchor=_dt(anchor) or _EPOCH,
+        first=_dt(first),
+        finished=_dt(finished),
+    )
+
+
+class SqliteSchedules:
+    """Runtime schedules in the state file's `schedules` table. Every change is committed
+    before it is acknowledged; a file that refuses writes refuses the change (503)."""
+
+    def __init__(self, state: SqliteStateStore) -> None:
+        self._state = state
+        self._lock = threading.Lock()  # one change at a time: read, decide, write
+        self._active: int | None = None
+
+    def _write(self, *statements: tuple[str, tuple[object, ...]]) -> None:
+        """Committed in one transaction before it returns, or StoreUnavailable."""
+        self._state.write(list(statements), wait=True)
+        if (problem := self._state.problem()) is not None:
+            raise StoreUnavailable(problem)
+
+    def _count(self) -> int:
+        if self._active is None:
+            self._active = self._state.read(
+                "SELECT COUNT(*) FROM schedules WHERE status = 'active'"
+            )[0][0]
+        return self._active
+
+    def put_schedules(
+        self, puts: Sequence[Put], *, now: datetime, limit: int
+    ) -> list[tuple[ScheduleRecord, Change]]:
+        with self._lock:
+            existing = self.get_schedules(put.id for put in puts)
+            decided, adds = decide_puts(existing, puts, now=now, active=self._count(),
+                                        limit=limit)  # fmt: skip
+            changed = [record for record, change in decided if change != "unchanged"]
+            if changed:  # one transaction, one commit: all or none
+                self._write(*[
+                    (f"INSERT OR REPLACE INTO schedules ({_COLUMNS}) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (record.id, record.revision, record.spec, record.status, record.group,
+                      _us(record.created), _us(record.updated), _us(record.anchor),
+                      _us(record.first), None))
+                    for record in changed
+                ])  # fmt: skip
+                self._active = self._count() + adds
+        return decided
+
+    def get_schedule(self, id: str) -> ScheduleRecord | None:
+        rows = self._state.read(f"SELECT {_COLUMNS} FROM schedules WHERE id = ?", (id,))
+        return _row(rows[0]) if rows else None
+
+    def get_schedules(self, ids: Iterable[str]) -> dict[str, ScheduleRecord]:
+        wanted = list(ids)
+        found: dict[str, ScheduleRecord] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self._state.read(
+                f"SELECT {_COLUMNS} FROM schedules WHERE id IN ({marks})", tuple(chunk)
+            ):
+                found[row[0]] = _row(row)
+        return found
+
+    def list_schedules(
+        self, *, status: ScheduleStatus | None, group: str | None, after: str, limit: int
+    ) -> list[ScheduleRecord]:
+        where, params = ["id > ?"], [after]
+        if status is not None:
+            where.append("status = ?")
+            params.append(status)
+        if group is not None:
+            where.append("grp = ?")
+            params.append(group)
+        rows = self._state.read(
+            f"SELECT {_COLUMNS} FROM schedules WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [_row(row) for row in rows]
+
+    def cancel_schedule(self, id: str, now: datetime) -> ScheduleRecord | None:
+        with self._lock:
+            record = self.get_schedule(id)
+            if record is None or record.status != "active":
+                return record
+            self._write(
+                (
+                    "UPDATE schedules SET status = 'cancelled', updated = ?, finished = ? "
+                    "WHERE id = ?",
+                    (_us(now), _us(now), id),
+                )
+            )
+            self._active = self._count() - 1
+        return replace(record, status="cancelled", updated=now, finished=now)
+
+    def finish_schedule(
+        self, id: str, revision: int, status: ScheduleStatus, now: datetime
+    ) -> bool:
+        with self._lock:
+            record = self.get_schedule(id)
+            if record is None or record.revision != revision or record.status != "active":
+                return False
+            self._write(
+                (
+                    "UPDATE schedules SET status = ?, updated = ?, finished = ? WHERE id = ?",
+                    (status, _us(now), _us(now), id),
+                )
+            )
+            self._active = self._count() - 1
+        self._state.forget(RUNTIME_PREFIX + id)
+        return True
+
+    def active_plan(self) -> Iterator[tuple[str, datetime, datetime | None]]:
+        rows = self._state.read(
+            "SELECT id, anchor, first FROM schedules WHERE status = 'active' ORDER BY id"
+        )
+        return ((id, _dt(anchor) or _EPOCH, _dt(first)) for id, anchor, first in rows)
+
+    def group_counts(self) -> dict[str | None, tuple[int, int]]:
+        counts: dict[str | None, tuple[int, int]] = {}
+        for group, active, total in self._state.read(
+            "SELECT grp, SUM(status = 'active'), COUNT(*) FROM schedules GROUP BY grp"
+        ):
+            counts[group] = (active, total - active)
+        return counts
+
+    def purge_schedules(self, before: datetime) -> list[str]:
+        ids = [
+            id
+            for (id,) in self._state.read(
+                "SELECT id FROM schedules WHERE finished IS NOT NULL AND finished < ? LIMIT ?",
+                (_us(before), _PURGE_BATCH),
+            )
+        ]
+        if not ids:
+            return []
+        marks = ",".join("?" * len(ids))
+        names = tuple(RUNTIME_PREFIX + id for id in ids)
+        self._state.write(
+            [
+                (f"DELETE FROM schedules WHERE id IN ({marks})", tuple(ids)),
+                (f"DELETE FROM jobs WHERE name IN ({marks})", names),
+                (f"DELETE FROM runs WHERE job IN ({marks})", names),
+            ],
+            wait=True,
+        )
+        for name in names:
+            self._state.forget(name)
+        return ids
+
+    def watch(self, on_change: Callable[[list[str]], None]) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
