@@ -33,12 +33,9 @@ Runtime schedules (the job of schedule <id> is named `schedule/<id>`; it is not 
 
 from __future__ import annotations
 
-import math
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -48,29 +45,23 @@ from redis.retry import Retry
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Settings, redact_url
-from ..coordination import replica_identity
-from ..telemetry import Throttle
+from ..coordination import Lease, lease_value, replica_identity
 from .protocols import (
-    COALESCE_SECONDS,
     RUNTIME_PREFIX,
     Change,
     JobState,
-    Leadership,
     OpenState,
     Outcome,
     Put,
-    Refusal,
     RunRecord,
     ScheduleRecord,
     ScheduleStatus,
-    StoreUnavailable,
-    apply_outcome,
     interrupted,
     is_runtime,
     limit_reached,
 )
+from .shared import FollowsChanges, SharedState, WriteQueue
 
-_WRITE_QUEUE_CAP = 10_000  # writes kept for a Redis that is away; beyond, the oldest go
 # Records that account for slots not called are written at once, before the next claim can
 # advance past them; call outcomes are batched (a leader killed in that window loses them).
 _ACCOUNTING = frozenset({"missed", "interrupted", "skipped_claimed"})
@@ -101,19 +92,10 @@ return 0
 """
 
 
-def lease_value(identity: str) -> str:
-    """What the lease key holds: who leads, and a random token only this process knows."""
-    return f"{identity} {secrets.token_hex(12)}"
-
-
-class RedisLease:
-    """The leader lease: `SET NX PX` with a random token, renewed every ttl/3 by
-    compare-and-extend, released by compare-and-delete, a fencing epoch from `INCR`.
-
-    A leader counts its lease from the moment it *sent* the last successful renewal, and
-    stops firing `margin` before that lease could expire in Redis, so it is silent before
-    any other replica can acquire it.
-    """
+class RedisLease(Lease):
+    """The leader lease in Redis: `SET NX PX` with a random token, renewed by compare-and-
+    extend, released by compare-and-delete, a fencing epoch from `INCR` (the timing is
+    coordination.Lease's)."""
 
     def __init__(
         self,
@@ -128,172 +110,31 @@ class RedisLease:
         after_cycle: Callable[[], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.identity = identity or replica_identity()
-        self.value = value or lease_value(self.identity)
-        self._client = client
-        self._key = f"{namespace}:leader"
-        self._epoch_key = f"{namespace}:epoch"
-        self._ttl = ttl
-        self._margin = ttl / 5
-        self._log = log
-        self._where = where
-        self._monotonic = monotonic
+        super().__init__(
+            _RedisLeaseRow(client, namespace), ttl=ttl, log=log, identity=identity, value=value,
+            where=where, after_cycle=after_cycle, monotonic=monotonic,
+        )  # fmt: skip
+
+
+class _RedisLeaseRow:
+    kind = "Redis"
+    errors: tuple[type[Exception], ...] = (redis.RedisError,)
+
+    def __init__(self, client: redis.Redis, namespace: str) -> None:
+        self._keys = [f"{namespace}:leader", f"{namespace}:epoch"]
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
-        self._lock = threading.Lock()
-        self._epoch: int | None = None  # the term this replica holds, if any
-        self._last_epoch: int | None = None  # fencing token of calls of the latest term
-        self._floor = 0  # the highest epoch seen: a Redis that lost its data never goes below
-        self._valid_until = -math.inf
-        self._leader: str | None = None
-        self._problem: str | None = None
-        self._complaints = Throttle(monotonic=monotonic)  # Redis trouble: once a minute
-        self._stopping = threading.Event()
-        self._poke = threading.Event()
-        self._on_change: Callable[[], None] = lambda: None
-        self._announced: int | None = None  # the term last reported through on_change
-        self._after_cycle = after_cycle or (lambda: None)  # every ttl/3 at most
-        self._last_after = -math.inf
-        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
 
-    # -- Coordinator ------------------------------------------------------------------------
+    def acquire(self, value: str, ttl: float, floor: int) -> tuple[bool, str, int]:
+        got, holder, epoch = self._acquire(keys=self._keys, args=[value, round(ttl * 1000), floor])
+        return bool(got), str(holder), int(epoch)
 
-    def term(self) -> int | None:
-        with self._lock:
-            return self._epoch if self._monotonic() < self._valid_until else None
+    def renew(self, value: str, ttl: float) -> bool:
+        return bool(self._renew(keys=self._keys[:1], args=[value, round(ttl * 1000)]))
 
-    def leading(self) -> bool:
-        return self.term() is not None
-
-    def fencing_token(self) -> int | None:
-        return self._last_epoch
-
-    def step_down(self) -> None:
-        with self._lock:
-            held, self._epoch, self._valid_until = self._epoch, None, -math.inf
-        if held is not None:
-            self._log.warning("lease lost: another replica holds it; stepping down", epoch=held)
-        self._poke.set()
-
-    def status(self) -> Leadership:
-        with self._lock:
-            leading = self._epoch is not None and self._monotonic() < self._valid_until
-            return Leadership(
-                role="leader" if leading else "standby",
-                identity=self.identity,
-                leader=self.identity if leading else self._leader,
-                epoch=self._epoch if leading else (self._floor or None),
-                problem=self._problem,
-            )
-
-    def start(self, on_change: Callable[[], None]) -> None:
-        self._on_change = on_change
-        self._cycle()  # the first attempt before the loop plans: a lone replica leads at once
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._poke.set()
-        if self._thread.is_alive():
-            self._thread.join(5)
-        with self._lock:
-            held, self._epoch, self._valid_until = self._epoch, None, -math.inf
-        if held is None:
-            return
-        try:
-            released = self._release(keys=[self._key], args=[self.value])
-        except redis.RedisError as error:
-            self._log.warning("lease not released; it expires by itself", error=str(error))
-            return
-        if released:
-            self._log.info("lease released", epoch=held)
-
-    # -- the lease thread -------------------------------------------------------------------
-
-    def _run(self) -> None:
-        while not self._stopping.is_set():
-            pause = self._cycle()
-            self._poke.wait(pause)
-            self._poke.clear()
-
-    def _cycle(self) -> float:
-        """Renew or acquire once; how long to wait before the next attempt."""
-        sent = self._monotonic()
-        try:
-            if self._epoch is not None:
-                self._renew_once(sent)
-            if self._epoch is None:
-                self._acquire_once(sent)
-        except redis.RedisError as error:
-            self._unreachable(error)
-            if self._epoch is not None and self._monotonic() >= self._valid_until:
-                self._log.error(
-                    "lease could not be renewed in time; firing stopped until Redis answers",
-                    epoch=self._epoch,
-                    error=self._problem,
-                )
-                with self._lock:
-                    self._epoch = None
-        else:
-            if self._problem is not None:
-                self._log.info("Redis reachable again", redis=self._where)
-                self._problem = None
-            if sent - self._last_after >= self._ttl / 3 * 0.9:  # standbys poll faster
-                self._last_after = sent
-                self._after_cycle()
-        term = self.term()
-        if term != self._announced:
-            self._announced = term
-            self._on_change()
-        if term is None:
-            return min(1.0, self._ttl / 3)
-        # Renew every ttl/3; after a failed renewal retry often, and wake when the lease runs
-        # out, so firing stops on time.
-        pause = self._ttl / 3 if self._problem is None else min(1.0, self._ttl / 10)
-        return max(0.01, min(pause, self._valid_until - self._monotonic()))
-
-    def _renew_once(self, sent: float) -> None:
-        renewed = self._renew(keys=[self._key], args=[self.value, round(self._ttl * 1000)])
-        with self._lock:
-            if renewed:
-                self._valid_until = sent + self._ttl - self._margin
-                return
-            held, self._epoch, self._valid_until = self._epoch, None, -math.inf
-        self._log.warning("lease lost: it expired or another replica took it", epoch=held)
-
-    def _acquire_once(self, sent: float) -> None:
-        got, holder, epoch = self._acquire(
-            keys=[self._key, self._epoch_key],
-            args=[self.value, round(self._ttl * 1000), self._floor],
-        )
-        epoch = int(epoch)
-        if not got and holder == self.value:
-            got = 1  # our own acquisition whose reply was lost, resent by the client
-        leader = holder.rpartition(" ")[0] or None
-        with self._lock:
-            self._floor = max(self._floor, epoch)
-            changed = leader != self._leader
-            self._leader = leader
-            if got:
-                self._epoch = self._last_epoch = epoch
-                self._valid_until = sent + self._ttl - self._margin
-        if got:
-            self._log.info(
-                "leader: lease acquired", epoch=epoch, replica=self.identity, ttl_seconds=self._ttl
-            )
-        elif changed:
-            self._log.info("standby: another replica leads", leader=leader, epoch=epoch)
-
-    def _unreachable(self, error: redis.RedisError) -> None:
-        self._problem = f"cannot reach Redis at {self._where}: {error}"
-        if self._complaints.ready():
-            self._log.error(
-                "cannot reach Redis; a leader keeps firing only while its lease is certain",
-                error=str(error),
-                redis=self._where,
-                leading=self.leading(),
-            )
+    def release(self, value: str) -> bool:
+        return bool(self._release(keys=self._keys[:1], args=[value]))
 
 
 # -------------------------------------------------------------------------------------------
@@ -371,7 +212,7 @@ def _dt(value: str | None) -> datetime | None:
 Op = Callable[[Any], None]  # one queued write, given a pipeline
 
 
-class RedisStateStore:
+class RedisStateStore(SharedState):
     """StateStore on Redis, shared by every replica.
 
     Reads of job state come from a local copy, refreshed from Redis when this replica starts
@@ -379,6 +220,9 @@ class RedisStateStore:
     go to Redis at once; history and outcomes are queued and written in batches by a writer
     thread, kept and retried while Redis is away.
     """
+
+    kind = "Redis"
+    reset_reason = "its data was reset"
 
     def __init__(
         self,
@@ -393,35 +237,26 @@ class RedisStateStore:
         where: str = "redis",
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(where=where, log=log, monotonic=monotonic)
         self._client = client
         self._ns = namespace
         self._lease_key = f"{namespace}:leader"
         self._inflight_key = f"{namespace}:inflight"
         self._lease_value = lease_value
         self._claim_ttl_ms = round(claim_ttl * 1000)
-        self._log = log
         self._max_runs = max_runs
         self._max_age = max_age
-        self._where = where
-        self._monotonic = monotonic
         self._claim = client.register_script(_CLAIM)
         self._advance = client.register_script(_ADVANCE)
         self._instance_script = client.register_script(_INSTANCE)
-        self._instance: str | None = None  # the Redis this replica has seen
-        self._lock = threading.Lock()
-        self._states: dict[str, JobState] = {}
         self._registered: set[str] = set()  # jobs this process has added to ns:jobs
-        self._problem: str | None = None
-        self._complaints = Throttle(monotonic=monotonic)  # Redis trouble: once a minute
         self._records = 0
-        self._queue: list[Op] = []
-        self._queue_changed = threading.Condition()
-        self._writing = False
-        self._closed = False
-        self._writer = threading.Thread(
-            target=self._drain_forever, name="redis-writer", daemon=True
+        self._writes: WriteQueue[Op] = WriteQueue(
+            self._execute,
+            name="redis-writer",
+            on_drop=lambda: self._complain("state writes dropped: Redis away too long"),
+            monotonic=monotonic,
         )
-        self._writer.start()
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -432,10 +267,6 @@ class RedisStateStore:
         return f"{self._ns}:runs:{job}"
 
     # -- reads ------------------------------------------------------------------------------
-
-    def job_state(self, job: str) -> JobState:
-        with self._lock:
-            return self._states.get(job, JobState())
 
     def refresh(self) -> None:
         """Pull every job's state from Redis. A job Redis has no record of keeps what this
@@ -458,27 +289,9 @@ class RedisStateStore:
             return
         self._healthy()
         fetched = {name: _job_state(row) for name, row in zip(names, rows, strict=True) if row}
-        reset = self._instance is not None and instance != self._instance
-        self._instance = instance
-        if reset:
-            self._log.error(
-                "Redis lost its state (its data was reset); slots this replica cannot be "
-                "sure about are not fired, and the state it knew is written back as restored",
-                redis=self._where,
-                jobs=len(self._states),
-            )
-        with self._lock:
-            if reset:
-                self._states = {n: replace(s, uncertain=True) for n, s in self._states.items()}
-            lost = {n: s for n, s in self._states.items() if n not in fetched and not is_runtime(n)}
-            runtime = {n: s for n, s in self._states.items() if is_runtime(n)}
-            self._states = (
-                {name: _merge(self._states.get(name), state) for name, state in fetched.items()}
-                | lost
-                | runtime
-            )
+        lost = self._take_all(instance, fetched)
         for name, state in lost.items():
-            self._enqueue(_write_state(self._ns, name, state))
+            self._writes.put(_write_state(self._ns, name, state))
 
     def load_states(self, names: list[str]) -> None:
         """Read the state of these jobs (runtime schedules: not refreshed every cycle)."""
@@ -488,16 +301,12 @@ class RedisStateStore:
         try:
             rows = cast(list[dict[str, str]], pipe.execute())
         except redis.RedisError as error:
-            self._trouble(error)
-            raise StoreUnavailable(self._problem or str(error)) from None
-        with self._lock:
-            for name, row in zip(names, rows, strict=True):
-                if row:
-                    self._states[name] = _merge(self._states.get(name), _job_state(row))
+            raise self._trouble(error) from None
+        self._take({name: _job_state(row) for name, row in zip(names, rows, strict=True) if row})
 
     def forget(self, job: str) -> None:
+        super().forget(job)
         with self._lock:
-            self._states.pop(job, None)
             self._registered.discard(job)
 
     def runs(self, job: str, limit: int = 50) -> list[RunRecord]:
@@ -508,46 +317,16 @@ class RedisStateStore:
                 self._client.xrevrange(self._runs_key(job), count=limit),
             )
         except redis.RedisError as error:
-            self._trouble(error)
-            raise StoreUnavailable(self._problem or str(error)) from None
+            raise self._trouble(error) from None
         return [_run_record(job, fields) for _, fields in entries]
-
-    def problem(self) -> str | None:
-        return self._problem
 
     # -- claims (synchronous: a slot is claimed before its call) ----------------------------
 
-    def mark_started(self, slots: Iterable[tuple[str, datetime, str]]) -> dict[str, Refusal]:
-        handed = list(slots)
-        if not handed:
-            return {}
+    def _claim_all(self, handed: Sequence[tuple[str, datetime | None, str]]) -> list[str] | None:
         args: list[str | int] = []
         for job, slot, key in handed:
-            args += [job, _us(slot), key.partition("@")[2], key]
-        results = self._run_claim(args)
-        if results is None:
-            return {key: "unavailable" for _, _, key in handed}
-        if results == ["not_leader"]:
-            return {key: "not_leader" for _, _, key in handed}
-        refused: dict[str, Refusal] = {}
-        with self._lock:
-            for (job, slot, key), result in zip(handed, results, strict=True):
-                state = self._states.get(job, JobState())
-                if state.last_slot is None or slot > state.last_slot:
-                    state = replace(state, last_slot=slot, uncertain=False)
-                if result != "ok":
-                    refused[key] = cast(Refusal, result)
-                    state = replace(state, paused=state.paused or result == "paused")
-                self._states[job] = state
-        return refused
-
-    def claim(self, job: str, key: str) -> Refusal | None:
-        results = self._run_claim([job, "", key.partition("@")[2], key])
-        if results is None:
-            return "unavailable"
-        if results == ["not_leader"]:
-            return "not_leader"
-        return None if results[0] == "ok" else cast(Refusal, results[0])
+            args += [job, "" if slot is None else _us(slot), key.partition("@")[2], key]
+        return self._run_claim(args)
 
     def _run_claim(self, slot_args: list[str | int]) -> list[str] | None:
         try:
@@ -571,18 +350,15 @@ class RedisStateStore:
     # -- writes -----------------------------------------------------------------------------
 
     def advance(self, job: str, slot: datetime) -> None:
-        with self._lock:
-            state = self._states.get(job, JobState())
-            if state.last_slot is None or slot > state.last_slot:
-                self._states[job] = replace(state, last_slot=slot, uncertain=False)
+        self._advance_here(job, slot)
         job_key, jobs_key, value = self._job_key(job), f"{self._ns}:jobs", _us(slot)
-        self._enqueue(
+        self._writes.put(
             lambda pipe: self._advance(keys=[job_key, jobs_key], args=[value, job], client=pipe)
         )
 
     def mark_finished(self, job: str, key: str) -> None:
         inflight = self._inflight_key
-        self._enqueue(lambda pipe: pipe.hdel(inflight, key))
+        self._writes.put(lambda pipe: pipe.hdel(inflight, key))
 
     def recover_interrupted(self, now: datetime) -> list[RunRecord]:
         """Calls a dead leader left in flight, recorded `interrupted` and cleared in one
@@ -612,15 +388,12 @@ class RedisStateStore:
     def record_run(self, record: RunRecord) -> None:
         op = self._record_op(record)
         if record.outcome in _ACCOUNTING:
-            self._write_through(op)
+            self._writes.through(op)
         else:
-            self._enqueue(op)
+            self._writes.put(op)
 
     def _record_op(self, record: RunRecord) -> Op:
-        with self._lock:
-            state = self._states[record.job] = apply_outcome(
-                self._states.get(record.job, JobState()), record
-            )
+        state = self._apply(record)
         fields = _record_fields(record)
         outcome = _outcome_fields(state)
         runs_key, job_key, jobs_key = (
@@ -659,57 +432,11 @@ class RedisStateStore:
             pipe.sadd(f"{self._ns}:jobs", job)
             pipe.execute()
         except redis.RedisError as error:
-            self._trouble(error)
-            raise StoreUnavailable(self._problem or str(error)) from None
+            raise self._trouble(error) from None
         self._healthy()
-        with self._lock:
-            self._states[job] = replace(self._states.get(job, JobState()), paused=paused)
+        self._paused_here(job, paused)
 
     # -- the writer -------------------------------------------------------------------------
-
-    def _enqueue(self, op: Op) -> None:
-        with self._queue_changed:
-            self._queue.append(op)
-            if len(self._queue) > _WRITE_QUEUE_CAP:
-                del self._queue[: len(self._queue) - _WRITE_QUEUE_CAP]
-                self._complain("state writes dropped: Redis away too long")
-            if len(self._queue) == 1:
-                self._queue_changed.notify_all()
-
-    def _write_through(self, op: Op) -> None:
-        """Write now, after what is queued (order kept); kept in the queue if Redis is away."""
-        with self._queue_changed:
-            batch, self._queue = [*self._queue, op], []
-        if not self._execute(batch):
-            with self._queue_changed:
-                self._requeue(batch)
-                self._queue_changed.notify_all()
-
-    def _requeue(self, batch: list[Op]) -> None:
-        """Put a batch Redis refused back in front, in order, for when it answers (lock held)."""
-        self._queue[:0] = batch
-        del self._queue[_WRITE_QUEUE_CAP:]
-
-    def _drain_forever(self) -> None:
-        while True:
-            with self._queue_changed:
-                while not self._queue and not self._closed:
-                    self._queue_changed.wait()
-                if not self._queue:
-                    return
-                # Outcomes of one beat share a round trip, written after its calls went out
-                # (as the SQLite store's commits), not in their midst.
-                self._queue_changed.wait(COALESCE_SECONDS)
-                batch, self._queue = self._queue, []
-                self._writing = True
-            ok = self._execute(batch)
-            with self._queue_changed:
-                self._writing = False
-                if not ok:
-                    self._requeue(batch)
-                self._queue_changed.notify_all()
-                if not ok and not self._closed:
-                    self._queue_changed.wait(1.0)
 
     def _execute(self, batch: list[Op]) -> bool:
         try:
@@ -725,37 +452,12 @@ class RedisStateStore:
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until queued writes are in Redis; False if they are not within `timeout`."""
-        deadline = self._monotonic() + timeout
-        with self._queue_changed:
-            self._queue_changed.notify_all()
-            while self._queue or self._writing:
-                left = deadline - self._monotonic()
-                if left <= 0:
-                    return False
-                self._queue_changed.wait(min(left, 0.1))
-        return True
+        return self._writes.flush(timeout)
 
     def close(self) -> None:
         if not self.flush(timeout=5.0):
             self._log.warning("state writes not flushed to Redis at shutdown", redis=self._where)
-        with self._queue_changed:
-            self._closed = True
-            self._queue.clear()
-            self._queue_changed.notify_all()
-        self._writer.join(5)
-
-    # -- trouble ----------------------------------------------------------------------------
-
-    def _trouble(self, error: redis.RedisError) -> None:
-        self._problem = f"cannot reach Redis at {self._where}: {error}"
-        self._complain(self._problem)
-
-    def _healthy(self) -> None:
-        self._problem = None
-
-    def _complain(self, message: str) -> None:
-        if self._complaints.ready():
-            self._log.error("state not written to Redis; kept and retried", error=message)
+        self._writes.close()
 
 
 def _job_state(row: dict[str, str]) -> JobState:
@@ -769,31 +471,6 @@ def _job_state(row: dict[str, str]) -> JobState:
         paused=row.get("paused") == "1",
         uncertain=row.get("restored") == "1",
     )
-
-
-def _merge(local: JobState | None, fetched: JobState) -> JobState:
-    """Redis's state, except what this replica has newer and not yet written: a later last
-    slot (claimed a moment ago) and a later run's outcome (queued)."""
-    if local is None:
-        return fetched
-    merged = fetched
-    if local.last_slot is not None and (
-        fetched.last_slot is None or local.last_slot > fetched.last_slot
-    ):
-        merged = replace(merged, last_slot=local.last_slot, uncertain=local.uncertain)
-    elif local.uncertain and local.last_slot == fetched.last_slot:
-        merged = replace(merged, uncertain=True)
-    if local.last_run is not None and (
-        fetched.last_run is None or local.last_run > fetched.last_run
-    ):
-        merged = replace(
-            merged,
-            last_outcome=local.last_outcome,
-            last_status=local.last_status,
-            last_run=local.last_run,
-            last_success=local.last_success,
-        )
-    return merged
 
 
 def _outcome_fields(state: JobState) -> dict[str, str | int]:
@@ -953,7 +630,7 @@ _SCHEDULE_FIELDS = (
 _BATCH = 1000
 
 
-class RedisSchedules:
+class RedisSchedules(FollowsChanges):
     """Runtime schedules in Redis, shared by every replica. Changes go through scripts (the
     limit is checked in the same step as the write) and are announced on a stream that every
     replica follows, so the leader plans a schedule created through any replica at once."""
@@ -975,8 +652,7 @@ class RedisSchedules:
         self._put = client.register_script(_PUT_SCHEDULES)
         self._end = client.register_script(_END_SCHEDULE)
         self._purge = client.register_script(_PURGE_SCHEDULES)
-        self._stopping = threading.Event()
-        self._watcher: threading.Thread | None = None
+        super().__init__()
 
     def _key(self, id: str) -> str:
         return f"{self._ns}:schedule:{id}"
@@ -985,8 +661,7 @@ class RedisSchedules:
         try:
             return operation()
         except redis.RedisError as error:
-            self._state._trouble(error)
-            raise StoreUnavailable(self._state.problem() or str(error)) from None
+            raise self._state._trouble(error) from None
 
     def put_schedules(
         self, puts: Sequence[Put], *, now: datetime, limit: int
@@ -1129,12 +804,6 @@ class RedisSchedules:
 
     # -- following changes made on any replica ---------------------------------------------
 
-    def watch(self, on_change: Callable[[list[str]], None]) -> None:
-        self._watcher = threading.Thread(
-            target=self._follow, args=(on_change,), name="schedule-watch", daemon=True
-        )
-        self._watcher.start()
-
     def _follow(self, on_change: Callable[[list[str]], None]) -> None:
         key = f"{self._ns}:schedules:changes"
         last: str | None = None
@@ -1156,11 +825,6 @@ class RedisSchedules:
                 if entries:
                     last = entries[-1][0]
                     on_change(sorted({fields["id"] for _, fields in entries if "id" in fields}))
-
-    def close(self) -> None:
-        self._stopping.set()
-        if self._watcher is not None:
-            self._watcher.join(5)
 
 
 def _schedule_record(id: str, row: list[str | None]) -> ScheduleRecord:
