@@ -10,9 +10,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/cronclock
 
 # Dependencies in a layer of their own: rebuilt only when pyproject.toml changes, not the code.
-# The image carries the Redis client (the extra cronclock[redis]), so it runs as a replica too.
+# The image carries the Redis and PostgreSQL clients (the extras cronclock[redis,postgres]), so
+# it runs as a replica on either.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['redis']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['redis'] + p['optional-dependencies']['postgres']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

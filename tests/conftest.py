@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import RedisServer
+from tests.support import PostgresServer, RedisServer, find_initdb, free_port
 
 
 @pytest.fixture
@@ -24,3 +24,34 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(directory, binary).start()
     yield server
     server.stop()
+
+
+def _postgres() -> PostgresServer:
+    initdb = find_initdb()
+    if initdb is None:
+        pytest.skip("initdb is not on PATH (apt-get install postgresql); PostgreSQL tests need it")
+    return PostgresServer(initdb).start()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the session's tests that do not stop it; each of them gets a
+    database of its own (`postgres_url`), so no state is shared."""
+    server = _postgres()
+    yield server
+    server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: PostgresServer, request: pytest.FixtureRequest) -> str:
+    """A fresh database in the session's cluster, for this test alone."""
+    name = f"t{abs(hash(request.node.nodeid)) % 10**12}_{free_port()}"
+    return postgres_cluster.create_database(name)
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own: for tests that stop, restart or kill it."""
+    server = _postgres()
+    yield server
+    server.remove()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -239,6 +241,72 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+def find_initdb() -> str | None:
+    """initdb on PATH, or the newest of Debian's (which keeps it off PATH, in
+    /usr/lib/postgresql/<major>/bin)."""
+    found = shutil.which("initdb")
+    if found is not None:
+        return found
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                    key=lambda path: int(path.parts[-3]) if path.parts[-3].isdigit() else 0)  # fmt: skip
+    return str(debian[-1]) if debian else None
+
+
+class PostgresServer:
+    """A real PostgreSQL cluster of the test's own (`initdb` + `pg_ctl`), on a free loopback
+    port in a temporary directory. As root, the server runs as the `postgres` user (it refuses
+    to run as root), so its directory lies outside pytest's root-only tmp_path.
+
+    fsync is off: these tests kill and restart the server process, never the machine."""
+
+    def __init__(self, initdb: str) -> None:
+        self.bin = Path(initdb).resolve().parent
+        self.directory = Path(tempfile.mkdtemp(prefix="cronclock-pg-"))
+        self.data = self.directory / "data"
+        self.port = free_port()
+        self.as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_postgres:
+            shutil.chown(self.directory, "postgres")
+        self._run(self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--no-sync", "--no-instructions")  # fmt: skip
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: object, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.as_postgres, *map(str, args)], capture_output=True,
+                              text=True, check=check, timeout=120)  # fmt: skip
+
+    def start(self) -> PostgresServer:
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.directory} "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")  # fmt: skip
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.directory / "server.log",
+                  "-w", "-t", "60", "-o", options, "start")  # fmt: skip
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def sql(self, query: str, database: str = "postgres") -> list[tuple[object, ...]]:
+        import psycopg  # the extra cronclock[postgres]
+
+        with psycopg.connect(self.url(database), autocommit=True) as conn:
+            cursor = conn.execute(query)
+            return cursor.fetchall() if cursor.description else []
+
+    def create_database(self, name: str) -> str:
+        self.sql(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+    def remove(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -55,7 +55,8 @@ def test_compose_runs_the_app_and_one_scheduler_by_default(compose: dict[str, An
     assert set(services) == {"app", "scheduler"}
     scheduler = services["scheduler"]
     assert scheduler["env_file"] == ".env" and services["app"]["env_file"] == ".env"
-    assert scheduler["depends_on"] == {"app": {"condition": "service_healthy"}}
+    assert scheduler["depends_on"]["app"] == {"condition": "service_healthy"}
+    assert scheduler["depends_on"]["postgres"]["required"] is False  # not in this profile
     assert "cronclock-state:/var/lib/cronclock" in scheduler["volumes"]
     assert "cronclock-state" in compose["volumes"]
     assert scheduler["environment"]["API_URL"] == "http://app:8000"
@@ -78,6 +79,27 @@ def test_compose_ha_profile_adds_redis_and_a_second_replica(compose: dict[str, A
     assert len(set(ports)) == 2 and all(p.endswith(":8089") for p in ports)
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert "redis-data" in compose["volumes"]
+
+
+def test_compose_ha_postgres_profile_adds_postgres_and_a_second_replica(
+    compose: dict[str, Any],
+) -> None:
+    services = active(compose, "ha-postgres")
+    assert set(services) == {"app", "scheduler", "scheduler-2", "postgres"}
+    postgres = services["postgres"]
+    assert re.fullmatch(r"postgres:\d+\.\d+-alpine", postgres["image"]), postgres["image"]
+    assert postgres["healthcheck"]["test"][:2] == ["CMD", "pg_isready"]
+    env = postgres["environment"]
+    assert (env["POSTGRES_USER"], env["POSTGRES_DB"]) == ("cronclock", "cronclock")
+    # the replicas wait for it where it runs, and only there
+    for name in ("scheduler", "scheduler-2"):
+        wait = services[name]["depends_on"]["postgres"]
+        assert wait == {"condition": "service_healthy", "required": False}
+    assert "postgres-data" in compose["volumes"]
+    # the URL the compose comment tells to put in .env is one the settings accept
+    url = "postgresql://cronclock:pw@postgres:5432/cronclock"
+    assert url.replace(":pw", ":<that password>") in (ROOT / "compose.yaml").read_text()
+    assert load_settings({"SCHEDULER_STATE_URL": url}).state_url == url
 
 
 def test_compose_waits_longer_than_the_shutdown_grace(compose: dict[str, Any]) -> None:
@@ -146,7 +168,7 @@ def test_the_health_check_follows_the_admin_bind_and_sigterm_reaches_the_daemon(
     assert json.loads(steps["CMD"]) == ["run"] and steps["STOPSIGNAL"] == "SIGTERM"
 
 
-def test_the_image_installs_the_dependencies_and_the_redis_extra(tmp_path: Path) -> None:
+def test_the_image_installs_the_dependencies_and_the_back_end_extras(tmp_path: Path) -> None:
     """The RUN that writes requirements.txt, executed on this pyproject.toml."""
     run = next(args for kind, args in dockerfile() if kind == "RUN" and "tomllib" in args)
     command = run.split(" > /tmp/requirements.txt")[0]
@@ -154,8 +176,10 @@ def test_the_image_installs_the_dependencies_and_the_redis_extra(tmp_path: Path)
     printed = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path,
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + project["optional-dependencies"]["redis"]
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + extras["redis"] + extras["postgres"]
     assert printed.splitlines() == wanted and any(line.startswith("redis") for line in wanted)
+    assert any(line.startswith("psycopg[binary]") for line in wanted)
 
 
 def test_compose_hardens_the_scheduler_and_mounts_a_jobs_file(compose: dict[str, Any]) -> None:

@@ -736,14 +736,14 @@ def _serve(
     from .dispatch import Dispatcher
     from .schedules import RuntimeSchedules
     from .stores import open_store
-    from .stores.sqlite import StateInUse
+    from .stores.protocols import StoreRefused
     from .telemetry import Metrics, make_reporter
     from .wire import LoopThread, Wire
 
     settings = config.settings
     try:
         opened = open_store(settings, log)
-    except StateInUse as error:
+    except StoreRefused as error:
         raise ConfigError(
             f"SCHEDULER_STATE_URL={redact_url(settings.state_url)!r}: {error}"
         ) from None

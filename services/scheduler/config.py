@@ -197,21 +197,35 @@ class Settings(BaseSettings):
     def _state_url(cls, value: str) -> str:
         scheme, sep, rest = value.partition("://")
         scheme = scheme.lower()  # REDIS://… is redis://…, here and wherever the URL is used
-        if scheme not in ("sqlite", "memory", "redis", "rediss") or not sep:
-            raise ValueError("expected sqlite:///path/state.db, memory:// or redis://host:port/db")
+        if (
+            scheme not in ("sqlite", "memory", "redis", "rediss", "postgresql", "postgres")
+            or not sep
+        ):
+            raise ValueError(
+                "expected sqlite:///path/state.db, memory://, redis://host:port/db or "
+                "postgresql://user@host:port/database"
+            )
         value = f"{scheme}://{rest}"
         if scheme == "sqlite":
             sqlite_path(value)
         if scheme in ("redis", "rediss"):
             check_redis_url(value)
+        if scheme in ("postgresql", "postgres"):
+            check_postgres_url(value)
         return value
 
     @field_validator("namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
-            raise ValueError("expected 1-64 letters, digits or _ . : - (it prefixes Redis keys)")
+            raise ValueError(
+                "expected 1-64 letters, digits or _ . : - (the prefix of Redis keys, the "
+                "PostgreSQL schema)"
+            )
         return value
+
+
+STATE_SCHEMES = ("sqlite", "memory", "redis", "rediss", "postgresql", "postgres")
 
 
 def sqlite_path(url: str) -> Path:
@@ -220,6 +234,22 @@ def sqlite_path(url: str) -> Path:
     if not rest.startswith("/") or rest.endswith("/"):
         raise ValueError("expected sqlite:///relative/path.db or sqlite:////absolute/path.db")
     return Path(rest[1:])
+
+
+def check_postgres_url(value: str) -> None:
+    """postgresql://[user[:password]@][host][:port][/database][?param=value], with the client
+    installed (libpq's PG* variables, such as PGPASSWORD, fill in what the URL leaves out)."""
+    if (
+        importlib.util.find_spec("psycopg") is None
+        or importlib.util.find_spec("psycopg_pool") is None
+    ):
+        raise ValueError(
+            "needs the PostgreSQL client, which is not installed: pip install 'cronclock[postgres]'"
+        )
+    host = value.partition("://")[2].partition("/")[0].rpartition("@")[2]
+    port = host.rpartition("]")[2].rpartition(":")[2] if ":" in host.rpartition("]")[2] else ""
+    if port and not (port.isdigit() and 0 < int(port) <= 65535):
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
 
 
 def check_redis_url(value: str) -> None:
@@ -247,6 +277,12 @@ def redact_url(value: str) -> str:
         url = urllib.parse.urlsplit(value)
     except ValueError:
         return "<not a URL>"
+    pairs = urllib.parse.parse_qsl(url.query, keep_blank_values=True)
+    if any(k.lower() == "password" for k, _ in pairs):  # postgresql://h/db?password=... (libpq)
+        url = url._replace(query="&".join(
+            f"{k}=***" if k.lower() == "password" else f"{k}={v}" for k, v in pairs
+        ))  # fmt: skip
+        value = urllib.parse.urlunsplit(url)
     if "@" not in url.netloc:
         return value
     userinfo, _, host = url.netloc.rpartition("@")

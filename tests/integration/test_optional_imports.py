@@ -1,6 +1,6 @@
 """Issue 19: back-end clients and the admin stack load only when used. `redis` is the extra
-`cronclock[redis]`: without it a redis:// state URL is a config error naming the extra, and
-everything else runs as before. Shown on the real daemon with the package hidden
+`cronclock[redis]`, `psycopg` the extra `cronclock[postgres]`: without one, its state URL is a
+config error naming the extra, and everything else runs as before. Shown on the real daemon with the package hidden
 (a sitecustomize that sets sys.modules["redis"] = None, as a missing package looks)."""
 
 from __future__ import annotations
@@ -25,6 +25,25 @@ def without_redis(tmp_path: Path) -> dict[str, str]:
     hidden.mkdir()
     (hidden / "sitecustomize.py").write_text('import sys\nsys.modules["redis"] = None\n')
     return {"PYTHONPATH": f"{hidden}:{ROOT}:{ROOT / 'src'}"}
+
+
+@pytest.mark.parametrize("hidden", ["psycopg", "psycopg_pool"])
+def test_a_postgres_url_without_the_extra_is_one_line_naming_it(
+    hidden: str, tmp_path: Path, jobs_file: Callable[[str], Path]
+) -> None:
+    directory = tmp_path / "no-psycopg"
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(f'import sys\nsys.modules["{hidden}"] = None\n')
+    env = base_env(API_URL="http://127.0.0.1:9", SCHEDULER_API_TOKEN="t",
+                   SCHEDULER_STATE_URL="postgresql://cronclock@127.0.0.1:5999/app",
+                   SCHEDULER_JOBS_FILE=str(jobs_file(TICK)),
+                   PYTHONPATH=f"{directory}:{ROOT}:{ROOT / 'src'}")  # fmt: skip
+    for command in ("check", "run"):
+        result = run_cli(command, env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert "SCHEDULER_STATE_URL" in result.stderr
+        assert "pip install 'cronclock[postgres]'" in result.stderr
 
 
 def test_a_redis_url_without_the_extra_is_one_line_naming_it(
@@ -70,7 +89,8 @@ def _loaded_after(
     probe = (
         f"import sys\n{stop}from services.scheduler.__main__ import main\n"
         f"code = main({argv!r})\n"
-        f"heavy = ('fastapi', 'uvicorn', 'starlette', 'redis', 'posthog', 'prometheus_client', *{also!r})\n"
+        f"heavy = ('fastapi', 'uvicorn', 'starlette', 'redis', 'psycopg', 'posthog', "
+        f"'prometheus_client', *{also!r})\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
         "raise SystemExit(code)\n"
     )

@@ -4,6 +4,7 @@ schedules and (where it has one) leadership:
     memory.py     memory://          one process, lost on restart (tests, demos)
     sqlite.py     sqlite:///path     one process, the embedded default
     redis.py      redis://, rediss:// several replicas (the extra cronclock[redis])
+    postgres.py   postgresql://      several replicas (the extra cronclock[postgres])
 
 `protocols.py` holds what they implement. `open_store` picks one by SCHEDULER_STATE_URL's
 scheme and imports a back-end's client library only when that back-end is used.
@@ -35,6 +36,10 @@ def open_store(settings: Settings, log: FilteringBoundLogger) -> OpenState:
         from .redis import open_redis  # the extra cronclock[redis], checked by config
 
         return open_redis(settings, log)
+    if scheme(url) in ("postgresql", "postgres"):
+        from .postgres import open_postgres  # the extra cronclock[postgres], checked by config
+
+        return open_postgres(settings, log)
     max_runs, max_age = settings.history_max_runs, timedelta(seconds=settings.history_max_age)
     if scheme(url) == "memory":
         from .memory import MemorySchedules, MemoryStateStore

@@ -30,6 +30,11 @@ class StoreUnavailable(Exception):
     """A shared store cannot be reached; the operation did not happen."""
 
 
+class StoreRefused(Exception):
+    """SCHEDULER_STATE_URL names a store this process cannot use (another process holds it,
+    it is from a newer cronclock): a configuration error, exit 2."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunRecord:
     """One attempt of one slot (or a note about slots that did not run: missed, skipped)."""

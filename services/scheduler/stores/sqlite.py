@@ -36,6 +36,7 @@ from .protocols import (
     RunRecord,
     ScheduleRecord,
     ScheduleStatus,
+    StoreRefused,
     StoreUnavailable,
     decide_puts,
     interrupted,
@@ -646,7 +647,7 @@ class SqliteStateStore:
             self._lock_file = None
 
 
-class StateInUse(Exception):
+class StateInUse(StoreRefused):
     """Another live cronclock process holds this state file."""
 
 
@@ -705,7 +706,7 @@ class StateLock:
 def _in_use(path: Path, holder: str) -> StateInUse:
     return StateInUse(
         f"{path} is in use by another cronclock process (pid {holder}); run one process "
-        "per SQLite file, or redis:// state for several replicas"
+        "per SQLite file, or postgresql:// or redis:// state for several replicas"
     )
 
 
