@@ -85,7 +85,7 @@ class Cronclock:
                 f"sqlite:///{self.dir}/state.db"
                 if state == "sqlite"
                 else state
-                if state.startswith("redis://")
+                if state.startswith(("redis://", "postgresql://"))
                 else "memory://"
             ),
             SCHEDULER_ADMIN_BIND=f"127.0.0.1:{admin_port}" if admin_port else "off",

@@ -61,7 +61,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Records that account for slots not called are written at once, before the next claim can
 # advance past them; call outcomes are batched (a leader killed in that window loses them).
 _ACCOUNTING = frozenset({"missed", "interrupted", "skipped_claimed"})
-_PRUNE_EVERY = 100  # history is trimmed (per job count, age) every this many records
+_PRUNE_EVERY = 100  # history older than its age bound, and old claims, go every this many records
 _PURGE_BATCH = 500
 # The server is "away" on these: it could not be reached, a statement timed out, the schema
 # was dropped under a running daemon (it is created again), or the pool had no connection.
@@ -490,7 +490,10 @@ class PostgresStateStore(SharedState):
         self._max_age = max_age
         self._claim_retention = claim_retention
         self._records = 0
-        self._unpruned: set[str] = set()  # jobs with records since their history was trimmed
+        # records per job since its history was trimmed; a job is trimmed after a tenth of its
+        # bound (at most 100), so the table holds at most 1.1 x SCHEDULER_HISTORY_MAX_RUNS
+        self._unpruned: dict[str, int] = {}
+        self._trim_after = max(1, min(_PRUNE_EVERY, max_runs // 10))
         self._writes: WriteQueue[Op] = WriteQueue(
             self._execute,
             name="postgres-writer",
@@ -624,31 +627,28 @@ class PostgresStateStore(SharedState):
         if state.last_outcome is not None:
             statements.append(_outcome(record.job, state))
         self._records += 1
-        self._unpruned.add(record.job)
+        count = self._unpruned[record.job] = self._unpruned.get(record.job, 0) + 1
+        if count >= self._trim_after:
+            statements.append(self._trim(record.job))
+        if self._records % _PRUNE_EVERY == 0:  # by age, and claims past their retention
+            statements += [
+                ("DELETE FROM runs WHERE started < %s", (_us(record.started - self._max_age),)),
+                ("DELETE FROM claims WHERE claimed < %s",
+                 (_us(record.started - self._claim_retention),)),
+            ]  # fmt: skip
         if record.outcome in _ACCOUNTING:
             self._writes.through(tuple(statements))
         else:
             self._writes.put(tuple(statements))
-        if self._records % _PRUNE_EVERY == 0:
-            self._prune(record.started)
 
-    def _prune(self, now: datetime) -> None:
-        """Trim history (per job, then by age) and old claims: every _PRUNE_EVERY records and
-        at close, as the SQLite store does."""
-        jobs, self._unpruned = sorted(self._unpruned), set()
-        trims: list[Statement] = [
-            (
-                "DELETE FROM runs WHERE job = %s AND id <= (SELECT id FROM runs WHERE "
-                "job = %s ORDER BY id DESC OFFSET %s LIMIT 1)",
-                (job, job, self._max_runs),
-            )
-            for job in jobs
-        ]
-        trims += [
-            ("DELETE FROM runs WHERE started < %s", (_us(now - self._max_age),)),
-            ("DELETE FROM claims WHERE claimed < %s", (_us(now - self._claim_retention),)),
-        ]
-        self._writes.put(tuple(trims))
+    def _trim(self, job: str) -> Statement:
+        """Keep the job's latest SCHEDULER_HISTORY_MAX_RUNS records."""
+        self._unpruned.pop(job, None)
+        return (
+            "DELETE FROM runs WHERE job = %s AND id <= (SELECT id FROM runs WHERE job = %s "
+            "ORDER BY id DESC OFFSET %s LIMIT 1)",
+            (job, job, self._max_runs),
+        )
 
     def set_paused(self, job: str, paused: bool) -> None:
         self.transact(
@@ -678,8 +678,8 @@ class PostgresStateStore(SharedState):
         return self._writes.flush(timeout)
 
     def close(self) -> None:
-        if self._unpruned:
-            self._prune(datetime.now(UTC))
+        if self._unpruned:  # every job's history within its bound at shutdown
+            self._writes.put(tuple(self._trim(job) for job in sorted(self._unpruned)))
         if not self.flush(timeout=5.0):
             self._log.warning(
                 "state writes not flushed to PostgreSQL at shutdown", postgres=self._where
