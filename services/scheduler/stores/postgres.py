@@ -12,7 +12,7 @@ schema's version and a random instance id):
     jobs        last_slot, last_outcome, last_status, last_run, last_success, paused, restored
     in_flight   Idempotency-Key -> job, slot, since: calls started and not finished
     runs        run history, bounded per job (SCHEDULER_HISTORY_MAX_RUNS) and by age
-    schedules   runtime schedules, with a partial index on the next slot of the active ones
+    schedules   runtime schedules; planning reads the active ones by next slot (a partial index)
 
 A slot is claimed by the function `claim`, in one transaction that checks this replica holds
 the lease, inserts the claim (the unique constraint refuses a second one, whoever asks, even when
@@ -829,7 +829,7 @@ class PostgresSchedules(FollowsChanges):
                 "SELECT s.id, s.anchor, s.first, j.name, j.last_slot, j.last_outcome, "
                 "j.last_status, j.last_run, j.last_success, j.paused, j.restored "
                 "FROM schedules s LEFT JOIN jobs j ON j.name = 'schedule/' || s.id "
-                "WHERE s.status = 'active' ORDER BY s.id"
+                "WHERE s.status = 'active' ORDER BY s.first"  # the partial index schedules_next
             ).fetchall()
         )
         self._state.load_states(row[3:] for row in rows if row[3] is not None)
