@@ -7,6 +7,7 @@ secret-looking value contains SECRET, so a test can check that no output ever sh
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from typing import Any
@@ -58,6 +59,8 @@ SETTINGS: dict[str, tuple[list[Any], list[Any]]] = {
                  "http://app:99999", "http://a b:1", "ftp://x", ""]),
     "SCHEDULER_API_TOKEN": ([SECRET + "tok", SECRET + "tok", SECRET + "tok", "", OMIT],
                             [f"{SECRET}\n1", f"{SECRET} x", SECRET + "\u00e9", f"{SECRET}\r\nX: 1"]),
+    "SCHEDULER_SIGNING_SECRET": ([OMIT, "whsec_" + base64.b64encode(SECRET.encode() * 3).decode()],
+                                 [SECRET, f"whsec_{SECRET}%", "whsec_" + base64.b64encode(b"k").decode()]),
     "LOCAL_DEV_MODE": ([OMIT, "true", "false"], ["maybe"]),
     "SCHEDULER_TIMEZONE": ([OMIT, "UTC", "Asia/Makassar"], ["Berlin", ""]),
     "SCHEDULER_TICK_SECONDS": ([OMIT, "30", "0.5"], ["1e-9", "nan", "inf", "0"]),

@@ -28,7 +28,8 @@ from services.scheduler.healthcheck import DEFAULT_BIND
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"SCHEDULER_API_TOKEN", "SCHEDULER_ADMIN_TOKEN", "SCHEDULER_REDIS_PASSWORD",
-           "POSTHOG_API_KEY", "SCHEDULER_API_TOKEN_FILE"}  # fmt: skip
+           "POSTHOG_API_KEY", "SCHEDULER_API_TOKEN_FILE", "SCHEDULER_SIGNING_SECRET",
+           "SCHEDULER_SIGNING_SECRET_FILE"}  # fmt: skip
 CADENCES = {job.cadence_variable for job in DEFAULT_JOBS if job.cadence_variable}
 
 

@@ -246,6 +246,9 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     count = f"{len(report['jobs'])} job{'' if len(report['jobs']) == 1 else 's'}"
     print(f"cronclock {__version__}: configuration OK; {report['origin']} ({count})", file=out)
     auth = "bearer token set" if report["auth"] == "bearer" else "none (LOCAL_DEV_MODE)"
+    if report["signing_secrets"]:
+        n = report["signing_secrets"]
+        auth += f", calls signed ({n} secret{'' if n == 1 else 's'})"
     print(f"target {report['target']}  auth: {auth}  state: {report['state']}", file=out)
     rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]
     for job in report["jobs"]:
@@ -278,6 +281,7 @@ def check_report(config: Config, now: datetime) -> dict[str, Any]:
                for warning in dst_warnings(job.schedule, now)]  # fmt: skip
     return {"version": __version__, "origin": config.origin, "target": settings.api_url,
             "auth": "bearer" if config.api_token else "none",
+            "signing_secrets": config.signer.count if config.signer else 0,
             "state": redact_url(settings.state_url),
             "jobs": jobs, "dst_effects": effects}  # fmt: skip
 
@@ -586,6 +590,7 @@ def cmd_fire(
     dispatcher = Dispatcher(
         api_url=config.settings.api_url,
         token=config.api_token,
+        signer=config.signer,
         store=store,
         clock=clock,
         log=log,
@@ -764,6 +769,7 @@ def _serve(
     dispatcher = Dispatcher(
         api_url=settings.api_url,
         token=config.api_token,
+        signer=config.signer,
         store=store,
         clock=clock,
         log=log,

@@ -44,6 +44,8 @@ from schedule_grammar import (
     seconds_to_schedule,
 )
 
+from .signing import Signer, parse_secrets
+
 
 class ConfigError(ValueError):
     """A setting, variable or job field that cannot be used. The CLI exits 2 on it."""
@@ -119,6 +121,9 @@ class Settings(BaseSettings):
     api_url: str = Field("http://localhost:8000", alias="API_URL")
     api_token: SecretStr | None = Field(None, alias="SCHEDULER_API_TOKEN")
     api_token_file: Path | None = Field(None, alias="SCHEDULER_API_TOKEN_FILE")
+    # Standard Webhooks signing of every call (signing.py): one or more whsec_ secrets.
+    signing_secret: SecretStr | None = Field(None, alias="SCHEDULER_SIGNING_SECRET")
+    signing_secret_file: Path | None = Field(None, alias="SCHEDULER_SIGNING_SECRET_FILE")
     local_dev_mode: bool = Field(False, alias="LOCAL_DEV_MODE")
     timezone: str = Field("UTC", alias="SCHEDULER_TIMEZONE")
     jobs_file: Path | None = Field(None, alias="SCHEDULER_JOBS_FILE")
@@ -158,7 +163,7 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("jobs_file", "api_token_file", mode="before")
+    @field_validator("jobs_file", "api_token_file", "signing_secret_file", mode="before")
     @classmethod
     def _path(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -667,6 +672,7 @@ class Config:
     jobs: tuple[Job, ...]
     api_token: SecretStr | None
     origin: str = BUILT_IN_ORIGIN  # where the job table came from
+    signer: Signer | None = None  # SCHEDULER_SIGNING_SECRET(_FILE): calls are signed
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -733,8 +739,37 @@ def load_config(environ: Mapping[str, str]) -> Config:
     """Settings, API token and the job table from an environment (os.environ in production)."""
     settings = load_settings(environ)
     token = _api_token(settings)
+    signer = _signer(settings)
     jobs, origin = load_table(settings, environ)
-    return Config(settings=settings, jobs=jobs, api_token=token, origin=origin)
+    return Config(settings=settings, jobs=jobs, api_token=token, origin=origin, signer=signer)
+
+
+def _signer(settings: Settings) -> Signer | None:
+    """The signing keys of SCHEDULER_SIGNING_SECRET or SCHEDULER_SIGNING_SECRET_FILE; errors
+    name the variable and a secret's position, never a secret."""
+    value, path = settings.signing_secret, settings.signing_secret_file
+    if value is not None and path is not None:
+        raise ConfigError(
+            "both SCHEDULER_SIGNING_SECRET and SCHEDULER_SIGNING_SECRET_FILE are set; set only one"
+        )
+    if value is not None:
+        where, text = "SCHEDULER_SIGNING_SECRET", value.get_secret_value()
+        if not text.strip():
+            return None  # `SCHEDULER_SIGNING_SECRET=` in an env file: unset
+    elif path is not None:
+        where = f"SCHEDULER_SIGNING_SECRET_FILE={str(path)!r}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"{where}: cannot read it ({error.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{where}: not UTF-8 text (the content is not shown)") from None
+    else:
+        return None
+    try:
+        return Signer(parse_secrets(text))
+    except ValueError as error:
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def require_auth(config: Config) -> None:

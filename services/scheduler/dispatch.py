@@ -27,6 +27,7 @@ from structlog.typing import FilteringBoundLogger
 
 from . import __version__
 from .config import Job
+from .signing import Signer
 from .slots import CallResult, Clock, format_slot, idempotency_key, manual_key
 from .stores.protocols import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics, log_batch
@@ -286,8 +287,12 @@ class Dispatcher:
         metrics: Metrics | None = None,
         on_finished: Callable[[Job, CallResult | None, datetime | None], None] | None = None,
         wire: Wire | None = None,
+        signer: Signer | None = None,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._signer = signer  # Standard Webhooks headers on every call (signing.py)
+        self._wall = wall
         # Scheduled first attempts over plain HTTP go on the wire (not through a proxy).
         self._proxied = _proxied()
         self._wire = wire if wire is not None and not self._proxied else None
@@ -637,7 +642,8 @@ class Dispatcher:
         """A first attempt's bytes for the wire. Built with httpx once per job (and fencing
         token) around two marks, then only the slot's X-Scheduled-For and Idempotency-Key are
         filled in: the same bytes as a fresh build, at a fraction of its cost."""
-        if job.schedule_id is not None:  # runtime schedules' jobs are not kept: build it
+        if job.schedule_id is not None or self._signer is not None:
+            # runtime schedules' jobs are not kept; a signature changes with every attempt
             return serialise(self._build(job, url, slot, key, 1))
         fencing = self._fencing_token()
         template = self._templates.get(job.name)
@@ -668,13 +674,16 @@ class Dispatcher:
     def _build(
         self, job: Job, url: httpx.URL, slot: datetime, key: str, attempt: int
     ) -> httpx.Request:
-        return self._client.build_request(
+        request = self._client.build_request(
             job.method,
             url,
             headers=self.headers(job, slot, key, attempt),
             json=job.body,
             timeout=job.timeout,
         )
+        if self._signer is not None:  # over the body bytes as sent, this attempt's time
+            request.headers.update(self._signer.headers(key, request.content, int(self._wall())))
+        return request
 
     def call(
         self,

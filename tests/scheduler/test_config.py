@@ -522,11 +522,13 @@ class TestJson:
             "origin",
             "target",
             "auth",
+            "signing_secrets",
             "state",
             "jobs",
             "dst_effects",
         }
         assert report["origin"].startswith("built-in table") and report["auth"] == "bearer"
+        assert report["signing_secrets"] == 0
         assert [job["name"] for job in report["jobs"]] == [job.name for job in DEFAULT_JOBS]
         refresh = report["jobs"][0]
         assert set(refresh) == {"name", "schedule", "method", "endpoint", "timeout_seconds",
