@@ -1,6 +1,7 @@
 """Where a fire's CPU goes: the daemon's CPU time per thread, per call, at N jobs every second.
 
-Run: python bench/threads.py [--jobs 100] [--seconds 15]   (needs py-spy for thread names)
+Run: python bench/threads.py [--jobs 100] [--seconds 15] [--signed]
+     (needs py-spy for thread names; --signed: every call signed, SCHEDULER_SIGNING_SECRET)
 
 The daemon runs as in bench/lateness.py (SQLite state, the fast path); each thread's CPU time
 is read from /proc/<pid>/task/<tid>/schedstat (nanoseconds) before and after, and divided by
@@ -10,6 +11,7 @@ the calls the target received meanwhile. Thread names come from `py-spy dump` wh
 from __future__ import annotations
 
 import argparse
+import base64
 import re
 import shutil
 import subprocess
@@ -33,9 +35,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--signed", action="store_true", help="sign every call (Standard Webhooks)")
     args = parser.parse_args()
     target = BenchTarget()
-    daemon = Cronclock(target, args.jobs, "every 1s", "sqlite")
+    secret = "whsec_" + base64.b64encode(b"bench-signing-key-32-bytes-long!").decode()
+    extra = {"SCHEDULER_SIGNING_SECRET": secret} if args.signed else {}
+    daemon = Cronclock(target, args.jobs, "every 1s", "sqlite", extra_env=extra)
     time.sleep(3)
     pid = daemon.process.pid
     called = names(pid)
