@@ -43,6 +43,10 @@ CONNECT_RETRY_DELAY_SECONDS = 0.2
 # The marks a job's first-attempt template is built around (see Dispatcher._first_payload).
 _MARK_SLOT = datetime(1999, 12, 31, 23, 59, 58, 987000, tzinfo=UTC)
 _MARK_KEY = "cronclock-template-key-5f1c3a"
+# With signing on, the Standard Webhooks headers are filled in too (signing.py).
+_MARK_ID = "cronclock-template-id-9b2e71"
+_MARK_TS = "cronclock-template-ts-0c4d"
+_MARK_SIG = "cronclock-template-signature-4d0a17"
 # The bookkeeper records at most this many answers at once (their log lines in one write).
 BOOKS_AT_ONCE = 256
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -103,6 +107,17 @@ class Sent:
 # httpx's timeouts bound each socket operation, so an answer dripped one byte at a time never
 # times out. The network backend below bounds every connect, read and write by what is left
 # of the current call's deadline, kept per thread (each call runs on one pool thread).
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Template:
+    """A job's first attempt as bytes, split around the marks of the values each slot fills
+    in: pieces[0] + value(order[0]) + pieces[1] + ... (and the body, for the signature)."""
+
+    pieces: tuple[bytes, ...]
+    order: tuple[str, ...]  # "slot", "key" and, when signing, the three webhook-* headers
+    body: bytes
+
 
 _deadline = threading.local()
 
@@ -316,7 +331,7 @@ class Dispatcher:
         self._base = httpx.URL(api_url.rstrip("/"))
         self._urls: dict[str, httpx.URL] = {}
         # job name -> (the job, (fencing token, URL), its first attempt split around the marks)
-        self._templates: dict[str, tuple[Job, tuple[int | None, httpx.URL], Any]] = {}
+        self._templates: dict[str, tuple[Job, tuple[int | None, httpx.URL], Template | None]] = {}
         self._pause = pause
         self._metrics = metrics if metrics is not None else Metrics()
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="fire")
@@ -640,36 +655,48 @@ class Dispatcher:
 
     def _first_payload(self, job: Job, url: httpx.URL, slot: datetime, key: str) -> bytes:
         """A first attempt's bytes for the wire. Built with httpx once per job (and fencing
-        token) around two marks, then only the slot's X-Scheduled-For and Idempotency-Key are
-        filled in: the same bytes as a fresh build, at a fraction of its cost."""
-        if job.schedule_id is not None or self._signer is not None:
-            # runtime schedules' jobs are not kept; a signature changes with every attempt
+        token) around marks, then only the slot's own header values are filled in
+        (X-Scheduled-For, Idempotency-Key and, when signing, webhook-id, -timestamp and
+        -signature): the same bytes as a fresh build, at a fraction of its cost."""
+        if job.schedule_id is not None:  # runtime schedules' jobs are not kept: build it
             return serialise(self._build(job, url, slot, key, 1))
         fencing = self._fencing_token()
         template = self._templates.get(job.name)
         if template is None or template[0] is not job or template[1] != (fencing, url):
             template = self._templates[job.name] = (job, (fencing, url), self._template(job, url))
-        pieces = template[2]
-        if pieces is None or not key.isascii():
+        filling = template[2]
+        if filling is None or not key.isascii():
             return serialise(self._build(job, url, slot, key, 1))
-        first, middle, last, slot_first = pieces
-        stamp, key_bytes = format_slot(slot).encode(), key.encode()
-        if slot_first:
-            return first + stamp + middle + key_bytes + last
-        return first + key_bytes + middle + stamp + last
+        values = {"slot": format_slot(slot), "key": key}
+        if self._signer is not None:
+            values |= self._signer.headers(key, filling.body, int(self._wall()))
+        pieces = filling.pieces
+        parts = [pieces[0]]
+        for name, piece in zip(filling.order, pieces[1:], strict=True):
+            parts += (values[name].encode(), piece)
+        return b"".join(parts)
 
-    def _template(self, job: Job, url: httpx.URL) -> tuple[bytes, bytes, bytes, bool] | None:
-        """The job's first attempt split around the slot's two header values; None when a
-        mark is not found exactly once (the job's own bytes contain one)."""
-        whole = serialise(self._build(job, url, _MARK_SLOT, _MARK_KEY, 1))
-        stamp, key = format_slot(_MARK_SLOT).encode(), _MARK_KEY.encode()
-        if whole.count(stamp) != 1 or whole.count(key) != 1:
+    def _template(self, job: Job, url: httpx.URL) -> Template | None:
+        """The job's first attempt split around the marks of its slot's own header values;
+        None when a mark is not found exactly once (the job's own bytes contain one)."""
+        request = self._build(job, url, _MARK_SLOT, _MARK_KEY, 1)
+        marks = {"slot": format_slot(_MARK_SLOT), "key": _MARK_KEY}
+        if self._signer is not None:  # the same places as the headers _build signed with
+            signed = {"webhook-id": _MARK_ID, "webhook-timestamp": _MARK_TS,
+                      "webhook-signature": _MARK_SIG}  # fmt: skip
+            request.headers.update(signed)
+            marks |= signed
+        whole = serialise(request)
+        found = {name: mark.encode() for name, mark in marks.items()}
+        if any(whole.count(mark) != 1 for mark in found.values()):
             return None
-        slot_first = whole.index(stamp) < whole.index(key)
-        one, two = (stamp, key) if slot_first else (key, stamp)
-        first, rest = whole.split(one)
-        middle, last = rest.split(two)
-        return first, middle, last, slot_first
+        order = tuple(sorted(found, key=lambda name: whole.index(found[name])))
+        pieces, rest = [], whole
+        for name in order:
+            head, rest = rest.split(found[name])
+            pieces.append(head)
+        pieces.append(rest)
+        return Template(pieces=tuple(pieces), order=order, body=request.content)
 
     def _build(
         self, job: Job, url: httpx.URL, slot: datetime, key: str, attempt: int

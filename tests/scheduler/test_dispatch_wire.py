@@ -3,6 +3,7 @@ bytes as the ordinary path, retries, overlap, timeouts, the lease, shutdown, uvi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import shutil
 import socket
@@ -24,6 +25,7 @@ from schedule_grammar import parse
 from services.scheduler.clock import SystemClock
 from services.scheduler.config import Job
 from services.scheduler.dispatch import Dispatcher
+from services.scheduler.signing import Signer, parse_secrets
 from services.scheduler.slots import idempotency_key
 from services.scheduler.stores.memory import MemoryStateStore
 from services.scheduler.wire import Wire, serialise
@@ -47,7 +49,15 @@ class Quiet:
 
 
 class World:
-    def __init__(self, url: str, *, may_fire: Any = lambda: True, wire: bool = True) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        may_fire: Any = lambda: True,
+        wire: bool = True,
+        signer: Signer | None = None,
+        wall: Any = time.time,
+    ) -> None:
         self.store = MemoryStateStore()
         self.finished: list[tuple[str, Any]] = []
         self.done = threading.Event()
@@ -60,7 +70,8 @@ class World:
         self.dispatcher = Dispatcher(api_url=url, token=SecretStr("s3cret"), store=self.store,
                                      clock=SystemClock(), log=structlog.get_logger(),
                                      reporter=Quiet(), max_concurrency=4, may_fire=may_fire,
-                                     on_finished=on_finished, wire=self.wire)  # fmt: skip
+                                     on_finished=on_finished, wire=self.wire, signer=signer,
+                                     wall=wall)  # fmt: skip
 
     def fire(self, j: Job, slot: datetime) -> None:
         self.dispatcher.submit(j, [slot], deadline=None)
@@ -126,6 +137,7 @@ def test_both_paths_send_the_same_bytes() -> None:
         raw.close()
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize(
     "fields",
     [
@@ -137,19 +149,31 @@ def test_both_paths_send_the_same_bytes() -> None:
     ],
 )
 def test_a_first_attempt_is_filled_into_its_jobs_template_byte_for_byte(
-    fields: dict[str, Any],
+    fields: dict[str, Any], signed: bool
 ) -> None:
     """Issue 18: the first attempt's bytes are built with httpx once per job, then only the
-    slot's own headers are filled in; they equal a fresh build for every slot and token."""
-    world = World("http://127.0.0.1:9")
+    slot's own headers are filled in; they equal a fresh build for every slot and token, and
+    (issue 21) with signing on, for every attempt's time too."""
+    clock = iter(range(1_795_000_000, 1_795_000_100))
+    now = [0.0]
+
+    def wall() -> float:
+        return now[0]
+
+    secret = "whsec_" + base64.b64encode(b"template-signing-key-0123").decode()
+    signer = Signer(parse_secrets(secret)) if signed else None
+    world = World("http://127.0.0.1:9", signer=signer, wall=wall)
     j = job(**fields)
     url = world.dispatcher.url(j)
     for k, token in enumerate([None, None, 7, 7, 8], start=1):
         world.dispatcher._fencing_token = lambda token=token: token  # type: ignore[misc]
         slot = soon(60 * k)
         key = idempotency_key(j.name, slot)
+        now[0] = float(next(clock))
         filled = world.dispatcher._first_payload(j, url, slot, key)
         assert filled == serialise(world.dispatcher._build(j, url, slot, key, 1))
+        assert (b"webhook-signature: v1," in filled) == signed
+        assert (world.dispatcher._templates[j.name][2] is not None) or "mark" in str(fields)
     world.dispatcher.shutdown(1)
 
 
