@@ -24,7 +24,11 @@ from tests.support import VirtualClock
 
 ONE = "whsec_" + base64.b64encode(b"k" * 32).decode()
 TWO = "whsec_" + base64.b64encode(b"z" * 24).decode()
-NOW = int(time.time())
+
+
+def now() -> int:
+    """The time at run time: the suite may run long after this module was imported."""
+    return int(time.time())
 
 
 def verify(secret: str, body: bytes, headers: dict[str, str]) -> None:
@@ -57,13 +61,14 @@ class TestSecrets:
 class TestSignatures:
     @pytest.mark.parametrize("body", [b'{"full":true}', b""])
     def test_the_reference_library_verifies_them(self, body: bytes) -> None:
-        headers = Signer(parse_secrets(ONE)).headers("sync@1795316400000", body, NOW)
+        stamp = now()
+        headers = Signer(parse_secrets(ONE)).headers("sync@1795316400000", body, stamp)
         assert headers["webhook-id"] == "sync@1795316400000"
-        assert headers["webhook-timestamp"] == str(NOW)
+        assert headers["webhook-timestamp"] == str(stamp)
         verify(ONE, body, headers)
 
     def test_during_a_rotation_either_secret_verifies(self) -> None:
-        headers = Signer(parse_secrets(f"{TWO} {ONE}")).headers("j@1", b"{}", NOW)
+        headers = Signer(parse_secrets(f"{TWO} {ONE}")).headers("j@1", b"{}", now())
         assert len(headers["webhook-signature"].split(" ")) == 2
         verify(ONE, b"{}", headers)
         verify(TWO, b"{}", headers)
@@ -71,16 +76,16 @@ class TestSignatures:
     def test_an_old_timestamp_an_altered_body_and_another_secret_are_refused(self) -> None:
         signer = Signer(parse_secrets(ONE))
         with pytest.raises(WebhookVerificationError, match="too old"):
-            verify(ONE, b"{}", signer.headers("j@1", b"{}", NOW - 600))  # a replay
+            verify(ONE, b"{}", signer.headers("j@1", b"{}", now() - 600))  # a replay
         with pytest.raises(WebhookVerificationError, match="No matching signature"):
-            verify(ONE, b'{"a":1}', signer.headers("j@1", b"{}", NOW))
+            verify(ONE, b'{"a":1}', signer.headers("j@1", b"{}", now()))
         with pytest.raises(WebhookVerificationError, match="No matching signature"):
-            verify(TWO, b"{}", signer.headers("j@1", b"{}", NOW))
+            verify(TWO, b"{}", signer.headers("j@1", b"{}", now()))
 
     def test_the_id_keeps_dots_out_and_stays_the_key_for_every_attempt(self) -> None:
         assert webhook_id("schedule/order.42@1795316400000") == "schedule/order%2E42@1795316400000"
         assert webhook_id("a%2E.b@1") == "a%252E%2Eb@1"  # no two keys share an id
-        headers = Signer(parse_secrets(ONE)).headers("schedule/order.42@1", b"", NOW)
+        headers = Signer(parse_secrets(ONE)).headers("schedule/order.42@1", b"", now())
         verify(ONE, b"", headers)
 
 
@@ -127,7 +132,8 @@ def test_every_attempt_is_signed_over_the_bytes_sent_with_its_own_time() -> None
         seen.append(request)
         return httpx.Response(next(answers), headers={"Retry-After": "0"})
 
-    times = iter([NOW, NOW + 7])
+    start = now()
+    times = iter([start, start + 7])
     job = Job(name="sync", schedule=parse("every 1m"), endpoint="/api/sync", method="POST",
               body={"full": True}, retries=1)  # fmt: skip
     slot = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
@@ -141,7 +147,7 @@ def test_every_attempt_is_signed_over_the_bytes_sent_with_its_own_time() -> None
     result = dispatcher.call(job, slot, key="sync@1", deadline=None)
     assert result.outcome == "success" and len(seen) == 2
     stamps = [request.headers["webhook-timestamp"] for request in seen]
-    assert stamps == [str(NOW), str(NOW + 7)]
+    assert stamps == [str(start), str(start + 7)]
     assert {request.headers["webhook-id"] for request in seen} == {"sync@1"}
     for request in seen:
         assert request.content == b'{"full":true}'
