@@ -359,7 +359,9 @@ def test_answers_wait_until_every_due_request_is_written(raw: Raw) -> None:
         results = [f.result(timeout=10) for f in futures]
         assert [r.status for r in results] == [200, 200, 200]
         last_written = max(r.written for r in results if r.written is not None)
-        assert results[0].ended < last_written < first_answer[0]
+        # an answer was in before the last write (requests due at one instant may go out in
+        # any order), and none was handed back before it
+        assert min(r.ended for r in results) < last_written < first_answer[0]
         assert raw.connections == 1
     finally:
         wire.close()
