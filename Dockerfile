@@ -10,10 +10,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /opt/cronclock
 
 # Dependencies in a layer of their own: rebuilt only when pyproject.toml changes, not the code.
-# The image carries the Redis and PostgreSQL clients (the extras cronclock[redis,postgres]), so
-# it runs as a replica on either.
+# The image carries the Redis and PostgreSQL clients and the OpenTelemetry exporter (the extras
+# cronclock[redis,postgres,otel]), so it runs as a replica on either and exports spans when
+# OTEL_EXPORTER_OTLP_ENDPOINT is set (they are imported only when used).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['redis'] + p['optional-dependencies']['postgres']))" \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['redis'] + p['optional-dependencies']['postgres'] + p['optional-dependencies']['otel']))" \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -178,9 +178,10 @@ def test_the_image_installs_the_dependencies_and_the_back_end_extras(tmp_path: P
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    wanted = project["dependencies"] + extras["redis"] + extras["postgres"]
+    wanted = project["dependencies"] + extras["redis"] + extras["postgres"] + extras["otel"]
     assert printed.splitlines() == wanted and any(line.startswith("redis") for line in wanted)
     assert any(line.startswith("psycopg[binary]") for line in wanted)
+    assert any(line.startswith("opentelemetry-exporter-otlp-proto-http") for line in wanted)
 
 
 def test_compose_hardens_the_scheduler_and_mounts_a_jobs_file(compose: dict[str, Any]) -> None:

@@ -250,6 +250,8 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
         n = report["signing_secrets"]
         auth += f", calls signed ({n} secret{'' if n == 1 else 's'})"
     print(f"target {report['target']}  auth: {auth}  state: {report['state']}", file=out)
+    if report["otlp_endpoint"]:
+        print(f"spans exported over OTLP/HTTP to {report['otlp_endpoint']}", file=out)
     rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]
     for job in report["jobs"]:
         upcoming = job["next_run"] or ("disabled" if not job["enabled"] else "-")
@@ -282,6 +284,7 @@ def check_report(config: Config, now: datetime) -> dict[str, Any]:
     return {"version": __version__, "origin": config.origin, "target": settings.api_url,
             "auth": "bearer" if config.api_token else "none",
             "signing_secrets": config.signer.count if config.signer else 0,
+            "otlp_endpoint": redact_url(config.otlp_endpoint) if config.otlp_endpoint else None,
             "state": redact_url(settings.state_url),
             "jobs": jobs, "dst_effects": effects}  # fmt: skip
 
@@ -570,6 +573,7 @@ def cmd_fire(
     from .dispatch import Dispatcher
     from .stores.memory import MemoryStateStore
     from .telemetry import configure_logging, make_reporter
+    from .tracing import open_export
 
     require_auth(config)
     job = config.job(name)
@@ -587,10 +591,12 @@ def cmd_fire(
     reporter = make_reporter(
         _secret(config.settings.posthog_api_key), config.settings.posthog_host, log
     )
+    spans = open_export(config.otlp_endpoint, __version__)
     dispatcher = Dispatcher(
         api_url=config.settings.api_url,
         token=config.api_token,
         signer=config.signer,
+        spans=spans,
         store=store,
         clock=clock,
         log=log,
@@ -600,6 +606,8 @@ def cmd_fire(
     key = manual_key(job.name)
     result = dispatcher.call(job, clock.now(), key=key, deadline=None)
     dispatcher.shutdown(0)
+    if spans is not None:
+        spans.close()
     reporter.close()
     code = outcome_exit_code(result.outcome)
     if as_json:
@@ -743,6 +751,7 @@ def _serve(
     from .stores import open_store
     from .stores.protocols import StoreRefused
     from .telemetry import Metrics, make_reporter
+    from .tracing import open_export
     from .wire import LoopThread, Wire
 
     settings = config.settings
@@ -766,10 +775,12 @@ def _serve(
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
     metrics = Metrics()
+    spans = open_export(config.otlp_endpoint, __version__)
     dispatcher = Dispatcher(
         api_url=settings.api_url,
         token=config.api_token,
         signer=config.signer,
+        spans=spans,
         store=store,
         clock=clock,
         log=log,
@@ -833,6 +844,8 @@ def _serve(
             dispatcher.shutdown(0)
             loop.stop()
             close_state()
+            if spans is not None:
+                spans.close()
             reporter.close()
             raise ConfigError(
                 f"SCHEDULER_ADMIN_BIND={settings.admin_bind!r}: {error}; choose another "
@@ -874,6 +887,8 @@ def _serve(
     if after is not None:
         after(store)
     close_state()
+    if spans is not None:
+        spans.close()  # the spans still batched are sent
     reporter.close()
     log.info("cronclock stopped", abandoned=left)
     return 1 if crashed else 0

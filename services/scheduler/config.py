@@ -44,6 +44,7 @@ from schedule_grammar import (
     seconds_to_schedule,
 )
 
+from . import tracing
 from .signing import Signer, parse_secrets
 
 
@@ -673,6 +674,7 @@ class Config:
     api_token: SecretStr | None
     origin: str = BUILT_IN_ORIGIN  # where the job table came from
     signer: Signer | None = None  # SCHEDULER_SIGNING_SECRET(_FILE): calls are signed
+    otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: spans exported
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -741,7 +743,23 @@ def load_config(environ: Mapping[str, str]) -> Config:
     token = _api_token(settings)
     signer = _signer(settings)
     jobs, origin = load_table(settings, environ)
-    return Config(settings=settings, jobs=jobs, api_token=token, origin=origin, signer=signer)
+    return Config(settings=settings, jobs=jobs, api_token=token, origin=origin, signer=signer,
+                  otlp_endpoint=_otlp_endpoint(environ))  # fmt: skip
+
+
+def _otlp_endpoint(environ: Mapping[str, str]) -> str | None:
+    """Where spans go, when the standard OTel variables say so; the SDK must be installed."""
+    endpoint = tracing.otlp_endpoint(environ)
+    missing = tracing.missing_sdk() if endpoint is not None else None
+    if missing is not None:
+        variable = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                    else "OTEL_EXPORTER_OTLP_ENDPOINT")  # fmt: skip
+        raise ConfigError(
+            f"{variable}={_clipped(redact_url(endpoint or ''))}: spans are to be exported, but "
+            f"{missing} is not installed: {tracing.EXTRA_HINT}, or unset it"
+        )
+    return endpoint
 
 
 def _signer(settings: Settings) -> Signer | None:

@@ -31,6 +31,7 @@ from .signing import Signer
 from .slots import CallResult, Clock, format_slot, idempotency_key, manual_key
 from .stores.protocols import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics, log_batch
+from .tracing import SpanExport, new_span_id, trace_id, traceparent
 from .wire import BODY_READ_CAP, KEPT_BYTES, Exchange, Wire, serialise
 
 OutcomeClass = Literal["success", "busy", "transient", "permanent"]
@@ -47,6 +48,7 @@ _MARK_KEY = "cronclock-template-key-5f1c3a"
 _MARK_ID = "cronclock-template-id-9b2e71"
 _MARK_TS = "cronclock-template-ts-0c4d"
 _MARK_SIG = "cronclock-template-signature-4d0a17"
+_MARK_TRACE = "cronclock-template-traceparent-7e3f90"  # tracing.py: the attempt's traceparent
 # The bookkeeper records at most this many answers at once (their log lines in one write).
 BOOKS_AT_ONCE = 256
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
@@ -94,6 +96,7 @@ class Sent:
     started: datetime
     duration: float
     lost_lease: bool = False  # not sent: the lease could not be confirmed at the slot
+    span: str | None = None  # the attempt's span id, in the traceparent it carried
 
     @property
     def outcome(self) -> Outcome:
@@ -115,7 +118,7 @@ class Template:
     in: pieces[0] + value(order[0]) + pieces[1] + ... (and the body, for the signature)."""
 
     pieces: tuple[bytes, ...]
-    order: tuple[str, ...]  # "slot", "key" and, when signing, the three webhook-* headers
+    order: tuple[str, ...]  # "slot", "key", "traceparent" and, when signing, webhook-*
     body: bytes
 
 
@@ -304,10 +307,15 @@ class Dispatcher:
         wire: Wire | None = None,
         signer: Signer | None = None,
         wall: Callable[[], float] = time.time,
+        spans: SpanExport | None = None,
+        span_ids: Callable[[], str] = new_span_id,
     ) -> None:
         self._store = store
         self._signer = signer  # Standard Webhooks headers on every call (signing.py)
         self._wall = wall
+        # Trace context (tracing.py): a trace per slot and target, a span per attempt.
+        self._trace_seed = api_url.rstrip("/").encode()
+        self._spans, self._span_ids = spans, span_ids
         # Scheduled first attempts over plain HTTP go on the wire (not through a proxy).
         self._proxied = _proxied()
         self._wire = wire if wire is not None and not self._proxied else None
@@ -386,15 +394,18 @@ class Dispatcher:
         if url.scheme != "http":
             return False
         slot, key = batch[0]
+        span = self._span_ids()
         try:
-            payload = self._first_payload(job, url, slot, key)
+            payload = self._first_payload(job, url, slot, key, span)
         except Exception:  # the ordinary path records it as a failed run
             return False
         at = time.monotonic() + (slot - self._clock.now()).total_seconds()
         future: Future[CallResult | None] = Future()
 
         def answered(exchange: Exchange) -> None:  # on the wire's loop
-            self._answers.put(lambda: self._after_wire(future, job, batch, deadline, exchange, at))
+            self._answers.put(
+                lambda: self._after_wire(future, job, batch, deadline, exchange, at, span)
+            )
 
         try:
             self._wire.send(url.host, url.port or 80, payload, at=at, timeout=job.timeout,
@@ -414,6 +425,7 @@ class Dispatcher:
         deadline: datetime | None,
         exchange: Exchange,
         at: float,
+        span: str,
     ) -> None:
         """The bookkeeping of a call the wire made (and its retries, on the ordinary path)."""
         try:
@@ -424,7 +436,7 @@ class Dispatcher:
                 self._release(job)
                 future.set_result(None)
                 return
-            first = self._sent_from(job, batch[0], exchange, at)
+            first = self._sent_from(job, batch[0], exchange, at, span)
             if first.kind == "transient" and not first.lost_lease and not self._wire_closing:
                 retried = self._pool.submit(self._run, job, batch, deadline, first)
                 retried.add_done_callback(lambda done: _settle(future, done))
@@ -460,7 +472,7 @@ class Dispatcher:
                         time.sleep(0)
 
     def _sent_from(
-        self, job: Job, scheduled: tuple[datetime, str], exchange: Exchange, at: float
+        self, job: Job, scheduled: tuple[datetime, str], exchange: Exchange, at: float, span: str
     ) -> Sent:
         """The wire's exchange, classified as the ordinary path classifies an attempt."""
         slot, key = scheduled
@@ -480,7 +492,7 @@ class Dispatcher:
             unsent = exchange.failure == "connect"
         return Sent(kind=kind, status=status, error=error, retry_after=retry_after,
                     unsent=unsent, started=started, duration=duration,
-                    lost_lease=exchange.failure == "lease")  # fmt: skip
+                    lost_lease=exchange.failure == "lease", span=span)  # fmt: skip
 
     def trigger(self, job: Job) -> tuple[str, Future[CallResult]] | str:
         """Fire `job` now with a manual key (claimed like a slot); or why not."""
@@ -610,7 +622,13 @@ class Dispatcher:
 
     # -- the call -------------------------------------------------------------------------
 
-    def headers(self, job: Job, slot: datetime, key: str, attempt: int) -> dict[str, str]:
+    def trace(self, key: str) -> str:
+        """The slot's trace id (the same on every attempt, restart and replica)."""
+        return trace_id(self._trace_seed, key)
+
+    def headers(
+        self, job: Job, slot: datetime, key: str, attempt: int, span: str
+    ) -> dict[str, str]:
         headers = dict(job.headers)
         headers.update(
             {
@@ -619,6 +637,7 @@ class Dispatcher:
                 "X-Scheduled-For": format_slot(slot),
                 "Idempotency-Key": key,
                 "X-Scheduler-Attempt": str(attempt),
+                "traceparent": traceparent(self.trace(key), span),
             }
         )
         if self._token is not None:
@@ -653,21 +672,24 @@ class Dispatcher:
                 "late fire", job=job.name, slot=format_slot(slot), late_seconds=round(late, 3)
             )
 
-    def _first_payload(self, job: Job, url: httpx.URL, slot: datetime, key: str) -> bytes:
+    def _first_payload(
+        self, job: Job, url: httpx.URL, slot: datetime, key: str, span: str
+    ) -> bytes:
         """A first attempt's bytes for the wire. Built with httpx once per job (and fencing
         token) around marks, then only the slot's own header values are filled in
-        (X-Scheduled-For, Idempotency-Key and, when signing, webhook-id, -timestamp and
-        -signature): the same bytes as a fresh build, at a fraction of its cost."""
+        (X-Scheduled-For, Idempotency-Key, traceparent and, when signing, webhook-id,
+        -timestamp and -signature): the same bytes as a fresh build, at a fraction of its cost."""
         if job.schedule_id is not None:  # runtime schedules' jobs are not kept: build it
-            return serialise(self._build(job, url, slot, key, 1))
+            return serialise(self._build(job, url, slot, key, 1, span))
         fencing = self._fencing_token()
         template = self._templates.get(job.name)
         if template is None or template[0] is not job or template[1] != (fencing, url):
             template = self._templates[job.name] = (job, (fencing, url), self._template(job, url))
         filling = template[2]
         if filling is None or not key.isascii():
-            return serialise(self._build(job, url, slot, key, 1))
-        values = {"slot": format_slot(slot), "key": key}
+            return serialise(self._build(job, url, slot, key, 1, span))
+        values = {"slot": format_slot(slot), "key": key,
+                  "traceparent": traceparent(self.trace(key), span)}  # fmt: skip
         if self._signer is not None:
             values |= self._signer.headers(key, filling.body, int(self._wall()))
         pieces = filling.pieces
@@ -679,8 +701,9 @@ class Dispatcher:
     def _template(self, job: Job, url: httpx.URL) -> Template | None:
         """The job's first attempt split around the marks of its slot's own header values;
         None when a mark is not found exactly once (the job's own bytes contain one)."""
-        request = self._build(job, url, _MARK_SLOT, _MARK_KEY, 1)
-        marks = {"slot": format_slot(_MARK_SLOT), "key": _MARK_KEY}
+        request = self._build(job, url, _MARK_SLOT, _MARK_KEY, 1, "0")
+        request.headers["traceparent"] = _MARK_TRACE
+        marks = {"slot": format_slot(_MARK_SLOT), "key": _MARK_KEY, "traceparent": _MARK_TRACE}
         if self._signer is not None:  # the same places as the headers _build signed with
             signed = {"webhook-id": _MARK_ID, "webhook-timestamp": _MARK_TS,
                       "webhook-signature": _MARK_SIG}  # fmt: skip
@@ -699,12 +722,12 @@ class Dispatcher:
         return Template(pieces=tuple(pieces), order=order, body=request.content)
 
     def _build(
-        self, job: Job, url: httpx.URL, slot: datetime, key: str, attempt: int
+        self, job: Job, url: httpx.URL, slot: datetime, key: str, attempt: int, span: str
     ) -> httpx.Request:
         request = self._client.build_request(
             job.method,
             url,
-            headers=self.headers(job, slot, key, attempt),
+            headers=self.headers(job, slot, key, attempt, span),
             json=job.body,
             timeout=job.timeout,
         )
@@ -725,6 +748,7 @@ class Dispatcher:
         """Call the job's endpoint for `slot`, retrying transient failures; record every
         attempt. `first`: the first attempt, already made on the wire."""
         attempt, retries_left, connect_retry_used = 0, job.retries, False
+        trace = self.trace(key)
         begun = self._clock.monotonic()
         if first is not None:
             begun -= first.duration
@@ -735,15 +759,16 @@ class Dispatcher:
                 if sent.lost_lease:
                     return self._lost_lease(job, slot, key, begun)
             else:
+                span = self._span_ids()
                 try:
-                    request = self._build(job, self.url(job), slot, key, attempt)
+                    request = self._build(job, self.url(job), slot, key, attempt, span)
                 except Exception as failure:  # config refuses such jobs; this is the last guard
                     return self._unbuildable(job, slot, key, attempt, failure, begun)
                 if attempt == 1:
                     self._await_slot(job, slot, key)
                     if not self._may_fire():
                         return self._lost_lease(job, slot, key, begun)
-                sent = self._send(job, request)
+                sent = self._send(job, request, span)
             self._reachability.attempted(sent)
             if on_sent is not None:
                 on_sent()
@@ -760,12 +785,18 @@ class Dispatcher:
                     error=sent.error,
                 )
             )
+            if self._spans is not None and sent.span is not None:
+                self._spans.attempt(job, slot=slot, key=key, attempt=attempt, trace=trace,
+                                    span=sent.span, started=sent.started, duration=sent.duration,
+                                    status=sent.status, outcome=sent.outcome,
+                                    error=sent.error)  # fmt: skip
             fields: dict[str, Any] = {
                 "job": job.name,
                 "slot": format_slot(slot),
                 "attempt": attempt,
                 "status": sent.status,
                 "duration_ms": round(sent.duration * 1000, 1),
+                "trace_id": trace,
             }
             if sent.kind in ("success", "busy"):
                 self._log.info("fired" if sent.kind == "success" else "busy (409)", **fields)
@@ -804,7 +835,8 @@ class Dispatcher:
             "job's headers, body and the API token"
         )
         self._store.record_run(not_called(job.name, slot, key, "failed", error, self._clock.now()))
-        fields = {"job": job.name, "slot": format_slot(slot), "attempt": attempt, "status": None}
+        fields = {"job": job.name, "slot": format_slot(slot), "attempt": attempt, "status": None,
+                  "trace_id": self.trace(key)}  # fmt: skip
         return self._give_up(job, slot, key, fields, error, begun)
 
     def _give_up(
@@ -833,10 +865,10 @@ class Dispatcher:
         error = "not sent: this replica's lease could not be confirmed at the slot"
         self._store.record_run(not_called(job.name, slot, key, "missed", error, self._clock.now()))
         self._log.error("not fired: leadership lost before the call", job=job.name,
-                        slot=format_slot(slot))  # fmt: skip
+                        slot=format_slot(slot), trace_id=self.trace(key))  # fmt: skip
         return self._result(job, slot, key, "missed", 0, None, error, begun)
 
-    def _send(self, job: Job, request: httpx.Request) -> Sent:
+    def _send(self, job: Job, request: httpx.Request, span: str) -> Sent:
         """One attempt on the wire, classified; never raises for HTTP or network trouble."""
         started, t0 = self._clock.now(), self._clock.monotonic()
         status: int | None = None
@@ -878,6 +910,7 @@ class Dispatcher:
             unsent=unsent,
             started=started,
             duration=self._clock.monotonic() - t0,
+            span=span,
         )
 
     @staticmethod

@@ -90,7 +90,7 @@ def _loaded_after(
         f"import sys\n{stop}from services.scheduler.__main__ import main\n"
         f"code = main({argv!r})\n"
         f"heavy = ('fastapi', 'uvicorn', 'starlette', 'redis', 'psycopg', 'posthog', "
-        f"'prometheus_client', *{also!r})\n"
+        f"'prometheus_client', 'opentelemetry', *{also!r})\n"
         "print('LOADED', sorted(m for m in heavy if m in sys.modules))\n"
         "raise SystemExit(code)\n"
     )

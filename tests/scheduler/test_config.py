@@ -523,6 +523,7 @@ class TestJson:
             "target",
             "auth",
             "signing_secrets",
+            "otlp_endpoint",
             "state",
             "jobs",
             "dst_effects",

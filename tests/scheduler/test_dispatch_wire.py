@@ -48,6 +48,9 @@ class Quiet:
         return None
 
 
+SPAN = "00f067aa0ba902b7"  # every attempt's span id here, so two paths' bytes compare
+
+
 class World:
     def __init__(
         self,
@@ -57,6 +60,8 @@ class World:
         wire: bool = True,
         signer: Signer | None = None,
         wall: Any = time.time,
+        span_ids: Any = lambda: SPAN,
+        spans: Any = None,
     ) -> None:
         self.store = MemoryStateStore()
         self.finished: list[tuple[str, Any]] = []
@@ -71,7 +76,7 @@ class World:
                                      clock=SystemClock(), log=structlog.get_logger(),
                                      reporter=Quiet(), max_concurrency=4, may_fire=may_fire,
                                      on_finished=on_finished, wire=self.wire, signer=signer,
-                                     wall=wall)  # fmt: skip
+                                     wall=wall, span_ids=span_ids, spans=spans)  # fmt: skip
 
     def fire(self, j: Job, slot: datetime) -> None:
         self.dispatcher.submit(j, [slot], deadline=None)
@@ -170,8 +175,10 @@ def test_a_first_attempt_is_filled_into_its_jobs_template_byte_for_byte(
         slot = soon(60 * k)
         key = idempotency_key(j.name, slot)
         now[0] = float(next(clock))
-        filled = world.dispatcher._first_payload(j, url, slot, key)
-        assert filled == serialise(world.dispatcher._build(j, url, slot, key, 1))
+        span = f"{k:016x}"
+        filled = world.dispatcher._first_payload(j, url, slot, key, span)
+        assert filled == serialise(world.dispatcher._build(j, url, slot, key, 1, span))
+        assert f"traceparent: 00-{world.dispatcher.trace(key)}-{span}-01".encode() in filled
         assert (b"webhook-signature: v1," in filled) == signed
         assert (world.dispatcher._templates[j.name][2] is not None) or "mark" in str(fields)
     world.dispatcher.shutdown(1)
