@@ -59,6 +59,12 @@ class Solo:
         return None
 
 
+def store_timeout(lease_ttl_seconds: float) -> float:
+    """Socket, statement and lock timeouts of a shared store: a stuck server answers well
+    inside the lease, so a leader that cannot renew stops firing on time."""
+    return max(0.25, min(2.0, lease_ttl_seconds / 5))
+
+
 def lease_value(identity: str) -> str:
     """What the lease holds: who leads, and a random token only this process knows."""
     return f"{identity} {secrets.token_hex(12)}"

@@ -37,7 +37,7 @@ from psycopg import errors, sql
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Settings, redact_url
-from ..coordination import Lease, lease_value, replica_identity
+from ..coordination import Lease, lease_value, replica_identity, store_timeout
 from .protocols import (
     RUNTIME_PREFIX,
     Change,
@@ -894,12 +894,6 @@ class PostgresSchedules(FollowsChanges):
 # Wiring
 
 
-def postgres_timeout(settings: Settings) -> float:
-    """Statement, lock and connection timeouts: a stuck database answers well inside the
-    lease, so a leader that cannot renew stops firing on time."""
-    return max(0.25, min(2.0, settings.lease_ttl_seconds / 5))
-
-
 def claim_retention(settings: Settings) -> timedelta:
     """How long slot claims are kept: long past any takeover. After that the job's last slot,
     advanced in the same transaction as the claim, still keeps the slot from being planned."""
@@ -911,7 +905,7 @@ def open_postgres(settings: Settings, log: FilteringBoundLogger) -> OpenState:
     db = Database(
         settings.state_url,
         namespace=settings.namespace,
-        timeout=postgres_timeout(settings),
+        timeout=store_timeout(settings.lease_ttl_seconds),
         log=log,
     )
     try:

@@ -45,7 +45,7 @@ from redis.retry import Retry
 from structlog.typing import FilteringBoundLogger
 
 from ..config import Settings, redact_url
-from ..coordination import Lease, lease_value, replica_identity
+from ..coordination import Lease, lease_value, replica_identity, store_timeout
 from .protocols import (
     RUNTIME_PREFIX,
     Change,
@@ -847,14 +847,10 @@ def _schedule_record(id: str, row: list[str | None]) -> ScheduleRecord:
 # Wiring
 
 
-def redis_timeout(settings: Settings) -> float:
-    return max(0.25, min(2.0, settings.lease_ttl_seconds / 5))
-
-
 def connect_redis(settings: Settings) -> redis.Redis:
     """A client for SCHEDULER_STATE_URL: short timeouts (a hung Redis must not hold the loop
     past the lease), one resend on a dropped connection, nothing retried for longer."""
-    timeout = redis_timeout(settings)
+    timeout = store_timeout(settings.lease_ttl_seconds)
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
@@ -894,7 +890,8 @@ def open_redis(settings: Settings, log: FilteringBoundLogger) -> OpenState:
         redis_store,
         namespace=settings.namespace,
         log=log,
-        block_seconds=redis_timeout(settings) / 2,  # a blocked read ends before the socket's
+        # a blocked read ends before the socket's timeout
+        block_seconds=store_timeout(settings.lease_ttl_seconds) / 2,
     )
     lease = RedisLease(
         client,
