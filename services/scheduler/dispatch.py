@@ -31,7 +31,7 @@ from .signing import Signer
 from .slots import CallResult, Clock, format_slot, idempotency_key, manual_key
 from .stores.protocols import Outcome, RunRecord, StateStore, not_called
 from .telemetry import ErrorReporter, JobFailed, Metrics, log_batch
-from .tracing import SpanExport, new_span_id, trace_id, traceparent
+from .tracing import Attempt, SpanExport, new_span_id, trace_id, traceparent
 from .wire import BODY_READ_CAP, KEPT_BYTES, Exchange, Wire, serialise
 
 OutcomeClass = Literal["success", "busy", "transient", "permanent"]
@@ -786,10 +786,10 @@ class Dispatcher:
                 )
             )
             if self._spans is not None and sent.span is not None:
-                self._spans.attempt(job, slot=slot, key=key, attempt=attempt, trace=trace,
-                                    span=sent.span, started=sent.started, duration=sent.duration,
-                                    status=sent.status, outcome=sent.outcome,
-                                    error=sent.error)  # fmt: skip
+                self._spans.attempt(Attempt(job=job, slot=slot, key=key, attempt=attempt,
+                                            trace=trace, span=sent.span, started=sent.started,
+                                            duration=sent.duration, status=sent.status,
+                                            outcome=sent.outcome, error=sent.error))  # fmt: skip
             fields: dict[str, Any] = {
                 "job": job.name,
                 "slot": format_slot(slot),

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,24 +42,27 @@ def traceparent(trace: str, span: str) -> str:
     return f"00-{trace}-{span}-01"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Attempt:
+    """One attempt of a slot, as a span: its ids, its time, how it went."""
+
+    job: Job
+    slot: datetime
+    key: str
+    attempt: int
+    trace: str
+    span: str
+    started: datetime
+    duration: float
+    status: int | None
+    outcome: str
+    error: str | None
+
+
 class SpanExport(Protocol):
     """Where attempts go as spans (the OTLP exporter, or a test's list)."""
 
-    def attempt(
-        self,
-        job: Job,
-        *,
-        slot: datetime,
-        key: str,
-        attempt: int,
-        trace: str,
-        span: str,
-        started: datetime,
-        duration: float,
-        status: int | None,
-        outcome: str,
-        error: str | None,
-    ) -> None: ...
+    def attempt(self, attempt: Attempt) -> None: ...
 
     def close(self) -> None: ...
 
@@ -117,35 +121,22 @@ class OtlpExport:
         self._flags = TraceFlags(TraceFlags.SAMPLED)
         self._status, self._codes = Status, StatusCode
 
-    def attempt(
-        self,
-        job: Job,
-        *,
-        slot: datetime,
-        key: str,
-        attempt: int,
-        trace: str,
-        span: str,
-        started: datetime,
-        duration: float,
-        status: int | None,
-        outcome: str,
-        error: str | None,
-    ) -> None:
-        start_ns = round(started.timestamp() * 1e9)
+    def attempt(self, attempt: Attempt) -> None:
+        job = attempt.job
+        start_ns = round(attempt.started.timestamp() * 1e9)
         attributes: dict[str, Any] = {
             "cronclock.job": job.name,
-            "cronclock.slot": slot.isoformat(),
-            "cronclock.idempotency_key": key,
-            "cronclock.attempt": attempt,
-            "cronclock.outcome": outcome,
+            "cronclock.slot": attempt.slot.isoformat(),
+            "cronclock.idempotency_key": attempt.key,
+            "cronclock.attempt": attempt.attempt,
+            "cronclock.outcome": attempt.outcome,
             "http.request.method": job.method,
             "url.path": job.endpoint,
         }
-        if status is not None:
-            attributes["http.response.status_code"] = status
-        failed = outcome == "failed"
-        context = self._context(int(trace, 16), int(span, 16), False, self._flags)
+        if attempt.status is not None:
+            attributes["http.response.status_code"] = attempt.status
+        failed = attempt.outcome == "failed"
+        context = self._context(int(attempt.trace, 16), int(attempt.span, 16), False, self._flags)
         self._processor.on_end(
             self._span(
                 name=f"{job.method} {job.name}",
@@ -154,9 +145,9 @@ class OtlpExport:
                 resource=self._resource,
                 instrumentation_scope=self._scope,
                 attributes=attributes,
-                status=self._status(self._codes.ERROR, error) if failed else self._status(),
+                status=self._status(self._codes.ERROR, attempt.error) if failed else self._status(),
                 start_time=start_ns,
-                end_time=start_ns + round(duration * 1e9),
+                end_time=start_ns + round(attempt.duration * 1e9),
             )
         )
 

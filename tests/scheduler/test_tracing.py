@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from services.scheduler.config import ConfigError, load_config
 from services.scheduler.slots import idempotency_key
-from services.scheduler.tracing import new_span_id, otlp_endpoint, trace_id, traceparent
+from services.scheduler.tracing import Attempt, new_span_id, otlp_endpoint, trace_id, traceparent
 from tests.scheduler.test_dispatch_wire import World, job, soon
 from tests.support import Reply, Target
 
@@ -26,8 +26,10 @@ class Recorded:
     def __init__(self) -> None:
         self.spans: list[dict[str, Any]] = []
 
-    def attempt(self, job: Any, **fields: Any) -> None:
-        self.spans.append({"job": job.name, **fields})
+    def attempt(self, attempt: Attempt) -> None:
+        self.spans.append({"job": attempt.job.name, "span": attempt.span, "trace": attempt.trace,
+                           "attempt": attempt.attempt, "status": attempt.status,
+                           "outcome": attempt.outcome})  # fmt: skip
 
     def close(self) -> None:
         return None
