@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,8 +59,8 @@ class ScheduleSpec(CallSpec):
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-# RuntimeSchedules.job keeps this many parsed jobs (a batch's worth), then starts afresh.
-PARSED_KEPT = 1000
+# RuntimeSchedules.job keeps this many parsed jobs (two batches' worth), then starts afresh.
+PARSED_KEPT = 2000
 
 # A batch (POST /api/schedules:batch) holds at most this many schedules.
 BATCH_LIMIT = 1000
@@ -83,6 +83,11 @@ class Validated:
     spec: ScheduleSpec
     anchor: datetime
     first: datetime | None
+    job: Job  # as parsed here (revision 0): what is stored runs as this, once stored
+
+
+def _parse_key(record: ScheduleRecord) -> tuple[str, int, str, datetime]:
+    return (record.id, record.revision, record.spec, record.anchor)
 
 
 def job_name(id: str) -> str:
@@ -154,7 +159,7 @@ class RuntimeSchedules:
                 f"schedule={spec.schedule!r}: no slot before expires_at={spec.expires_at}; "
                 "it would never fire"
             )
-        return Validated(spec=spec, anchor=anchor, first=first)
+        return Validated(spec=spec, anchor=anchor, first=first, job=job)
 
     def _job(self, id: str, spec: ScheduleSpec, *, revision: int, anchor: datetime) -> Job:
         zone = spec.timezone or self._timezone
@@ -197,7 +202,9 @@ class RuntimeSchedules:
                 if not batch:
                     raise
                 raise ScheduleInvalid(f"schedules[{index}] (id {id!r}): {error}") from None
-        return self.store.put_schedules(puts, now=now, limit=self.limit)
+        stored = self.store.put_schedules([put for put, _ in puts], now=now, limit=self.limit)
+        self._parsed_as(stored, [job for _, job in puts])
+        return stored
 
     def put_each(self, items: Sequence[tuple[str, Any]], now: datetime) -> list[PutOutcome]:
         """Single PUTs that arrived together, each judged as if it came alone, in order, but
@@ -205,11 +212,11 @@ class RuntimeSchedules:
         one transaction, so one commit serves them all. A group that would pass the limit is
         stored one by one, so the PUTs before the limit succeed; an invalid one fails alone."""
         outcomes: list[PutOutcome] = [ScheduleInvalid("not stored")] * len(items)
-        group: list[tuple[int, Put]] = []
+        group: list[tuple[int, tuple[Put, Job]]] = []
 
-        def store(group: list[tuple[int, Put]]) -> None:
+        def store(group: list[tuple[int, tuple[Put, Job]]]) -> None:
             try:
-                stored = self.store.put_schedules([put for _, put in group], now=now,
+                stored = self.store.put_schedules([put for _, (put, _) in group], now=now,
                                                   limit=self.limit)  # fmt: skip
             except LimitReached as error:
                 if len(group) == 1:
@@ -222,6 +229,7 @@ class RuntimeSchedules:
                 for index, _ in group:
                     outcomes[index] = error
                 return
+            self._parsed_as(stored, [job for _, (_, job) in group])
             for (index, _), outcome in zip(group, stored, strict=True):
                 outcomes[index] = outcome
 
@@ -231,7 +239,7 @@ class RuntimeSchedules:
             except ScheduleInvalid as error:
                 outcomes[index] = error
                 continue
-            if any(other.id == id for _, other in group):
+            if any(other.id == id for _, (other, _) in group):
                 store(group)
                 group = []
             group.append((index, put))
@@ -239,24 +247,33 @@ class RuntimeSchedules:
             store(group)
         return outcomes
 
-    def _put(self, id: str, body: Any, now: datetime) -> Put:
+    def _put(self, id: str, body: Any, now: datetime) -> tuple[Put, Job]:
         checked = self.validate(id, body, now)
         spec = json.dumps(checked.spec.model_dump(mode="json"), sort_keys=True,
                           separators=(",", ":"))  # fmt: skip
-        return Put(id=id, spec=spec, group=checked.spec.group, anchor=checked.anchor,
-                   first=checked.first)  # fmt: skip
+        put = Put(id=id, spec=spec, group=checked.spec.group, anchor=checked.anchor,
+                  first=checked.first)  # fmt: skip
+        return put, checked.job
+
+    def _parsed_as(self, stored: list[tuple[ScheduleRecord, Change]], jobs: list[Job]) -> None:
+        """What was just stored runs as it was parsed to validate it: job(record) finds it
+        (the loop plans it, the answer shows it) without parsing the stored JSON again."""
+        for (record, _), job in zip(stored, jobs, strict=True):
+            self._keep(record, replace(job, revision=record.revision, anchor=record.anchor))
 
     def job(self, record: ScheduleRecord) -> Job:
         """The job a stored schedule runs as. The last few are kept: the answer to a PUT and
         the loop planning it then share one parse."""
-        key = (record.id, record.revision, record.spec, record.anchor)
-        if (job := self._parsed.get(key)) is None:
+        if (job := self._parsed.get(_parse_key(record))) is None:
             spec = ScheduleSpec.model_validate_json(record.spec)
             job = self._job(record.id, spec, revision=record.revision, anchor=record.anchor)
-            if len(self._parsed) >= PARSED_KEPT:
-                self._parsed.clear()
-            self._parsed[key] = job
+            self._keep(record, job)
         return job
+
+    def _keep(self, record: ScheduleRecord, job: Job) -> None:
+        if len(self._parsed) >= PARSED_KEPT:
+            self._parsed.clear()
+        self._parsed[_parse_key(record)] = job
 
     def jobs(self, ids: Iterable[str]) -> dict[str, Job]:
         """The jobs of the active schedules among `ids` (by id). One whose stored definition

@@ -17,6 +17,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
+from services.scheduler.schedules import RuntimeSchedules, ScheduleSpec
 from services.scheduler.stores.protocols import Put, StoreUnavailable
 from services.scheduler.stores.redis import RedisSchedules, RedisStateStore
 from services.scheduler.stores.sqlite import SqliteSchedules, SqliteStateStore
@@ -322,6 +323,37 @@ class TestBatch:
         keys = [r.headers["X-Scheduler-Job"] for r in calls(world)]
         assert sorted(keys) == [f"schedule/b{n}" for n in range(6)]
 
+    def test_what_a_batch_stored_runs_as_it_was_parsed_to_validate_it(
+        self, world: World, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Issue 18: the loop plans a stored batch from the parse that validated it (a stored
+        definition is not parsed again), and that parse is the one a fresh read would give:
+        revision, anchor and all (also for a replacement and an unchanged re-PUT)."""
+        assert world.client.put("/api/schedules/p0", json=body()).status_code == 201
+        sent = [{"id": "p0", **body()}, {"id": "p1", **body(retries=2, timezone="Asia/Makassar")},
+                {"id": "p2", **body(group="g")}]  # fmt: skip
+        parses: list[str] = []
+        real = ScheduleSpec.model_validate_json
+
+        def counted(data: Any, *args: Any, **kwargs: Any) -> ScheduleSpec:
+            parses.append(data)
+            return real(data, *args, **kwargs)
+
+        monkeypatch.setattr(ScheduleSpec, "model_validate_json", counted)
+        assert (
+            world.client.post("/api/schedules:batch", json={"schedules": sent}).status_code == 200
+        )
+        run_until(world, SOON)
+        assert eventually(lambda: len(calls(world)) == 3)
+        assert parses == []  # planned and answered from the validating parse
+        fresh = RuntimeSchedules(world.schedules.store, timezone="UTC")
+        records = world.schedules.store.get_schedules(["p0", "p1", "p2"])
+        for id, record in records.items():
+            kept, parsed = world.schedules.job(record), fresh.job(record)
+            assert kept == parsed and kept.body == parsed.body, id
+            assert (kept.revision, kept.anchor) == (record.revision, record.anchor)
+        assert len(parses) == 3  # the fresh reader did parse
+
     @pytest.mark.parametrize(
         ("sent", "error"),
         [
@@ -625,7 +657,7 @@ class TestPlanningWhatWasStored:
         world.scheduler.fire_due(world.clock.now())
         assert world.scheduler.planned_schedule("schedule/p1") == SOON
         assert reads == []
-        assert parsed == ["p1", "p1"]  # validated, then the job the answer and the loop share
+        assert parsed == ["p1"]  # parsed once, to validate it: the answer and the loop use that
         run_until(world, SOON)
         assert eventually(lambda: len(calls(world)) == 1)
 
