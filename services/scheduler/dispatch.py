@@ -531,12 +531,12 @@ class Dispatcher:
     ) -> CallResult:
         """Call the batch's slots in order; `first`: the first slot's first attempt, made
         on the wire."""
-        done = 0
-        sent = threading.Event()
+        done, sent = 0, False  # first_sent runs on this thread only
 
         def first_sent() -> None:
-            if not sent.is_set():
-                sent.set()
+            nonlocal sent
+            if not sent:
+                sent = True
                 if first is None:
                     with self._lock:
                         self._firing -= 1
@@ -944,10 +944,8 @@ class Dispatcher:
         error: str | None,
         begun: float,
     ) -> CallResult:
-        self._metrics.outcome(job.label, outcome)
-        self._metrics.duration.labels(job=job.label).observe(self._clock.monotonic() - begun)
-        if outcome == "success":
-            self._metrics.last_success.labels(job=job.label).set(self._clock.now().timestamp())
+        at = self._clock.now().timestamp() if outcome == "success" else 0.0
+        self._metrics.finished(job.label, outcome, self._clock.monotonic() - begun, at)
         return CallResult(
             job=job.name,
             slot=slot,

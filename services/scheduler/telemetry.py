@@ -199,9 +199,27 @@ class Metrics:
             registry=r,
         )
         self.is_leader.set(1)
+        # Labelled children, looked up once (labels() validates and locks on every call);
+        # these series are never removed, unlike next_run's.
+        self._runs: dict[tuple[str, str], Any] = {}
+        self._ends: dict[str, tuple[Any, Any]] = {}  # job -> (duration, last_success)
 
     def outcome(self, job: str, outcome: str, count: int = 1) -> None:
-        self.runs.labels(job=job, outcome=outcome).inc(count)
+        child = self._runs.get((job, outcome))
+        if child is None:
+            child = self._runs[(job, outcome)] = self.runs.labels(job=job, outcome=outcome)
+        child.inc(count)
+
+    def finished(self, job: str, outcome: str, seconds: float, at: float) -> None:
+        """A slot's final outcome: counted, its duration observed, its success stamped."""
+        self.outcome(job, outcome)
+        ends = self._ends.get(job)
+        if ends is None:
+            ends = self._ends[job] = (self.duration.labels(job=job),
+                                      self.last_success.labels(job=job))  # fmt: skip
+        ends[0].observe(seconds)
+        if outcome == "success":
+            ends[1].set(at)
 
     def planned(self, job: str, slot: datetime | None) -> None:
         if slot is None:
