@@ -750,13 +750,13 @@ def load_config(environ: Mapping[str, str]) -> Config:
 def _otlp_endpoint(environ: Mapping[str, str]) -> str | None:
     """Where spans go, when the standard OTel variables say so; the SDK must be installed."""
     endpoint = tracing.otlp_endpoint(environ)
-    missing = tracing.missing_sdk() if endpoint is not None else None
-    if missing is not None:
+    missing = None if endpoint is None else tracing.missing_sdk()
+    if endpoint is not None and missing is not None:
         variable = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
                     if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
                     else "OTEL_EXPORTER_OTLP_ENDPOINT")  # fmt: skip
         raise ConfigError(
-            f"{variable}={_clipped(redact_url(endpoint or ''))}: spans are to be exported, but "
+            f"{variable}={_clipped(redact_url(endpoint))}: spans are to be exported, but "
             f"{missing} is not installed: {tracing.EXTRA_HINT}, or unset it"
         )
     return endpoint

@@ -96,7 +96,7 @@ class Sent:
     started: datetime
     duration: float
     lost_lease: bool = False  # not sent: the lease could not be confirmed at the slot
-    span: str | None = None  # the attempt's span id, in the traceparent it carried
+    span: str  # the attempt's span id, in the traceparent it carried
 
     @property
     def outcome(self) -> Outcome:
@@ -785,7 +785,7 @@ class Dispatcher:
                     error=sent.error,
                 )
             )
-            if self._spans is not None and sent.span is not None:
+            if self._spans is not None:
                 self._spans.attempt(Attempt(job=job, slot=slot, key=key, attempt=attempt,
                                             trace=trace, span=sent.span, started=sent.started,
                                             duration=sent.duration, status=sent.status,
