@@ -259,11 +259,26 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
                      format_seconds(job["timeout_seconds"]), job["overlap"], upcoming,
                      job["source"]))  # fmt: skip
     _table(rows, out)
+    print("\nWhen calls fail (pause_after_failures, on_gone, max_silence):", file=out)
+    for job in report["jobs"]:
+        print(f"  {job['name']}: {_policies_text(job)}", file=out)
     if report["dst_effects"]:
         print("\nDST effects in the next 365 days:", file=out)
         for effect in report["dst_effects"]:
             print(f"  {effect['job']}: {effect['message']}", file=out)
     return 0
+
+
+def _policies_text(job: dict[str, Any]) -> str:
+    after = job["pause_after_failures"]
+    silence = job["max_silence_seconds"]
+    return "; ".join((
+        f"pauses after {after} failed slot{'' if after == 1 else 's'} in a row" if after
+        else "never pauses itself",
+        "a 410 Gone disables it" if job["on_gone"] == "disable" else "a 410 Gone is a failure",
+        f"stale after {format_seconds(silence)} without a success" if silence is not None
+        else "no dead-man check (max_silence off)",
+    ))  # fmt: skip
 
 
 def check_report(config: Config, now: datetime) -> dict[str, Any]:
@@ -276,6 +291,8 @@ def check_report(config: Config, now: datetime) -> dict[str, Any]:
                      "endpoint": job.endpoint, "timeout_seconds": job.timeout,
                      "overlap": job.overlap, "enabled": job.enabled,
                      "next_run": format_slot(upcoming) if upcoming else None,
+                     "pause_after_failures": job.pause_after_failures, "on_gone": job.on_gone,
+                     "max_silence_seconds": job.max_silence,
                      "source": job.source})  # fmt: skip
     effects = [{"job": job.name, "transition": format_slot(warning.transition),
                 "message": warning.message}
@@ -377,7 +394,10 @@ def status_rows(jobs: list[dict[str, Any]], now: datetime) -> list[tuple[str, ..
     for item in jobs:
         last, upcoming = item["last_run"], item["next_run"]
         if item["paused"]:
-            upcoming_text, left = "paused", "-"
+            reason = item.get("pause_reason") or ""
+            upcoming_text = "disabled (410)" if "410" in reason else (
+                "auto-paused" if reason else "paused")  # fmt: skip
+            left = "-"
         else:
             upcoming_text = upcoming or "-"
             left = from_now((_instant(upcoming) - now).total_seconds()) if upcoming else "-"
@@ -463,6 +483,11 @@ def cmd_admin(settings: Settings, command: str, job: str | None, *, as_json: boo
         health = answers[0]
         print(_describe(health))
         _table(status_rows(body, datetime.now(UTC)), sys.stdout)
+        for item in body:
+            if item.get("pause_reason"):
+                print(f"{item['name']}: {item['pause_reason']}; cronclock resume {item['name']}")
+        for name in health.get("stale", []):
+            print(f"{name}: stale, no success within its max_silence")
     elif command == "trigger":
         print(f"{body['job']}: triggered, Idempotency-Key {body['idempotency_key']}")
     else:
@@ -747,6 +772,7 @@ def _serve(
 
     from .clock import DEFAULT_LEAD_SECONDS, Scheduler
     from .dispatch import Dispatcher
+    from .policies import FailurePolicy
     from .schedules import RuntimeSchedules
     from .stores import open_store
     from .stores.protocols import StoreRefused
@@ -775,6 +801,7 @@ def _serve(
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
     metrics = Metrics()
+    policy = FailurePolicy(store, log=log, metrics=metrics)
     spans = open_export(config.otlp_endpoint, __version__)
     dispatcher = Dispatcher(
         api_url=settings.api_url,
@@ -790,6 +817,7 @@ def _serve(
         fencing_token=coordinator.fencing_token,
         may_fire=coordinator.leading,
         on_finished=lambda job, result, deadline: scheduler.call_finished(job, result, deadline),
+        on_settled=policy.settled,
         wire=Wire(connections=settings.max_concurrency, loop=loop) if settings.fast_path else None,
     )
     log.info("calls go out", fast_path=dispatcher.fast_path,
@@ -836,6 +864,7 @@ def _serve(
             coordinator=coordinator,
             schedules=runtime,
             thread_deaths=deaths,
+            started=clock.now(),
         )
         admin = AdminServer(create_app(context), settings.admin_bind, log, loop)
         try:

@@ -40,6 +40,7 @@ from .clock import Scheduler
 from .config import Job
 from .coordination import Solo
 from .dispatch import Dispatcher
+from .policies import Silence, silence
 from .schedules import (
     BATCH_LIMIT,
     MAX_BATCH_BYTES,
@@ -84,6 +85,8 @@ class AdminContext:
     coordinator: Coordinator = field(default_factory=Solo)
     schedules: RuntimeSchedules | None = None
     thread_deaths: ThreadDeaths | None = None
+    # A job that never succeeded is silent since then (max_silence, policies.silence).
+    started: datetime | None = None  # None: when the app is created
 
 
 def dst_effects(job: Job, now: datetime) -> list[str]:
@@ -118,6 +121,13 @@ class JobView(BaseModel):
     last_run: LastRun
     last_success: str | None
     paused: bool
+    # Why the daemon paused it ("auto-paused after 5 consecutive failures", a 410 Gone);
+    # null when it is not paused or an operator paused it.
+    pause_reason: str | None
+    consecutive_failures: int
+    pause_after_failures: int  # 0: never
+    max_silence: float | None
+    stale: bool  # no success for longer than max_silence
     in_flight: int
     dst_warning: str | None  # the first of dst_effects
     dst_effects: list[str]  # every DST effect on its fires in the next 365 days
@@ -156,6 +166,9 @@ class Health(BaseModel):
     leader: str | None  # who leads, as far as this replica knows
     fencing_token: int | None  # the leader's epoch (Redis coordination only)
     target: TargetView
+    # Jobs without a success for longer than their max_silence: the daemon is fine (200),
+    # the application's work is not getting done.
+    stale: list[str] = []
 
 
 class Triggered(BaseModel):
@@ -279,6 +292,7 @@ _NO_TELEMETRY: dict[str, Any] = (
 
 
 def create_app(ctx: AdminContext) -> FastAPI:
+    started = ctx.started or ctx.clock.now()
     app = FastAPI(
         title="cronclock admin API",
         version=__version__,
@@ -361,6 +375,11 @@ def create_app(ctx: AdminContext) -> FastAPI:
             ),
             last_success=_iso(state.last_success),
             paused=state.paused,
+            pause_reason=state.pause_reason,
+            consecutive_failures=state.failures,
+            pause_after_failures=job.pause_after_failures,
+            max_silence=job.max_silence,
+            stale=silence(job, state, ctx.clock.now(), started).stale,
             in_flight=in_flight.get(job.name, 0),
             dst_warning=effects[0] if effects else None,
             dst_effects=effects,
@@ -402,7 +421,13 @@ def create_app(ctx: AdminContext) -> FastAPI:
                 consecutive_failures=target.failures,
                 last_error=target.error,
             ),
+            stale=[job.name for job, quiet in silences() if quiet.stale],
         )
+
+    def silences() -> list[tuple[Job, Silence]]:
+        now = ctx.clock.now()
+        return [(job, silence(job, ctx.store.job_state(job.name), now, started))
+                for job in ctx.scheduler.jobs().values()]  # fmt: skip
 
     @app.get("/healthz", response_model=Health, responses={503: {"model": Health}})
     def healthz() -> JSONResponse:
@@ -461,6 +486,14 @@ def create_app(ctx: AdminContext) -> FastAPI:
     def metrics() -> PlainTextResponse:
         """Prometheus exposition."""
         ctx.metrics.in_flight.set(sum(ctx.dispatcher.in_flight().values()))
+        now = ctx.clock.now()
+        conditions = []
+        for job in ctx.scheduler.jobs().values():
+            state = ctx.store.job_state(job.name)
+            quiet = silence(job, state, now, started)
+            stale = quiet.stale if quiet.silent_seconds is not None else None
+            conditions.append((job.name, state.paused, state.failures, stale))
+        ctx.metrics.conditions(conditions)
         return PlainTextResponse(
             generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )

@@ -92,6 +92,22 @@ def _within(low: float, high: float) -> Callable[[float], float]:
 # Every duration has a range (README "Settings"): outside it is a mistake, not a cadence.
 Timeout = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0.01, 86400))]
 Grace = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_within(0, 30 * 86400))]
+
+
+def _off_or_duration(value: object) -> float | None:
+    """`max_silence`: "off" (or absent) for no dead-man check, else a duration."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "off"):
+        return None
+    return parse_duration(value)
+
+
+def _silence_within(seconds: float | None) -> float | None:
+    return None if seconds is None else _within(60, 366 * 86400)(seconds)
+
+
+Silence = Annotated[
+    float | None, BeforeValidator(_off_or_duration), AfterValidator(_silence_within)
+]
 Retention = Annotated[
     float, BeforeValidator(parse_duration), AfterValidator(_within(60, 3650 * 86400))
 ]
@@ -381,6 +397,9 @@ JOB_FIELDS = (
     "run_on_start",
     "dst_gap",
     "dst_repeat",
+    "pause_after_failures",
+    "on_gone",
+    "max_silence",
 )
 # Headers cronclock sets on every call (DESIGN.md section 4); a job may not set them itself.
 RESERVED_HEADERS = frozenset(
@@ -449,8 +468,15 @@ class CallSpec(BaseModel):
     misfire_grace: Grace = 300.0
     dst_gap: Literal["shift", "skip"] | None = None
     dst_repeat: Literal["first", "last", "both"] | None = None
+    # Failure policies (README "When calls fail"): pause after N failed slots in a row (0:
+    # never), what a 410 Gone does, and how long without a success makes the job stale.
+    pause_after_failures: StrictInt = Field(0, ge=0, le=10_000)
+    on_gone: Literal["disable", "ignore"] = "disable"
+    max_silence: Silence = None
 
-    @field_validator("method", "overlap", "catchup", "dst_gap", "dst_repeat", mode="before")
+    @field_validator(
+        "method", "overlap", "catchup", "dst_gap", "dst_repeat", "on_gone", mode="before"
+    )
     @classmethod
     def _case(cls, value: object, info: Any) -> object:
         if not isinstance(value, str):
@@ -545,6 +571,9 @@ class CallSpec(BaseModel):
             "retries": self.retries,
             "catchup": self.catchup,
             "misfire_grace": self.misfire_grace,
+            "pause_after_failures": self.pause_after_failures,
+            "on_gone": self.on_gone,
+            "max_silence": self.max_silence,
         }
 
 
@@ -587,6 +616,9 @@ class Job:
     misfire_grace: float = 300.0
     spread: bool = False
     run_on_start: bool = False
+    pause_after_failures: int = 0  # 0: never
+    on_gone: Literal["disable", "ignore"] = "disable"
+    max_silence: float | None = None  # seconds without a success that make it stale; None: off
     source: str = "built-in"  # where the job's definition came from, for `check`
     # Runtime schedules (created through the admin API) only:
     schedule_id: str | None = None
@@ -889,6 +921,7 @@ def _read_jobs_file(path: Path) -> dict[str, Any]:
 
 _ENV_JSON_FIELDS = {"headers", "body"}
 _ENV_BOOL_FIELDS = {"enabled", "spread", "run_on_start"}
+_ENV_INT_FIELDS = {"retries", "pause_after_failures"}
 _ENV_BOOLS = {"true": True, "1": True, "yes": True, "on": True,
               "false": False, "0": False, "no": False, "off": False}  # fmt: skip
 
@@ -897,7 +930,7 @@ def _typed(field_name: str, text: str) -> Any:
     """An override's text as the field's type, so the strict model sees what TOML would give."""
     if field_name in _ENV_BOOL_FIELDS:
         return _ENV_BOOLS.get(text.strip().lower(), text)
-    if field_name == "retries" and text.strip().isascii() and text.strip().isdigit():
+    if field_name in _ENV_INT_FIELDS and text.strip().isascii() and text.strip().isdigit():
         return int(text.strip())
     return text
 

@@ -304,6 +304,7 @@ class Dispatcher:
         pause: Callable[[float], None] = time.sleep,
         metrics: Metrics | None = None,
         on_finished: Callable[[Job, CallResult | None, datetime | None], None] | None = None,
+        on_settled: Callable[[Job, CallResult], None] | None = None,
         wire: Wire | None = None,
         signer: Signer | None = None,
         wall: Callable[[], float] = time.time,
@@ -324,6 +325,8 @@ class Dispatcher:
         self._wire_closing = False
         # Told when a batch of calls is over (or skipped), with the job's next slot.
         self._on_finished = on_finished
+        # Told each slot's final outcome (the failure policies, policies.py).
+        self._on_settled = on_settled
         self._clock = clock
         self._log = log
         self._reporter = reporter
@@ -558,6 +561,7 @@ class Dispatcher:
                 finally:
                     self._store.mark_finished(job.name, key)
                     done += 1
+                self._settled(job, result)
             assert result is not None
             return result
         finally:
@@ -584,6 +588,14 @@ class Dispatcher:
             self._on_finished(job, result, deadline)
         except Exception:  # bookkeeping must not cost the pool thread
             self._log.exception("after the call: bookkeeping failed", job=job.name)
+
+    def _settled(self, job: Job, result: CallResult) -> None:
+        if self._on_settled is None:
+            return
+        try:
+            self._on_settled(job, result)
+        except Exception:  # a policy must not cost the pool thread or the slots after
+            self._log.exception("after the call: failure policy failed", job=job.name)
 
     def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
         self._metrics.outcome(job.label, "skipped_overlap")
@@ -772,6 +784,22 @@ class Dispatcher:
             self._reachability.attempted(sent)
             if on_sent is not None:
                 on_sent()
+            # Transient failure: retried (decided first, so the record says whether it settles
+            # the slot); success, busy and permanent failure: the slot's outcome.
+            delay: float | None = None
+            error = sent.error
+            if sent.kind == "transient" and sent.unsent and not connect_retry_used:
+                connect_retry_used, delay = True, CONNECT_RETRY_DELAY_SECONDS
+            elif sent.kind == "transient" and retries_left > 0:
+                retries_left -= 1
+                delay = max(self._backoff(attempt), sent.retry_after or 0.0)
+            if (
+                delay is not None
+                and deadline is not None
+                and self._clock.now() + timedelta(seconds=delay) >= deadline
+            ):
+                error = f"{error}; not retried: the next slot ({format_slot(deadline)}) comes first"
+                delay = None
             self._store.record_run(
                 RunRecord(
                     job=job.name,
@@ -783,6 +811,7 @@ class Dispatcher:
                     duration=sent.duration,
                     status=sent.status,
                     error=sent.error,
+                    settles=delay is None,
                 )
             )
             if self._spans is not None:
@@ -801,22 +830,6 @@ class Dispatcher:
             if sent.kind in ("success", "busy"):
                 self._log.info("fired" if sent.kind == "success" else "busy (409)", **fields)
                 return self._result(job, slot, key, sent.outcome, attempt, sent.status, None, begun)
-
-            # Transient or permanent failure: retry, or give up and report.
-            delay: float | None = None
-            if sent.kind == "transient" and sent.unsent and not connect_retry_used:
-                connect_retry_used, delay = True, CONNECT_RETRY_DELAY_SECONDS
-            elif sent.kind == "transient" and retries_left > 0:
-                retries_left -= 1
-                delay = max(self._backoff(attempt), sent.retry_after or 0.0)
-            error = sent.error
-            if (
-                delay is not None
-                and deadline is not None
-                and self._clock.now() + timedelta(seconds=delay) >= deadline
-            ):
-                error = f"{error}; not retried: the next slot ({format_slot(deadline)}) comes first"
-                delay = None
             if delay is None:
                 return self._give_up(job, slot, key, fields, error, begun)
             self._log.warning("retrying", **fields, error=error, retry_in=round(delay, 3))

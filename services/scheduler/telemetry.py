@@ -8,7 +8,7 @@ import math
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from typing import Any, Protocol, TextIO
 
@@ -199,6 +199,25 @@ class Metrics:
             registry=r,
         )
         self.is_leader.set(1)
+        # Failure policies (policies.py). The gauges are set for the static jobs when scraped.
+        self.auto_pauses = Counter(
+            "cronclock_job_auto_paused", "Jobs paused by the daemon: after pause_after_failures "
+            "failed slots in a row (reason=failures) or a 410 Gone (reason=gone).",
+            ["job", "reason"], registry=r,
+        )  # fmt: skip
+        self.paused = Gauge(
+            "cronclock_job_paused", "1 while the job is paused (by an operator or the daemon).",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self.failures = Gauge(
+            "cronclock_job_consecutive_failures", "Slots in a row whose final outcome was failed.",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self.stale = Gauge(
+            "cronclock_job_stale", "1 while the job has had no success for longer than its "
+            "max_silence (only jobs that set one).",
+            ["job"], registry=r,
+        )  # fmt: skip
         # Labelled children, looked up once (labels() validates and locks on every call);
         # these series are never removed, unlike next_run's.
         self._runs: dict[tuple[str, str], Any] = {}
@@ -220,6 +239,20 @@ class Metrics:
         ends[0].observe(seconds)
         if outcome == "success":
             ends[1].set(at)
+
+    def auto_paused(self, job: str, reason: str) -> None:
+        self.auto_pauses.labels(job=job, reason=reason).inc()
+
+    def conditions(self, jobs: Iterable[tuple[str, bool, int, bool | None]]) -> None:
+        """The static jobs' (name, paused, consecutive failures, stale) when scraped; stale
+        is None for a job without max_silence. Jobs no longer in the table drop out."""
+        for gauge in (self.paused, self.failures, self.stale):
+            gauge.clear()
+        for job, paused, failures, stale in jobs:
+            self.paused.labels(job=job).set(int(paused))
+            self.failures.labels(job=job).set(failures)
+            if stale is not None:
+                self.stale.labels(job=job).set(int(stale))
 
     def planned(self, job: str, slot: datetime | None) -> None:
         if slot is None:

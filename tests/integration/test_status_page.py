@@ -270,10 +270,12 @@ def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
 
     driver: WebDriver = browser  # type: ignore[assignment]
     target.script["/broken"] = [Reply(500)]
+    target.script["/gone"] = [Reply(410)]
     target.script["/flaky"] = [Reply(503, headers={"Retry-After": "0"}), Reply(200)] * 50
     jobs = jobs_file(
         '[jobs.tick]\nschedule = "every 1s"\nendpoint = "/tick"\n'
-        '[jobs.broken]\nschedule = "every 2s"\nendpoint = "/broken"\n'
+        '[jobs.broken]\nschedule = "every 2s"\nendpoint = "/broken"\npause_after_failures = 50\n'
+        '[jobs.gone]\nschedule = "every 2s"\nendpoint = "/gone"\n'
         '[jobs.flaky]\nschedule = "every 2s"\nendpoint = "/flaky"\nretries = 1\n'
         '[jobs.nightly]\nschedule = "every 1h"\nendpoint = "/n"\n'
         '[jobs.berlin]\nschedule = "daily 02:30"\ntimezone = "Europe/Berlin"\nendpoint = "/b"\n'
@@ -286,7 +288,15 @@ def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
     _sign_in(driver, admin)
 
     def cell(job: str, column: str) -> str:
-        return str(driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{job}"] td.{column}').text)
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        for _ in range(5):  # the table re-renders every 5 s: an element found may go at once
+            try:
+                found = driver.find_element(By.CSS_SELECTOR, f'tr[data-job="{job}"] td.{column}')
+                return str(found.text)
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError(f"{job} {column}: re-rendered five times while read")
 
     # Last run, last success and lateness inline, not only on hover.
     wait(lambda: "ago" in cell("tick", "last") and "sent " in cell("tick", "last"))
@@ -299,8 +309,10 @@ def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
     assert "failed" in broken and "HTTP 500" in broken and "last success: never" in broken
     assert re.search(r"last failure (\d+ s ago|just now): HTTP 500: ", broken), broken
     assert "HTTP 500: HTTP 500" not in broken and "in 0 s" not in broken
-    # Paused: "paused", no next run in N s.
+    # Paused: "paused", no next run in N s; paused by the daemon: why, in words.
     assert cell("nightly", "next") == "paused"
+    wait(lambda: "disabled" in (gone := cell("gone", "next")) and "410 Gone" in gone)
+    wait(lambda: "failed slots in a row of 50 before it pauses" in cell("broken", "last"))
     # A next run that has come reads "due now" until the refresh, never "1 s ago".
     for _ in range(15):
         assert "ago" not in cell("tick", "next"), cell("tick", "next")

@@ -533,7 +533,8 @@ class TestJson:
         assert [job["name"] for job in report["jobs"]] == [job.name for job in DEFAULT_JOBS]
         refresh = report["jobs"][0]
         assert set(refresh) == {"name", "schedule", "method", "endpoint", "timeout_seconds",
-                                "overlap", "enabled", "next_run", "source"}  # fmt: skip
+                                "overlap", "enabled", "next_run", "source", "pause_after_failures",
+                                "on_gone", "max_silence_seconds"}  # fmt: skip
         assert (refresh["schedule"], refresh["timeout_seconds"]) == ("every 15m", 120.0)
         assert refresh["next_run"].endswith(":00.000Z")
         effects = [e for e in report["dst_effects"] if e["job"] == "marketplaces"]

@@ -168,7 +168,13 @@ function badge(text, kind) {
 }
 
 function nextRun(job) {
-  if (job.paused) return el("td", { className: "next" }, badge("paused", "badge-paused"));
+  if (job.paused) {
+    const reason = job.pause_reason || "";
+    const text = reason.includes("410") ? "disabled" : reason ? "auto-paused" : "paused";
+    const cell = el("td", { className: "next" }, badge(text, "badge-paused"));
+    if (reason) cell.append(el("span", { className: "reason", text: reason }));
+    return cell;
+  }
   if (!job.next_run) return el("td", { className: "next", text: job.enabled ? "none planned" : "disabled" });
   return el("td", { className: "next" },
     el("time", { datetime: job.next_run, text: localText(job.next_run_local || job.next_run) }),
@@ -191,6 +197,11 @@ function lastRun(job) {
   }
   cell.append(el("span", { className: "success-line muted" },
     "last success: ", job.last_success ? ago(job.last_success, "when") : "never"));
+  if (job.stale) cell.append(" ", badge("stale", "badge-degraded"));
+  if (job.consecutive_failures > 1) {
+    const allowance = job.pause_after_failures ? ` of ${job.pause_after_failures} before it pauses` : "";
+    cell.append(el("span", { className: "failure", text: `${job.consecutive_failures} failed slots in a row${allowance}` }));
+  }
   const failure = job.runs.find((run) => FAILED.has(run.outcome));
   if (failure) {
     const status = failure.status !== null ? `HTTP ${failure.status}` : null;

@@ -23,6 +23,7 @@ from .protocols import (
     apply_outcome,
     decide_puts,
     interrupted,
+    paused_as,
 )
 
 
@@ -105,9 +106,9 @@ class MemoryStateStore:
             history = list(self._runs.get(job, ()))
         return history[::-1][:limit]
 
-    def set_paused(self, job: str, paused: bool) -> None:
+    def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
         with self._lock:
-            self._jobs[job] = replace(self._jobs.get(job, JobState()), paused=paused)
+            self._jobs[job] = paused_as(self._jobs.get(job, JobState()), paused, reason)
 
     def forget(self, job: str) -> None:
         with self._lock:

@@ -86,7 +86,7 @@ def _dt(value: int | None) -> datetime | None:
 # -------------------------------------------------------------------------------------------
 # Schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # MIGRATIONS[n] takes a schema from version n to n + 1 (run under an advisory lock, so replicas
 # starting together migrate once).
 MIGRATIONS: tuple[str, ...] = (
@@ -218,6 +218,10 @@ MIGRATIONS: tuple[str, ...] = (
         END LOOP;
         RETURN v_out;
     END $$;
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN pause_reason text;
+    ALTER TABLE jobs ADD COLUMN failures integer NOT NULL DEFAULT 0;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -410,12 +414,14 @@ class PostgresLease(Lease):
 # Job state, history and slot claims
 
 _JOB_COLUMNS = (
-    "name, last_slot, last_outcome, last_status, last_run, last_success, paused, restored"
+    "name, last_slot, last_outcome, last_status, last_run, last_success, paused, restored, "
+    "pause_reason, failures"
 )
 
 
 def _job_state(row: Sequence[Any]) -> JobState:
-    _, last_slot, last_outcome, last_status, last_run, last_success, paused, restored = row
+    (_, last_slot, last_outcome, last_status, last_run, last_success, paused, restored,
+     pause_reason, failures) = row  # fmt: skip
     return JobState(
         last_slot=_dt(last_slot),
         last_outcome=cast(Outcome | None, last_outcome),
@@ -423,6 +429,8 @@ def _job_state(row: Sequence[Any]) -> JobState:
         last_run=_dt(last_run),
         last_success=_dt(last_success),
         paused=bool(paused),
+        pause_reason=pause_reason,
+        failures=failures,
         uncertain=bool(restored),
     )
 
@@ -430,24 +438,27 @@ def _job_state(row: Sequence[Any]) -> JobState:
 def _write_state(job: str, state: JobState) -> Statement:
     """A job's whole state, as this replica knows it (written back after a loss)."""
     return (
-        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (name) DO UPDATE SET last_slot = greatest(jobs.last_slot, "
         "excluded.last_slot), last_outcome = excluded.last_outcome, last_status = "
         "excluded.last_status, last_run = excluded.last_run, last_success = "
-        "excluded.last_success, paused = excluded.paused, restored = excluded.restored",
+        "excluded.last_success, paused = excluded.paused, restored = excluded.restored, "
+        "pause_reason = excluded.pause_reason, failures = excluded.failures",
         (job, _us(state.last_slot), state.last_outcome, state.last_status, _us(state.last_run),
-         _us(state.last_success), state.paused, state.uncertain),
+         _us(state.last_success), state.paused, state.uncertain, state.pause_reason,
+         state.failures),
     )  # fmt: skip
 
 
 def _outcome(job: str, state: JobState) -> Statement:
     return (
-        "INSERT INTO jobs (name, last_outcome, last_status, last_run, last_success) "
-        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET last_outcome = "
+        "INSERT INTO jobs (name, last_outcome, last_status, last_run, last_success, failures) "
+        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (name) DO UPDATE SET last_outcome = "
         "excluded.last_outcome, last_status = excluded.last_status, last_run = "
-        "excluded.last_run, last_success = coalesce(excluded.last_success, jobs.last_success)",
+        "excluded.last_run, last_success = coalesce(excluded.last_success, jobs.last_success), "
+        "failures = excluded.failures",
         (job, state.last_outcome, state.last_status, _us(state.last_run),
-         _us(state.last_success)),
+         _us(state.last_success), state.failures),
     )  # fmt: skip
 
 
@@ -650,15 +661,17 @@ class PostgresStateStore(SharedState):
             (job, job, self._max_runs),
         )
 
-    def set_paused(self, job: str, paused: bool) -> None:
+    def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
         self.transact(
             lambda conn: conn.execute(
-                "INSERT INTO jobs (name, paused) VALUES (%s, %s) ON CONFLICT (name) DO "
-                "UPDATE SET paused = excluded.paused",
-                (job, paused),
+                "INSERT INTO jobs (name, paused, pause_reason) VALUES (%s, %s, %s) ON CONFLICT "
+                "(name) DO UPDATE SET paused = excluded.paused, pause_reason = "
+                "excluded.pause_reason, failures = CASE WHEN excluded.paused THEN jobs.failures "
+                "ELSE 0 END",
+                (job, paused, reason if paused else None),
             )
         )
-        self._paused_here(job, paused)
+        self._paused_here(job, paused, reason)
 
     def _execute(self, batch: list[Op]) -> bool:
         def work(conn: psycopg.Connection[Any]) -> None:

@@ -49,6 +49,9 @@ class RunRecord:
     status: int | None = None
     error: str | None = None
     count: int = 1  # for `missed`: how many slots this record stands for
+    # False for an attempt that is retried: only a record that settles its slot counts
+    # towards the job's consecutive failures (not stored; history read back settles).
+    settles: bool = True
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +62,10 @@ class JobState:
     last_run: datetime | None = None
     last_success: datetime | None = None
     paused: bool = False
+    # Why the daemon paused it (pause_after_failures, 410 Gone); None for an operator's
+    # pause. Cleared by resume, with `failures`.
+    pause_reason: str | None = None
+    failures: int = 0  # consecutive slots whose final outcome was `failed`
     # Restored by a replica after the shared store (Redis) lost its data: this replica may
     # not know every slot the previous leader fired, so nothing is caught up from it.
     uncertain: bool = False
@@ -99,7 +106,9 @@ class StateStore(Protocol):
         """The latest runs of a job, newest first."""
         ...
 
-    def set_paused(self, job: str, paused: bool) -> None: ...
+    def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
+        """Pause (with the daemon's reason, None for an operator's pause) or resume, which
+        also clears the consecutive failures; committed before it returns."""
 
     def forget(self, job: str) -> None:
         """Drop what is cached in memory about `job` (a runtime schedule that ended); what
@@ -113,16 +122,32 @@ class StateStore(Protocol):
 
 
 def apply_outcome(state: JobState, record: RunRecord) -> JobState:
-    """The job state after a run record: skipped and missed slots do not count as runs."""
+    """The job state after a run record: skipped and missed slots do not count as runs; a
+    success ends a run of failures, a failure that settles its slot adds one (busy and
+    interrupted slots leave the count as it is)."""
     if record.outcome in ("skipped_overlap", "missed"):
         return state
+    failures = state.failures
+    if record.outcome == "success":
+        failures = 0
+    elif record.outcome == "failed" and record.settles:
+        failures += 1
     return replace(
         state,
         last_outcome=record.outcome,
         last_status=record.status,
         last_run=record.started,
         last_success=record.started if record.outcome == "success" else state.last_success,
+        failures=failures,
     )
+
+
+def paused_as(state: JobState, paused: bool, reason: str | None) -> JobState:
+    """A job's state after a pause (with the daemon's reason) or a resume (which clears the
+    reason and the consecutive failures, so a resumed job has its whole allowance again)."""
+    if paused:
+        return replace(state, paused=True, pause_reason=reason)
+    return replace(state, paused=False, pause_reason=None, failures=0)
 
 
 def not_called(

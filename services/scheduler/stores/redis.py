@@ -425,16 +425,23 @@ class RedisStateStore(SharedState):
 
         return write
 
-    def set_paused(self, job: str, paused: bool) -> None:
+    def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.hset(self._job_key(job), "paused", int(paused))
+            key = self._job_key(job)
+            pipe.hset(key, "paused", int(paused))
+            if paused and reason is not None:
+                pipe.hset(key, "pause_reason", reason)
+            else:
+                pipe.hdel(key, "pause_reason")
+            if not paused:
+                pipe.hset(key, "failures", 0)
             pipe.sadd(f"{self._ns}:jobs", job)
             pipe.execute()
         except redis.RedisError as error:
             raise self._trouble(error) from None
         self._healthy()
-        self._paused_here(job, paused)
+        self._paused_here(job, paused, reason)
 
     # -- the writer -------------------------------------------------------------------------
 
@@ -469,6 +476,8 @@ def _job_state(row: dict[str, str]) -> JobState:
         last_run=_dt(row.get("last_run")),
         last_success=_dt(row.get("last_success")),
         paused=row.get("paused") == "1",
+        pause_reason=row.get("pause_reason"),
+        failures=int(row.get("failures") or 0),
         uncertain=row.get("restored") == "1",
     )
 
@@ -477,6 +486,7 @@ def _outcome_fields(state: JobState) -> dict[str, str | int]:
     fields: dict[str, str | int] = {}
     if state.last_outcome is not None:
         fields["last_outcome"] = state.last_outcome
+        fields["failures"] = state.failures
     if state.last_status is not None:
         fields["last_status"] = state.last_status
     if state.last_run is not None:
@@ -488,6 +498,8 @@ def _outcome_fields(state: JobState) -> dict[str, str | int]:
 
 def _write_state(ns: str, job: str, state: JobState) -> Op:
     fields = _outcome_fields(state) | {"paused": int(state.paused)}
+    if state.pause_reason is not None:
+        fields["pause_reason"] = state.pause_reason
     if state.last_slot is not None:
         fields["last_slot"] = _us(state.last_slot)
     if state.uncertain:

@@ -23,6 +23,7 @@ from .protocols import (
     StoreUnavailable,
     apply_outcome,
     is_runtime,
+    paused_as,
 )
 
 Op = TypeVar("Op")
@@ -137,6 +138,7 @@ def merge_state(local: JobState | None, fetched: JobState) -> JobState:
             last_status=local.last_status,
             last_run=local.last_run,
             last_success=local.last_success,
+            failures=local.failures,
         )
     return merged
 
@@ -184,9 +186,9 @@ class SharedState:
             )
         return state
 
-    def _paused_here(self, job: str, paused: bool) -> None:
+    def _paused_here(self, job: str, paused: bool, reason: str | None) -> None:
         with self._lock:
-            self._states[job] = replace(self._states.get(job, JobState()), paused=paused)
+            self._states[job] = paused_as(self._states.get(job, JobState()), paused, reason)
 
     def _take(self, fetched: dict[str, JobState]) -> None:
         """Merge states read back for some jobs (runtime schedules' are read with them)."""

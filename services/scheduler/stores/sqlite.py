@@ -42,7 +42,7 @@ from .protocols import (
     interrupted,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # MIGRATIONS[n] takes a database from user_version n to n + 1.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -93,6 +93,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX schedules_by_status ON schedules (status, id);
     CREATE INDEX schedules_by_group ON schedules (grp, id);
     CREATE INDEX schedules_by_finished ON schedules (finished);
+    """,
+    """
+    ALTER TABLE jobs ADD COLUMN pause_reason TEXT;
+    ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -252,21 +256,11 @@ class SqliteStateStore:
     def _stored_states(self) -> dict[str, JobState]:
         assert self._db is not None
         rows = self._db.execute(
-            "SELECT name, last_slot, last_outcome, last_status, last_run, last_success, paused "
-            "FROM jobs WHERE name NOT LIKE 'schedule/%' OR substr(name, 10) IN "
-            "(SELECT id FROM schedules WHERE status = 'active')"
+            "SELECT name, last_slot, last_outcome, last_status, last_run, last_success, paused, "
+            "pause_reason, failures FROM jobs WHERE name NOT LIKE 'schedule/%' OR "
+            "substr(name, 10) IN (SELECT id FROM schedules WHERE status = 'active')"
         )
-        return {
-            name: JobState(
-                last_slot=_dt(last_slot),
-                last_outcome=outcome,
-                last_status=status,
-                last_run=_dt(last_run),
-                last_success=_dt(last_success),
-                paused=bool(paused),
-            )
-            for name, last_slot, outcome, status, last_run, last_success, paused in rows
-        }
+        return {row[0]: _job_state(row) for row in rows}
 
     def _attach(self) -> list[Statement]:
         """Open the file this store has none of: one that could not be opened at start (a
@@ -598,8 +592,8 @@ class SqliteStateStore:
             for slot, key, attempt, started, duration, status, outcome, error, count in rows
         ]
 
-    def set_paused(self, job: str, paused: bool) -> None:
-        self._memory.set_paused(job, paused)
+    def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
+        self._memory.set_paused(job, paused, reason)
         self._write([self._job_write(job)], wait=True)
 
     def forget(self, job: str) -> None:
@@ -804,6 +798,20 @@ def _insert_run(record: RunRecord) -> Statement:
     )
 
 
+def _job_state(row: tuple[Any, ...]) -> JobState:
+    _, last_slot, outcome, status, last_run, last_success, paused, reason, failures = row
+    return JobState(
+        last_slot=_dt(last_slot),
+        last_outcome=outcome,
+        last_status=status,
+        last_run=_dt(last_run),
+        last_success=_dt(last_success),
+        paused=bool(paused),
+        pause_reason=reason,
+        failures=failures,
+    )
+
+
 def _merged(stored: JobState, mine: JobState | None) -> JobState:
     """A job's state from a file opened late and from what this process did meanwhile."""
     if mine is None:
@@ -815,16 +823,18 @@ def _merged(stored: JobState, mine: JobState | None) -> JobState:
         last_slot=max(slots, default=None),
         last_success=max((t for t in (stored.last_success, mine.last_success) if t), default=None),
         paused=stored.paused or mine.paused,
+        pause_reason=mine.pause_reason if mine.paused else stored.pause_reason,
     )
 
 
 def _upsert(name: str, state: JobState) -> Statement:
     return (
         "INSERT INTO jobs (name, last_slot, last_outcome, last_status, last_run, last_success, "
-        "paused) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-        "last_slot = excluded.last_slot, last_outcome = excluded.last_outcome, "
+        "paused, pause_reason, failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) "
+        "DO UPDATE SET last_slot = excluded.last_slot, last_outcome = excluded.last_outcome, "
         "last_status = excluded.last_status, last_run = excluded.last_run, "
-        "last_success = excluded.last_success, paused = excluded.paused",
+        "last_success = excluded.last_success, paused = excluded.paused, "
+        "pause_reason = excluded.pause_reason, failures = excluded.failures",
         (
             name,
             _us(state.last_slot),
@@ -833,6 +843,8 @@ def _upsert(name: str, state: JobState) -> Statement:
             _us(state.last_run),
             _us(state.last_success),
             int(state.paused),
+            state.pause_reason,
+            state.failures,
         ),
     )
 

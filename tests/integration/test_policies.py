@@ -1,0 +1,133 @@
+"""Failure policies in the real daemon against a real loopback target: a job that keeps
+failing pauses itself after pause_after_failures slots (and stays paused across a restart,
+with its reason, until `cronclock resume`); a 410 Gone disables a job at once; a job without
+a success for max_silence is listed as stale by /healthz, which stays 200."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.integration.conftest import Daemon, base_env, run_cli
+from tests.support import Reply, Target, free_port
+
+ADMIN = "admin-token"
+
+
+def _env(target: Target, jobs: Path, state: Path) -> dict[str, str]:
+    return {"API_URL": target.url, "SCHEDULER_API_TOKEN": "t", "SCHEDULER_ADMIN_TOKEN": ADMIN,
+            "SCHEDULER_ADMIN_BIND": f"127.0.0.1:{free_port()}", "SCHEDULER_JOBS_FILE": str(jobs),
+            "SCHEDULER_STATE_URL": f"sqlite:///{state}"}  # fmt: skip
+
+
+def _admin(env: dict[str, str]) -> httpx.Client:
+    return httpx.Client(base_url=f"http://{env['SCHEDULER_ADMIN_BIND']}",
+                        headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)  # fmt: skip
+
+
+def test_a_failing_job_pauses_itself_stays_paused_across_a_restart_and_resumes(
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    target.script["/flaky"] = [Reply(status=500)]
+    jobs = jobs_file('[jobs.flaky]\nschedule = "every 1s"\nendpoint = "/flaky"\n'
+                     'pause_after_failures = 3\n')  # fmt: skip
+    env = _env(target, jobs, tmp_path / "state.db")
+    first = daemon(**env)
+    assert first.wait_for_log("job auto-paused"), first.log_path.read_text()
+    (line,) = first.events("job auto-paused")
+    assert line["reason"] == "auto-paused after 3 consecutive failures"
+    assert line["resume"] == "cronclock resume flaky"
+    calls = len(target.calls("/flaky"))
+    assert 3 <= calls <= 4, "the three failures, and at most the slot already handed on"
+    time.sleep(2.5)
+    assert len(target.calls("/flaky")) == calls, "paused: no more calls"
+    view = _admin(env).get("/api/jobs/flaky").json()
+    assert (view["paused"], view["pause_reason"]) == (True, line["reason"])
+    metrics = _admin(env).get("/metrics").text
+    assert 'cronclock_job_auto_paused_total{job="flaky",reason="failures"} 1.0' in metrics
+    assert first.stop() == 0
+
+    second = daemon(**env)  # the pause and its reason are in the state file
+    assert second.wait_for_log("admin API listening"), second.log_path.read_text()
+    status = run_cli("status", env=base_env(**env))
+    assert status.returncode == 0, status.stderr
+    assert "auto-paused" in status.stdout
+    assert (
+        "flaky: auto-paused after 3 consecutive failures; cronclock resume flaky" in status.stdout
+    )
+    time.sleep(1.5)
+    assert len(target.calls("/flaky")) == calls
+
+    target.script["/flaky"] = [Reply(status=200)]
+    resumed = run_cli("resume", "flaky", env=base_env(**env))
+    assert resumed.returncode == 0, resumed.stderr
+    assert target.wait_for(lambda seen: len([c for c in seen if c.path == "/flaky"]) > calls)
+    assert second.wait_for_log("fired")
+    view = _admin(env).get("/api/jobs/flaky").json()
+    assert (view["paused"], view["pause_reason"], view["consecutive_failures"]) == (
+        False, None, 0,
+    )  # fmt: skip
+
+
+def test_a_410_disables_the_job_and_an_ignoring_job_goes_on(
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    target.script["/gone"] = [Reply(status=410)]
+    target.script["/kept"] = [Reply(status=410)]
+    jobs = jobs_file('[jobs.gone]\nschedule = "every 1s"\nendpoint = "/gone"\n'
+                     '[jobs.kept]\nschedule = "every 1s"\nendpoint = "/kept"\n'
+                     'on_gone = "ignore"\n')  # fmt: skip
+    env = _env(target, jobs, tmp_path / "state.db")
+    proc = daemon(**env)
+    assert proc.wait_for_log("job disabled"), proc.log_path.read_text()
+    (line,) = proc.events("job disabled")
+    assert line["job"] == "gone" and "410 Gone" in line["reason"]
+    assert target.wait_for(lambda seen: len([c for c in seen if c.path == "/kept"]) >= 4)
+    assert len(target.calls("/gone")) <= 2, "the 410, and at most the slot already handed on"
+    kept = _admin(env).get("/api/jobs/kept").json()
+    assert kept["paused"] is False and kept["consecutive_failures"] >= 3
+    assert "disabled (410)" in run_cli("status", env=base_env(**env)).stdout
+
+
+def test_healthz_lists_a_stale_job_and_stays_200(
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    # A job that has never succeeded counts from the start; max_silence is at least 1m, so
+    # the state file says its last success was long ago.
+    import sqlite3
+
+    state = tmp_path / "state.db"
+    jobs = jobs_file('[jobs.nightly]\nschedule = "daily 03:00"\nendpoint = "/nightly"\n'
+                     'max_silence = "1h"\n'
+                     '[jobs.other]\nschedule = "daily 03:00"\nendpoint = "/other"\n'
+                     'max_silence = "2d"\n')  # fmt: skip
+    env = _env(target, jobs, state)
+    proc = daemon(**env)
+    assert proc.wait_for_log("admin API listening")
+    assert proc.stop() == 0
+    two_hours_ago = int((time.time() - 7200) * 1_000_000)
+    with sqlite3.connect(state) as db:
+        db.execute("INSERT INTO jobs (name, last_success) VALUES ('nightly', ?), ('other', ?) "
+                   "ON CONFLICT (name) DO UPDATE SET last_success = excluded.last_success",
+                   (two_hours_ago, two_hours_ago))  # fmt: skip
+    proc = daemon(**env)
+    assert proc.wait_for_log("admin API listening"), proc.log_path.read_text()
+    health = _admin(env).get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok" and health.json()["stale"] == ["nightly"]
+    metrics = _admin(env).get("/metrics").text
+    assert 'cronclock_job_stale{job="nightly"} 1.0' in metrics
+    assert 'cronclock_job_stale{job="other"} 0.0' in metrics
+    assert "nightly: stale" in run_cli("status", env=base_env(**env)).stdout
