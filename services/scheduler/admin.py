@@ -229,6 +229,11 @@ class ScheduleView(BaseModel):
     finished: str | None
     next_run: str | None
     next_run_local: str | None
+    pause_after_failures: int
+    on_gone: str
+    paused: bool  # by POST /api/schedules/{id}/pause or by its failure policy
+    pause_reason: str | None
+    consecutive_failures: int
 
 
 class ScheduleDetail(ScheduleView):
@@ -581,6 +586,7 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
     def view(record: ScheduleRecord, cls: type[ScheduleView] = ScheduleView) -> Any:
         schedules = runtime()
         job = schedules.job(record)
+        state = ctx.store.job_state(job.name)
         upcoming = None
         if record.status == "active":
             upcoming = ctx.scheduler.planned_schedule(job.name)
@@ -613,6 +619,11 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
             next_run_local=(
                 upcoming.astimezone(job.schedule.tzinfo).isoformat() if upcoming else None
             ),
+            pause_after_failures=job.pause_after_failures,
+            on_gone=job.on_gone,
+            paused=state.paused,
+            pause_reason=state.pause_reason,
+            consecutive_failures=state.failures,
         )
 
     def detail(record: ScheduleRecord, change: str | None = None) -> ScheduleDetail:
@@ -778,6 +789,30 @@ def _schedule_routes(app: FastAPI, ctx: AdminContext, auth: list[Any]) -> None:
         if record is None:
             raise HTTPException(404, f"no schedule with id {id!r}")
         return detail(record)
+
+    def set_paused(id: str, paused: bool) -> ScheduleDetail:
+        try:
+            record = runtime().store.get_schedule(id)
+            if record is None:
+                raise HTTPException(404, f"no schedule with id {id!r}")
+            if record.status != "active":
+                raise HTTPException(409, f"schedule {id!r} has already ended: {record.status}")
+            ctx.store.set_paused(record.job_name, paused)
+        except StoreUnavailable as error:
+            raise unavailable(error) from None
+        return detail(record)
+
+    ended = {**SCHEDULE_ERRORS, 409: {"model": ErrorBody, "description": "already ended"}}
+
+    @app.post("/api/schedules/{id}/pause", dependencies=auth, responses=ended)
+    def pause_schedule(id: ScheduleId) -> ScheduleDetail:
+        """Let its slots pass until resumed (as a job's pause)."""
+        return set_paused(id, True)
+
+    @app.post("/api/schedules/{id}/resume", dependencies=auth, responses=ended)
+    def resume_schedule(id: ScheduleId) -> ScheduleDetail:
+        """Resume it; clears a pause its failure policy made, and the failure count."""
+        return set_paused(id, False)
 
     @app.delete(
         "/api/schedules/{id}",

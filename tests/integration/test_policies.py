@@ -131,3 +131,41 @@ def test_healthz_lists_a_stale_job_and_stays_200(
     assert 'cronclock_job_stale{job="nightly"} 1.0' in metrics
     assert 'cronclock_job_stale{job="other"} 0.0' in metrics
     assert "nightly: stale" in run_cli("status", env=base_env(**env)).stdout
+
+
+def test_a_runtime_schedule_pauses_itself_and_is_resumed_through_its_own_endpoint(
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    target.script["/remind"] = [Reply(status=503)]
+    env = _env(target, jobs_file(""), tmp_path / "state.db")
+    proc = daemon(**env)
+    assert proc.wait_for_log("admin API listening"), proc.log_path.read_text()
+    admin = _admin(env)
+    put = admin.put("/api/schedules/r1", json={"schedule": "every 1s", "endpoint": "/remind",
+                                               "pause_after_failures": 2, "group": "reminders"})  # fmt: skip
+    assert put.status_code == 201, put.text
+    assert proc.wait_for_log("job auto-paused"), proc.log_path.read_text()
+    (line,) = proc.events("job auto-paused")
+    assert line["job"] == "schedule/r1"
+    shown = admin.get("/api/schedules/r1").json()
+    assert (shown["paused"], shown["pause_reason"], shown["consecutive_failures"]) == (
+        True, "auto-paused after 2 consecutive failures", 2,
+    )  # fmt: skip
+    metrics = admin.get("/metrics").text
+    assert 'cronclock_job_auto_paused_total{job="schedules/reminders",reason="failures"} 1.0' in (
+        metrics
+    )
+    calls = len(target.calls("/remind"))
+    time.sleep(2.0)
+    assert len(target.calls("/remind")) == calls
+    target.script["/remind"] = [Reply(status=200)]
+    resumed = admin.post("/api/schedules/r1/resume")
+    assert resumed.status_code == 200 and resumed.json()["paused"] is False
+    assert target.wait_for(lambda seen: len([c for c in seen if c.path == "/remind"]) > calls)
+    assert admin.post("/api/schedules/nope/resume").status_code == 404
+    assert admin.delete("/api/schedules/r1").status_code == 200
+    ended = admin.post("/api/schedules/r1/pause")
+    assert ended.status_code == 409 and "already ended" in ended.json()["error"]

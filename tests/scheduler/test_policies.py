@@ -374,3 +374,53 @@ def test_the_admin_api_shows_the_reason_the_count_and_staleness() -> None:
     assert (view["paused"], view["pause_reason"], view["consecutive_failures"]) == (
         False, None, 0,
     )  # fmt: skip
+
+
+# -- the schema upgrades that added the columns keep what was there ---------------------------
+
+
+def test_a_sqlite_file_of_schema_2_is_upgraded_with_its_pauses_kept(tmp_path: Path) -> None:
+    import sqlite3
+
+    from services.scheduler.stores import sqlite as sqlite_store
+
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(sqlite_store.MIGRATIONS[0] + sqlite_store.MIGRATIONS[1])
+        db.execute("INSERT INTO jobs (name, last_slot, paused) VALUES ('j', 1, 1)")
+        db.execute("PRAGMA user_version = 2")
+    store = sqlite_store.SqliteStateStore(path, log=LOG)
+    try:
+        state = store.job_state("j")
+        assert (state.paused, state.pause_reason, state.failures) == (True, None, 0)
+        store.record_run(record("failed"))
+        assert store.job_state("j").failures == 1
+    finally:
+        store.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 3
+
+
+def test_a_postgresql_schema_of_version_1_is_upgraded_with_its_pauses_kept(
+    postgres_url: str,
+) -> None:
+    import psycopg
+
+    from services.scheduler.stores import postgres as pg
+
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA cronclock")
+        conn.execute("SET search_path TO cronclock")
+        conn.execute("CREATE TABLE meta (key text PRIMARY KEY, value text NOT NULL)")
+        conn.execute(pg.MIGRATIONS[0])  # type: ignore[arg-type]
+        conn.execute("INSERT INTO meta VALUES ('version', '1'), ('instance', 'x')")
+        conn.execute("INSERT INTO jobs (name, last_slot, paused) VALUES ('j', 1, true)")
+    opened = _open(postgres_url)
+    try:
+        opened.store.refresh()
+        state = opened.store.job_state("j")
+        assert (state.paused, state.pause_reason, state.failures) == (True, None, 0)
+    finally:
+        _close(opened)
+    with psycopg.connect(postgres_url) as conn:
+        version = conn.execute("SELECT value FROM cronclock.meta WHERE key = 'version'").fetchone()
+    assert version == (str(pg.SCHEMA_VERSION),) == ("2",)
