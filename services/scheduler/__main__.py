@@ -252,6 +252,9 @@ def cmd_check(config: Config, out: TextIO, *, as_json: bool = False) -> int:
     print(f"target {report['target']}  auth: {auth}  state: {report['state']}", file=out)
     if report["otlp_endpoint"]:
         print(f"spans exported over OTLP/HTTP to {report['otlp_endpoint']}", file=out)
+    if report["notify"]:
+        shown = ", ".join(f"{t['url']} ({t['format']})" for t in report["notify"])
+        print(f"notifications to {shown}", file=out)
     rows = [("JOB", "SCHEDULE", "METHOD ENDPOINT", "TIMEOUT", "OVERLAP", "NEXT (UTC)", "SOURCE")]
     for job in report["jobs"]:
         upcoming = job["next_run"] or ("disabled" if not job["enabled"] else "-")
@@ -302,6 +305,7 @@ def check_report(config: Config, now: datetime) -> dict[str, Any]:
             "auth": "bearer" if config.api_token else "none",
             "signing_secrets": config.signer.count if config.signer else 0,
             "otlp_endpoint": redact_url(config.otlp_endpoint) if config.otlp_endpoint else None,
+            "notify": [{"url": t.shown, "format": t.format} for t in config.notify],
             "state": redact_url(settings.state_url),
             "jobs": jobs, "dst_effects": effects}  # fmt: skip
 
@@ -801,7 +805,13 @@ def _serve(
     if config.api_token is None:
         log.warning("LOCAL_DEV_MODE: calls carry no Authorization header")
     metrics = Metrics()
-    policy = FailurePolicy(store, log=log, metrics=metrics)
+    notifier = None
+    if config.notify:
+        from .notify import Notifier
+
+        notifier = Notifier(config.notify, log=log, replica=coordinator.status().identity,
+                            signer=config.signer)  # fmt: skip
+    policy = FailurePolicy(store, log=log, metrics=metrics, notifier=notifier, now=clock.now)
     spans = open_export(config.otlp_endpoint, __version__)
     dispatcher = Dispatcher(
         api_url=settings.api_url,
@@ -834,6 +844,7 @@ def _serve(
         metrics=metrics,
         coordinator=coordinator,
         runtime=runtime,
+        notifier=notifier,
     )
 
     def on_stop(name: str) -> None:
@@ -918,6 +929,8 @@ def _serve(
     close_state()
     if spans is not None:
         spans.close()  # the spans still batched are sent
+    if notifier is not None:
+        notifier.close()  # what is waiting is sent, for at most 5 s
     reporter.close()
     log.info("cronclock stopped", abandoned=left)
     return 1 if crashed else 0

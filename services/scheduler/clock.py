@@ -37,6 +37,7 @@ from .stores.protocols import (
 from .telemetry import Metrics, Throttle
 
 if TYPE_CHECKING:
+    from .notify import Notifier
     from .schedules import RuntimeSchedules
     from .stores.protocols import ScheduleRecord, ScheduleStatus
 
@@ -177,6 +178,7 @@ class Scheduler:
         metrics: Metrics | None = None,
         coordinator: Coordinator | None = None,
         runtime: RuntimeSchedules | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._jobs = {job.name: job for job in jobs}
         self._runtime = runtime
@@ -201,6 +203,7 @@ class Scheduler:
         self._base_lead = self._lead = timedelta(seconds=lead_seconds)
         self._per_slot = HAND_ON_SECONDS_PER_SLOT  # seconds to hand one slot on (measured)
         self._metrics = metrics if metrics is not None else Metrics()
+        self._notifier = notifier  # missed slots are told (notify.py)
         self._heap: list[tuple[datetime, int, str]] = []
         self._planned: dict[str, datetime] = {}
         self._counter = itertools.count()
@@ -663,6 +666,10 @@ class Scheduler:
             first=format_slot(missed[0]),
             catchup=job.catchup,
         )
+        if self._notifier is not None:
+            from .notify import missed as missed_event
+
+            self._notifier.notify(missed_event(job.name, missed[0], missed[-1], count, why, now))
 
     def _drop_stale(self) -> None:
         while self._heap:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -46,6 +46,9 @@ from schedule_grammar import (
 
 from . import tracing
 from .signing import Signer, parse_secrets
+
+if TYPE_CHECKING:
+    from . import notify
 
 
 class ConfigError(ValueError):
@@ -172,10 +175,13 @@ class Settings(BaseSettings):
     max_runtime_schedules: int = Field(
         100_000, ge=1, le=10_000_000, alias="SCHEDULER_MAX_RUNTIME_SCHEDULES"
     )
+    # Notifications (notify.py): a webhook URL's path is often its secret (Slack's).
+    notify_url: SecretStr | None = Field(None, alias="SCHEDULER_NOTIFY_URL")
+    notify_format: Literal["json", "slack"] = Field("json", alias="SCHEDULER_NOTIFY_FORMAT")
     posthog_api_key: SecretStr | None = Field(None, alias="POSTHOG_API_KEY")
     posthog_host: str = Field("https://us.i.posthog.com", alias="POSTHOG_HOST")
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("log_format", "log_level", "notify_format", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
@@ -707,6 +713,7 @@ class Config:
     origin: str = BUILT_IN_ORIGIN  # where the job table came from
     signer: Signer | None = None  # SCHEDULER_SIGNING_SECRET(_FILE): calls are signed
     otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: spans exported
+    notify: tuple[notify.Target, ...] = ()  # SCHEDULER_NOTIFY_URL: where events go
 
     def job(self, name: str) -> Job:
         for job in self.jobs:
@@ -776,7 +783,18 @@ def load_config(environ: Mapping[str, str]) -> Config:
     signer = _signer(settings)
     jobs, origin = load_table(settings, environ)
     return Config(settings=settings, jobs=jobs, api_token=token, origin=origin, signer=signer,
-                  otlp_endpoint=_otlp_endpoint(environ))  # fmt: skip
+                  otlp_endpoint=_otlp_endpoint(environ), notify=_notify(settings))  # fmt: skip
+
+
+def _notify(settings: Settings) -> tuple[notify.Target, ...]:
+    if settings.notify_url is None:
+        return ()
+    from . import notify  # only when notifications are configured
+
+    try:
+        return notify.parse_targets(settings.notify_url.get_secret_value(), settings.notify_format)
+    except ValueError as error:
+        raise ConfigError(f"SCHEDULER_NOTIFY_URL: {error}") from None
 
 
 def _otlp_endpoint(environ: Mapping[str, str]) -> str | None:

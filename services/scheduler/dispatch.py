@@ -304,7 +304,7 @@ class Dispatcher:
         pause: Callable[[float], None] = time.sleep,
         metrics: Metrics | None = None,
         on_finished: Callable[[Job, CallResult | None, datetime | None], None] | None = None,
-        on_settled: Callable[[Job, CallResult], None] | None = None,
+        on_settled: Callable[[Job, CallResult, int], None] | None = None,
         wire: Wire | None = None,
         signer: Signer | None = None,
         wall: Callable[[], float] = time.time,
@@ -325,7 +325,8 @@ class Dispatcher:
         self._wire_closing = False
         # Told when a batch of calls is over (or skipped), with the job's next slot.
         self._on_finished = on_finished
-        # Told each slot's final outcome (the failure policies, policies.py).
+        # Told each slot's final outcome and the job's failures in a row before it (the
+        # failure policies and notifications, policies.py).
         self._on_settled = on_settled
         self._clock = clock
         self._log = log
@@ -551,6 +552,7 @@ class Dispatcher:
                     break
                 # A replayed slot's retries must not run into the slot replayed after it.
                 until = batch[index + 1][0] if index + 1 < len(batch) else deadline
+                before = self._store.job_state(job.name).failures if self._on_settled else 0
                 try:
                     result = self.call(job, slot, key=key, deadline=until, on_sent=first_sent,
                                        first=first if index == 0 else None)  # fmt: skip
@@ -561,7 +563,7 @@ class Dispatcher:
                 finally:
                     self._store.mark_finished(job.name, key)
                     done += 1
-                self._settled(job, result)
+                self._settled(job, result, before)
             assert result is not None
             return result
         finally:
@@ -589,11 +591,11 @@ class Dispatcher:
         except Exception:  # bookkeeping must not cost the pool thread
             self._log.exception("after the call: bookkeeping failed", job=job.name)
 
-    def _settled(self, job: Job, result: CallResult) -> None:
+    def _settled(self, job: Job, result: CallResult, before: int) -> None:
         if self._on_settled is None:
             return
         try:
-            self._on_settled(job, result)
+            self._on_settled(job, result, before)
         except Exception:  # a policy must not cost the pool thread or the slots after
             self._log.exception("after the call: failure policy failed", job=job.name)
 

@@ -2,7 +2,9 @@
 
 - `pause_after_failures = N`: after N slots in a row whose final outcome (after retries) is
   `failed`, the job pauses itself, with the reason recorded where the pause is (the state
-  store), so every replica and every restart sees it; `resume` clears it and the count.
+  store), so every replica and every restart sees it; `resume` clears it. The count goes on
+  (so the success that ends the run is told as a recovery after all its failures): a resumed
+  job that keeps failing pauses again after N more, at 2N, 3N, ...
 - `on_gone = "disable"` (the default): a 410 Gone from the application pauses the job at
   once, as Standard Webhooks asks of senders ("the endpoint is gone, stop calling it").
 - `max_silence`: a job without a success for that long is *stale*: /healthz lists it, a
@@ -21,6 +23,7 @@ from datetime import datetime
 
 from structlog.typing import FilteringBoundLogger
 
+from . import notify
 from .config import Job, format_seconds
 from .slots import CallResult, format_slot
 from .stores.protocols import JobState, StateStore, StoreUnavailable
@@ -39,7 +42,8 @@ def failures_reason(count: int) -> str:
 
 class FailurePolicy:
     """Applies a job's failure policies after each slot's final outcome (the dispatcher
-    calls `settled` on the thread that recorded it; the count was updated there)."""
+    calls `settled` on the thread that recorded it; the count was updated there), and tells
+    the notifier when a job starts failing, recovers or is paused."""
 
     def __init__(
         self,
@@ -47,14 +51,19 @@ class FailurePolicy:
         *,
         log: FilteringBoundLogger,
         metrics: Metrics,
-        on_paused: Callable[[Job, str], None] | None = None,
+        notifier: notify.Notifier | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._store = store
         self._log = log
         self._metrics = metrics
-        self._on_paused = on_paused
+        self._notifier = notifier
+        self._now = now
 
-    def settled(self, job: Job, result: CallResult) -> None:
+    def settled(self, job: Job, result: CallResult, failures_before: int) -> None:
+        """`failures_before`: the job's consecutive failures before this slot."""
+        if self._notifier is not None:
+            self._tell(job, result, failures_before)
         if result.outcome != "failed":
             return
         state = self._store.job_state(job.name)
@@ -62,7 +71,7 @@ class FailurePolicy:
             return  # paused meanwhile (by an operator, or by the slot before)
         if result.status == GONE and job.on_gone == "disable":
             self._pause(job, result, gone_reason(), "gone", state)
-        elif job.pause_after_failures and state.failures >= job.pause_after_failures:
+        elif (n := job.pause_after_failures) and state.failures and state.failures % n == 0:
             self._pause(job, result, failures_reason(state.failures), "failures", state)
 
     def _pause(self, job: Job, result: CallResult, reason: str, kind: str, state: JobState) -> None:
@@ -80,8 +89,21 @@ class FailurePolicy:
             "job disabled" if kind == "gone" else "job auto-paused", **fields,
             resume=f"cronclock resume {job.name}",
         )  # fmt: skip
-        if self._on_paused is not None:
-            self._on_paused(job, reason)
+        if self._notifier is not None:
+            self._notifier.notify(notify.auto_paused(job.name, reason, state.failures,
+                                                     self._at(result)))  # fmt: skip
+
+    def _tell(self, job: Job, result: CallResult, before: int) -> None:
+        assert self._notifier is not None
+        if result.outcome == "failed" and before == 0:
+            self._notifier.notify(notify.failing(job.name, result.slot, result.status,
+                                                 result.error, self._at(result)))  # fmt: skip
+        elif result.outcome == "success" and before > 0:
+            self._notifier.notify(notify.recovered(job.name, result.slot, before,
+                                                   self._at(result)))  # fmt: skip
+
+    def _at(self, result: CallResult) -> datetime:
+        return self._now() if self._now is not None else result.slot
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

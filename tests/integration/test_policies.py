@@ -5,6 +5,7 @@ a success for max_silence is listed as stale by /healthz, which stays 200."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -169,3 +170,55 @@ def test_a_runtime_schedule_pauses_itself_and_is_resumed_through_its_own_endpoin
     assert admin.delete("/api/schedules/r1").status_code == 200
     ended = admin.post("/api/schedules/r1/pause")
     assert ended.status_code == 409 and "already ended" in ended.json()["error"]
+
+
+def test_notifications_reach_a_real_receiver_and_a_dead_one_delays_nothing(
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    import json
+
+    target.script["/flaky"] = [Reply(status=500)]
+    dead = f"http://127.0.0.1:{free_port()}/dead"
+    jobs = jobs_file('[jobs.flaky]\nschedule = "every 1s"\nendpoint = "/flaky"\n'
+                     'pause_after_failures = 2\n'
+                     '[jobs.steady]\nschedule = "every 1s"\nendpoint = "/steady"\n')  # fmt: skip
+    env = _env(target, jobs, tmp_path / "state.db") | {
+        "SCHEDULER_NOTIFY_URL": f"{target.url}/hooks/ops, slack+{target.url}/hooks/chat {dead}",
+        "SCHEDULER_SIGNING_SECRET": "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
+    proc = daemon(**env)
+
+    def bodies(path: str) -> list[dict[str, object]]:
+        return [json.loads(c.body) for c in target.calls(path)]
+
+    assert target.wait_for(lambda _: len(bodies("/hooks/ops")) >= 2), proc.log_path.read_text()
+    ops = bodies("/hooks/ops")
+    assert [b["type"] for b in ops] == ["job.failing", "job.auto_paused"]
+    assert ops[1]["data"] == {"job": "flaky", "replica": ops[1]["data"]["replica"],  # type: ignore[index]
+                              "reason": "auto-paused after 2 consecutive failures",
+                              "consecutive_failures": 2}  # fmt: skip
+    signature = target.calls("/hooks/ops")[0].header("webhook-signature") or ""
+    assert signature.startswith("v1,"), "signed like the calls"
+    assert target.wait_for(lambda _: len(bodies("/hooks/chat")) >= 2)
+    chat = bodies("/hooks/chat")
+    assert set(chat[0]) == {"text"} and "flaky is failing" in str(chat[0]["text"])
+
+    target.script["/flaky"] = [Reply(status=200)]
+    assert run_cli("resume", "flaky", env=base_env(**env)).returncode == 0
+    assert target.wait_for(
+        lambda _: any(b["type"] == "job.recovered" for b in bodies("/hooks/ops"))
+    )
+    recovered = [b for b in bodies("/hooks/ops") if b["type"] == "job.recovered"]
+    assert recovered[0]["data"]["failed_slots"] == 2  # type: ignore[index]
+    assert proc.wait_for_log("notification not delivered"), "the dead URL, after its retries"
+    (line,) = proc.events("notification not delivered")[:1]
+    assert line["target"] == f"http://127.0.0.1:{dead.split(':')[2].split('/')[0]}/…"
+    # The dead receiver delayed nothing: the steady job fired every second throughout.
+    steady = [c.scheduled_for for c in target.calls("/steady")]
+    assert len(steady) >= 5 and all(
+        (b - a).total_seconds() == 1 for a, b in itertools.pairwise(steady)
+    )
+    assert not [n for n in proc.logs() if n.get("event") == "missed slots"]

@@ -524,6 +524,7 @@ class TestJson:
             "auth",
             "signing_secrets",
             "otlp_endpoint",
+            "notify",
             "state",
             "jobs",
             "dst_effects",

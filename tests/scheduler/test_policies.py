@@ -89,7 +89,7 @@ def state_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield request.getfixturevalue("postgres_url")
 
 
-def test_the_count_and_the_pause_reason_survive_a_restart_and_resume_clears_them(
+def test_the_count_and_the_pause_reason_survive_a_restart_and_resume_clears_the_reason(
     state_url: str,
 ) -> None:
     first = _open(state_url)
@@ -109,14 +109,16 @@ def test_the_count_and_the_pause_reason_survive_a_restart_and_resume_clears_them
             True, "auto-paused after 2 consecutive failures", 2,
         )  # fmt: skip
         second.store.set_paused("j", False)
-        assert second.store.job_state("j").failures == 0
+        assert second.store.job_state("j").failures == 2  # until a success
     finally:
         _close(second)
     third = _open(state_url)
     try:
         third.store.refresh()
         state = third.store.job_state("j")
-        assert (state.paused, state.pause_reason, state.failures) == (False, None, 0)
+        assert (state.paused, state.pause_reason, state.failures) == (False, None, 2)
+        third.store.record_run(record("success", minute=2))
+        assert third.store.job_state("j").failures == 0
         third.store.set_paused("j", True)  # an operator's pause has no reason
         assert third.store.job_state("j").pause_reason is None
     finally:
@@ -206,13 +208,15 @@ class TestPauseAfterFailures:
         never.fire(job(), times=20)
         assert (never.state().failures, never.state().paused) == (20, False)
 
-    def test_resume_gives_the_whole_allowance_again(self) -> None:
+    def test_resume_gives_the_whole_allowance_again_and_the_run_goes_on(self) -> None:
         h = Harness([500])
         h.fire(job(pause_after_failures=2), times=2)
         assert h.state().paused
         h.store.set_paused("j", False)
         h.fire(job(pause_after_failures=2))
-        assert (h.state().paused, h.state().failures) == (False, 1)
+        assert (h.state().paused, h.state().failures) == (False, 3)
+        h.fire(job(pause_after_failures=2))
+        assert h.state().pause_reason == "auto-paused after 4 consecutive failures"
 
 
 class TestGone:
@@ -372,7 +376,7 @@ def test_the_admin_api_shows_the_reason_the_count_and_staleness() -> None:
     assert client.post("/api/jobs/j/resume").status_code == 200
     view = client.get("/api/jobs/j").json()
     assert (view["paused"], view["pause_reason"], view["consecutive_failures"]) == (
-        False, None, 0,
+        False, None, 2,
     )  # fmt: skip
 
 

@@ -666,8 +666,7 @@ class PostgresStateStore(SharedState):
             lambda conn: conn.execute(
                 "INSERT INTO jobs (name, paused, pause_reason) VALUES (%s, %s, %s) ON CONFLICT "
                 "(name) DO UPDATE SET paused = excluded.paused, pause_reason = "
-                "excluded.pause_reason, failures = CASE WHEN excluded.paused THEN jobs.failures "
-                "ELSE 0 END",
+                "excluded.pause_reason",
                 (job, paused, reason if paused else None),
             )
         )

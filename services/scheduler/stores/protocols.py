@@ -63,7 +63,7 @@ class JobState:
     last_success: datetime | None = None
     paused: bool = False
     # Why the daemon paused it (pause_after_failures, 410 Gone); None for an operator's
-    # pause. Cleared by resume, with `failures`.
+    # pause. Cleared by resume.
     pause_reason: str | None = None
     failures: int = 0  # consecutive slots whose final outcome was `failed`
     # Restored by a replica after the shared store (Redis) lost its data: this replica may
@@ -107,8 +107,8 @@ class StateStore(Protocol):
         ...
 
     def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
-        """Pause (with the daemon's reason, None for an operator's pause) or resume, which
-        also clears the consecutive failures; committed before it returns."""
+        """Pause (with the daemon's reason, None for an operator's pause) or resume (which
+        clears the reason); committed before it returns."""
 
     def forget(self, job: str) -> None:
         """Drop what is cached in memory about `job` (a runtime schedule that ended); what
@@ -144,10 +144,8 @@ def apply_outcome(state: JobState, record: RunRecord) -> JobState:
 
 def paused_as(state: JobState, paused: bool, reason: str | None) -> JobState:
     """A job's state after a pause (with the daemon's reason) or a resume (which clears the
-    reason and the consecutive failures, so a resumed job has its whole allowance again)."""
-    if paused:
-        return replace(state, paused=True, pause_reason=reason)
-    return replace(state, paused=False, pause_reason=None, failures=0)
+    reason; the failures in a row go on until a success, see policies.py)."""
+    return replace(state, paused=paused, pause_reason=reason if paused else None)
 
 
 def not_called(

@@ -434,8 +434,6 @@ class RedisStateStore(SharedState):
                 pipe.hset(key, "pause_reason", reason)
             else:
                 pipe.hdel(key, "pause_reason")
-            if not paused:
-                pipe.hset(key, "failures", 0)
             pipe.sadd(f"{self._ns}:jobs", job)
             pipe.execute()
         except redis.RedisError as error:
