@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Annotated, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Generic, Literal, TypeVar
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from structlog.typing import FilteringBoundLogger
 
@@ -89,6 +89,39 @@ class AdminContext:
     started: datetime | None = None  # None: when the app is created
 
 
+BACKFILL_MAX = 1000
+
+
+def backfill_slots(job: Job, start: datetime, end: datetime, now: datetime,
+                   limit: int) -> list[datetime]:  # fmt: skip
+    """The job's slots from `start` to `end`, both included; ValueError says why not."""
+    for name, instant in (("from", start), ("to", end)):
+        if instant.tzinfo is None:
+            raise ValueError(f"{name}={instant.isoformat()!r}: give an offset or Z (RFC 3339)")
+    if end < start:
+        raise ValueError(f"to ({format_slot(end)}) is before from ({format_slot(start)})")
+    if end > now:
+        raise ValueError(
+            f"to ({format_slot(end)}) is in the future; a backfill fires past slots only "
+            f"(now {format_slot(now)})"
+        )
+    slots: list[datetime] = []
+    slot = job.next_slot(start - timedelta(microseconds=1))
+    while slot is not None and slot <= end:
+        if len(slots) == limit:
+            raise ValueError(
+                f"more than {limit} slots of {str(job.schedule)!r} from {format_slot(start)} to "
+                f"{format_slot(end)}; narrow the range or raise limit (at most {BACKFILL_MAX})"
+            )
+        slots.append(slot)
+        slot = job.next_slot(slot)
+    if not slots:
+        raise ValueError(
+            f"no slot of {str(job.schedule)!r} from {format_slot(start)} to {format_slot(end)}"
+        )
+    return slots
+
+
 def dst_effects(job: Job, now: datetime) -> list[str]:
     """Every DST effect on the job's fires within a year; a schedule that cannot be evaluated
     has none to show (the loop has logged why it is not planned)."""
@@ -143,6 +176,7 @@ class RunView(BaseModel):
     outcome: str
     error: str | None
     count: int
+    backfill: bool = False  # fired by POST /api/jobs/{name}/backfill
 
 
 class TargetView(BaseModel):
@@ -179,6 +213,22 @@ class Triggered(BaseModel):
     status: int | None = None
     attempts: int | None = None
     error: str | None = None
+
+
+class BackfillRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    start: datetime = Field(alias="from", description="RFC 3339 with an offset or Z")
+    end: datetime = Field(alias="to", description="RFC 3339; not in the future")
+    limit: int = Field(100, ge=1, le=BACKFILL_MAX)
+    overlap: Literal["skip", "allow"] = "skip"  # allow: also while a run of the job is in flight
+
+
+class Backfill(BaseModel):
+    job: str
+    backfill_key: str  # what the backfill was claimed under (the calls carry their slots' keys)
+    count: int
+    slots: list[str]  # in the order they are fired
 
 
 class Paused(BaseModel):
@@ -549,6 +599,29 @@ def create_app(ctx: AdminContext) -> FastAPI:
                 return JSONResponse(ended.model_dump(), status_code=200)
         return Triggered(job=name, idempotency_key=key)
 
+    @app.post(
+        "/api/jobs/{name}/backfill",
+        dependencies=auth,
+        status_code=202,
+        responses={**ERRORS, 409: {"model": ErrorBody, "description": "in flight or standby"}},
+    )
+    def backfill(name: JobName, request: BackfillRequest) -> Backfill:
+        """Fire every slot of the job's schedule from `from` to `to` (both included), in
+        order, now, each with its own slot's X-Scheduled-For and Idempotency-Key; at most
+        `limit` slots (1-1000), none in the future. Recorded in the history as backfill."""
+        job = job_or_404(name)
+        try:
+            slots = backfill_slots(job, request.start, request.end, ctx.clock.now(),
+                                   request.limit)  # fmt: skip
+        except ValueError as error:
+            raise HTTPException(422, str(error)) from None
+        started = ctx.dispatcher.backfill(job, slots, overlap=request.overlap)
+        if isinstance(started, str):
+            raise HTTPException(409, started)
+        key, _ = started
+        return Backfill(job=name, backfill_key=key, count=len(slots),
+                        slots=[format_slot(slot) for slot in slots])  # fmt: skip
+
     @app.post("/api/jobs/{name}/pause", dependencies=auth, responses=ERRORS)
     def pause(name: JobName) -> Paused:
         """Let the job's slots pass without firing until resumed (kept across restarts)."""
@@ -885,6 +958,7 @@ def _run_view(record: RunRecord) -> RunView:
         outcome=record.outcome,
         error=record.error,
         count=record.count,
+        backfill=record.backfill,
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 # Commands whose positional argument is a job name.
-JOB_COMMANDS = ("next", "fire", "pause", "resume", "trigger")
+JOB_COMMANDS = ("next", "fire", "pause", "resume", "trigger", "backfill")
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -357,6 +358,7 @@ class Dispatcher:
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
         self._firing = 0  # batches handed on whose first call has not been sent yet
+        self._backfilling: set[str] = set()  # jobs with a backfill running
         # job -> the batch queued behind its run in flight (overlap = "queue")
         self._pending: dict[str, tuple[Job, list[tuple[datetime, str]], datetime | None]] = {}
         self._futures: set[Future[Any]] = set()
@@ -515,13 +517,45 @@ class Dispatcher:
                 return f"job {job.name!r} is in flight and its overlap policy is {job.overlap!r}"
             return key, self._start(job, [(self._clock.now(), key)], None)
 
+    def backfill(
+        self, job: Job, slots: Sequence[datetime], *, overlap: str
+    ) -> tuple[str, Future[CallResult]] | str:
+        """Fire past `slots` of `job` now, in order, each with its own slot's Idempotency-Key
+        (so the application deduplicates against the slot's first call); or why not. One
+        backfill of a job at a time; claimed as one manual call (on HA: on the leader)."""
+        if self.in_flight().get(job.name, 0) > 0 and overlap != "allow":
+            return f'job {job.name!r} is in flight; ask again, or with overlap "allow"'
+        claim = f"{job.name}@backfill-{uuid.uuid4()}"
+        refusal = self._store.claim(job.name, claim)
+        if refusal is not None:
+            return {
+                "not_leader": "this replica is a standby; backfill the job on the leader",
+                "unavailable": "the state store cannot be reached; nothing was fired",
+            }.get(refusal, f"the backfill could not be claimed ({refusal})")
+        with self._lock:
+            busy = self._in_flight.get(job.name, 0) > 0 and overlap != "allow"
+            if busy or job.name in self._backfilling:
+                self._store.mark_finished(job.name, claim)
+                if busy:
+                    return f'job {job.name!r} is in flight; ask again, or with overlap "allow"'
+                return f"a backfill of {job.name!r} is running; wait for it to end"
+            self._backfilling.add(job.name)
+            batch = [(slot, idempotency_key(job.name, slot)) for slot in slots]
+            return claim, self._start(job, batch, None, claim=claim)
+
     def _start(
-        self, job: Job, batch: list[tuple[datetime, str]], deadline: datetime | None
+        self,
+        job: Job,
+        batch: list[tuple[datetime, str]],
+        deadline: datetime | None,
+        *,
+        claim: str | None = None,
     ) -> Future[CallResult]:
-        # Called with self._lock held.
+        # Called with self._lock held. `claim`: a backfill's own key (its slots' keys are
+        # the slots' own, not claimed again).
         self._in_flight[job.name] = self._in_flight.get(job.name, 0) + 1
         self._firing += 1
-        future = self._pool.submit(self._run, job, batch, deadline)
+        future = self._pool.submit(self._run, job, batch, deadline, claim=claim)
         self._futures.add(future)
         future.add_done_callback(self._futures.discard)
         return future
@@ -532,9 +566,12 @@ class Dispatcher:
         batch: list[tuple[datetime, str]],
         deadline: datetime | None,
         first: Sent | None = None,
+        *,
+        claim: str | None = None,
     ) -> CallResult:
         """Call the batch's slots in order; `first`: the first slot's first attempt, made
-        on the wire."""
+        on the wire; `claim`: the key a backfill was claimed under."""
+        backfill = claim is not None
         done, sent = 0, False  # first_sent runs on this thread only
 
         def first_sent() -> None:
@@ -552,24 +589,33 @@ class Dispatcher:
                     break
                 # A replayed slot's retries must not run into the slot replayed after it.
                 until = batch[index + 1][0] if index + 1 < len(batch) else deadline
+                if backfill:
+                    until = None  # past slots: each has its retries, one after another
                 before = self._store.job_state(job.name).failures if self._on_settled else 0
                 try:
                     result = self.call(job, slot, key=key, deadline=until, on_sent=first_sent,
-                                       first=first if index == 0 else None)  # fmt: skip
+                                       first=first if index == 0 else None,
+                                       backfill=backfill)  # fmt: skip
                 except Exception as error:  # a bug must not kill the pool thread silently
                     self._log.exception("dispatch crashed", job=job.name, slot=format_slot(slot))
                     self._reporter.report(error, {"job": job.name, "slot": format_slot(slot)})
                     raise
                 finally:
-                    self._store.mark_finished(job.name, key)
+                    if not backfill:
+                        self._store.mark_finished(job.name, key)
                     done += 1
-                self._settled(job, result, before)
+                if not backfill:  # a backfill's failures neither pause the job nor notify
+                    self._settled(job, result, before)
             assert result is not None
             return result
         finally:
             first_sent()
             for slot, key in batch[done:]:
-                self._skipped(job, slot, key, "shutting down")
+                self._skipped(job, slot, key, "shutting down", claimed=not backfill)
+            if claim is not None:
+                self._store.mark_finished(job.name, claim)
+                with self._lock:
+                    self._backfilling.discard(job.name)
             self._finished(job, result, deadline)
             self._release(job)
 
@@ -599,9 +645,12 @@ class Dispatcher:
         except Exception:  # a policy must not cost the pool thread or the slots after
             self._log.exception("after the call: failure policy failed", job=job.name)
 
-    def _skipped(self, job: Job, slot: datetime, key: str, reason: str) -> None:
+    def _skipped(
+        self, job: Job, slot: datetime, key: str, reason: str, *, claimed: bool = True
+    ) -> None:
         self._metrics.outcome(job.label, "skipped_overlap")
-        self._store.mark_finished(job.name, key)
+        if claimed:
+            self._store.mark_finished(job.name, key)
         self._store.record_run(
             not_called(job.name, slot, key, "skipped_overlap", reason, self._clock.now())
         )
@@ -758,9 +807,11 @@ class Dispatcher:
         deadline: datetime | None,
         on_sent: Callable[[], None] | None = None,
         first: Sent | None = None,
+        backfill: bool = False,
     ) -> CallResult:
         """Call the job's endpoint for `slot`, retrying transient failures; record every
-        attempt. `first`: the first attempt, already made on the wire."""
+        attempt. `first`: the first attempt, already made on the wire; `backfill`: a past
+        slot fired now (not awaited, no lateness observed, recorded as a backfill)."""
         attempt, retries_left, connect_retry_used = 0, job.retries, False
         trace = self.trace(key)
         begun = self._clock.monotonic()
@@ -779,7 +830,8 @@ class Dispatcher:
                 except Exception as failure:  # config refuses such jobs; this is the last guard
                     return self._unbuildable(job, slot, key, attempt, failure, begun)
                 if attempt == 1:
-                    self._await_slot(job, slot, key)
+                    if not backfill:
+                        self._await_slot(job, slot, key)
                     if not self._may_fire():
                         return self._lost_lease(job, slot, key, begun)
                 sent = self._send(job, request, span)
@@ -814,6 +866,7 @@ class Dispatcher:
                     status=sent.status,
                     error=sent.error,
                     settles=delay is None,
+                    backfill=backfill,
                 )
             )
             if self._spans is not None:
@@ -829,6 +882,8 @@ class Dispatcher:
                 "duration_ms": round(sent.duration * 1000, 1),
                 "trace_id": trace,
             }
+            if backfill:
+                fields["backfill"] = True
             if sent.kind in ("success", "busy"):
                 self._log.info("fired" if sent.kind == "success" else "busy (409)", **fields)
                 return self._result(job, slot, key, sent.outcome, attempt, sent.status, None, begun)

@@ -222,3 +222,45 @@ def test_notifications_reach_a_real_receiver_and_a_dead_one_delays_nothing(
         (b - a).total_seconds() == 1 for a, b in itertools.pairwise(steady)
     )
     assert not [n for n in proc.logs() if n.get("event") == "missed slots"]
+
+
+def test_cronclock_backfill_fires_a_past_range_with_the_slots_own_headers(
+    target: Target,
+    jobs_file: Callable[[str], Path],
+    daemon: Callable[..., Daemon],
+    tmp_path: Path,
+) -> None:
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    jobs = jobs_file('[jobs.report]\nschedule = "every 1m"\nendpoint = "/report"\n')
+    env = _env(target, jobs, tmp_path / "state.db")
+    proc = daemon(**env)
+    assert proc.wait_for_log("admin API listening"), proc.log_path.read_text()
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    start, end = now - timedelta(minutes=4), now - timedelta(minutes=1)
+    stamp = "%Y-%m-%dT%H:%M:%SZ"
+    cli = run_cli("backfill", "report", "--from", start.strftime(stamp), "--to",
+                  end.strftime(stamp), "--json", env=base_env(**env))  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    answer = json.loads(cli.stdout)
+    assert answer["count"] == 4 and answer["backfill_key"].startswith("report@backfill-")
+    assert target.wait_for(lambda seen: len([c for c in seen if c.path == "/report"
+                                             and c.scheduled_for <= end]) == 4)  # fmt: skip
+    sent = [c for c in target.calls("/report") if c.scheduled_for <= end]
+    expected = [start + timedelta(minutes=m) for m in range(4)]
+    assert [c.scheduled_for for c in sent] == expected, "in order, each its own slot"
+    assert [c.header("Idempotency-Key") for c in sent] == [
+        f"report@{int(slot.timestamp() * 1000)}" for slot in expected
+    ]
+    runs = _admin(env).get("/api/jobs/report/runs").json()
+    assert [r["backfill"] for r in runs if r["slot"] <= end.strftime(stamp)] == [True] * 4
+    assert len([line for line in proc.events("fired") if line.get("backfill")]) == 4
+
+    future = run_cli("backfill", "report", "--from", start.strftime(stamp), "--to",
+                     (now + timedelta(hours=1)).strftime(stamp), env=base_env(**env))  # fmt: skip
+    assert future.returncode == 1
+    assert "is in the future; a backfill fires past slots only" in future.stderr
+    wide = run_cli("backfill", "report", "--from", (now - timedelta(days=1)).strftime(stamp),
+                   "--to", end.strftime(stamp), "--limit", "10", env=base_env(**env))  # fmt: skip
+    assert wide.returncode == 1 and "more than 10 slots" in wide.stderr

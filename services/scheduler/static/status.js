@@ -98,7 +98,7 @@ const FAILED = new Set(["failed", "interrupted"]);
 
 function lateness(run) {
   // Send time minus the slot, for the first attempt of a scheduled slot.
-  if (run.attempt !== 1 || run.key.includes("@manual-")) return null;
+  if (run.attempt !== 1 || run.key.includes("@manual-") || run.backfill) return null;
   return Math.max(0, Date.parse(run.started) - Date.parse(run.slot));
 }
 
@@ -122,8 +122,9 @@ function runTitle(run) {
 function slots(runs) {
   const byKey = new Map();
   for (const run of [...runs].reverse()) {
-    if (!byKey.has(run.key)) byKey.set(run.key, []);
-    byKey.get(run.key).push(run);
+    const key = run.backfill ? `${run.key} backfill` : run.key;  // a backfill: its own cell
+    if (!byKey.has(key)) byKey.set(key, []);
+    byKey.get(key).push(run);
   }
   return [...byKey.values()].map((attempts) => {
     attempts.sort((a, b) => a.attempt - b.attempt);
@@ -335,7 +336,8 @@ function renderHistory() {
     return el("tr", { "data-outcome": run.outcome },
       el("td", { text: utcText(run.slot) }),
       el("td", { text: String(run.attempt) }),
-      el("td", {}, badge(run.outcome, `outcome-${run.outcome}`)),
+      el("td", {}, badge(run.outcome, `outcome-${run.outcome}`),
+        ...(run.backfill ? [" ", badge("backfill", "badge-standby")] : [])),
       el("td", { text: run.status !== null ? String(run.status) : "–" }),
       el("td", { text: run.duration_seconds !== null ? `${Math.round(run.duration_seconds * 1000)} ms` : "–" }),
       el("td", { text: late !== null ? `${late} ms` : "–" }),

@@ -222,6 +222,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN pause_reason text;
     ALTER TABLE jobs ADD COLUMN failures integer NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN backfill boolean NOT NULL DEFAULT false;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -465,9 +466,10 @@ def _outcome(job: str, state: JobState) -> Statement:
 def _insert_run(record: RunRecord) -> Statement:
     return (
         "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
-        "error, count) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        "error, count, backfill) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (record.job, _us(record.slot), record.key, record.attempt, _us(record.started),
-         record.duration, record.status, record.outcome, record.error, record.count),
+         record.duration, record.status, record.outcome, record.error, record.count,
+         record.backfill),
     )  # fmt: skip
 
 
@@ -553,7 +555,7 @@ class PostgresStateStore(SharedState):
         rows = self.transact(
             lambda conn: conn.execute(
                 "SELECT job, slot, key, attempt, started, duration, status, outcome, error, "
-                "count FROM runs WHERE job = %s ORDER BY id DESC LIMIT %s",
+                "count, backfill FROM runs WHERE job = %s ORDER BY id DESC LIMIT %s",
                 (job, limit),
             ).fetchall()
         )
@@ -569,6 +571,7 @@ class PostgresStateStore(SharedState):
                 status=row[6],
                 error=row[8],
                 count=row[9],
+                backfill=bool(row[10]),
             )
             for row in rows
         ]

@@ -52,6 +52,7 @@ class RunRecord:
     # False for an attempt that is retried: only a record that settles its slot counts
     # towards the job's consecutive failures (not stored; history read back settles).
     settles: bool = True
+    backfill: bool = False  # fired by a backfill (POST /api/jobs/{name}/backfill)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,11 +125,13 @@ class StateStore(Protocol):
 def apply_outcome(state: JobState, record: RunRecord) -> JobState:
     """The job state after a run record: skipped and missed slots do not count as runs; a
     success ends a run of failures, a failure that settles its slot adds one (busy and
-    interrupted slots leave the count as it is)."""
+    interrupted slots, and backfills, which re-run the past, leave the count as it is)."""
     if record.outcome in ("skipped_overlap", "missed"):
         return state
     failures = state.failures
-    if record.outcome == "success":
+    if record.backfill:
+        pass
+    elif record.outcome == "success":
         failures = 0
     elif record.outcome == "failed" and record.settles:
         failures += 1

@@ -525,6 +525,8 @@ def _record_fields(record: RunRecord) -> dict[str, str | int | float]:
         fields["status"] = record.status
     if record.error is not None:
         fields["error"] = record.error
+    if record.backfill:
+        fields["backfill"] = 1
     return fields
 
 
@@ -541,6 +543,7 @@ def _run_record(job: str, fields: dict[str, str]) -> RunRecord:
         status=int(status) if status is not None else None,
         error=fields.get("error"),
         count=int(fields.get("count", 1)),
+        backfill=fields.get("backfill") == "1",
     )
 
 

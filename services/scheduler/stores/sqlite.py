@@ -97,6 +97,7 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN pause_reason TEXT;
     ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN backfill INTEGER NOT NULL DEFAULT 0;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -572,25 +573,11 @@ class SqliteStateStore:
             if self._db is None or self._problem is not None:
                 return self._memory.runs(job, limit)
             rows = self._db.execute(
-                "SELECT slot, key, attempt, started, duration, status, outcome, error, count "
-                "FROM runs WHERE job = ? ORDER BY id DESC LIMIT ?",
+                "SELECT slot, key, attempt, started, duration, status, outcome, error, count, "
+                "backfill FROM runs WHERE job = ? ORDER BY id DESC LIMIT ?",
                 (job, limit),
             ).fetchall()
-        return [
-            RunRecord(
-                job=job,
-                slot=_dt(slot) or _EPOCH,
-                key=key,
-                attempt=attempt,
-                started=_dt(started) or _EPOCH,
-                duration=duration,
-                status=status,
-                outcome=outcome,
-                error=error,
-                count=count,
-            )
-            for slot, key, attempt, started, duration, status, outcome, error, count in rows
-        ]
+        return [_run_record(job, row) for row in rows]
 
     def set_paused(self, job: str, paused: bool, reason: str | None = None) -> None:
         self._memory.set_paused(job, paused, reason)
@@ -782,7 +769,7 @@ def _in_flight_row(key: str, job: str, slot: datetime, since: datetime) -> State
 def _insert_run(record: RunRecord) -> Statement:
     return (
         "INSERT INTO runs (job, slot, key, attempt, started, duration, status, outcome, "
-        "error, count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "error, count, backfill) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             record.job,
             _us(record.slot),
@@ -794,7 +781,25 @@ def _insert_run(record: RunRecord) -> Statement:
             record.outcome,
             record.error,
             record.count,
+            int(record.backfill),
         ),
+    )
+
+
+def _run_record(job: str, row: tuple[Any, ...]) -> RunRecord:
+    slot, key, attempt, started, duration, status, outcome, error, count, backfill = row
+    return RunRecord(
+        job=job,
+        slot=_dt(slot) or _EPOCH,
+        key=key,
+        attempt=attempt,
+        started=_dt(started) or _EPOCH,
+        duration=duration,
+        status=status,
+        outcome=outcome,
+        error=error,
+        count=count,
+        backfill=bool(backfill),
     )
 
 
