@@ -40,7 +40,7 @@ from .clock import Scheduler
 from .config import Job
 from .coordination import Solo
 from .dispatch import Dispatcher
-from .policies import Silence, silence
+from .policies import Silence, paused_by, silence
 from .schedules import (
     BATCH_LIMIT,
     MAX_BATCH_BYTES,
@@ -547,7 +547,7 @@ def create_app(ctx: AdminContext) -> FastAPI:
             state = ctx.store.job_state(job.name)
             quiet = silence(job, state, now, started)
             stale = quiet.stale if quiet.silent_seconds is not None else None
-            conditions.append((job.name, state.paused, state.failures, stale))
+            conditions.append((job.name, paused_by(state), state.failures, stale))
         ctx.metrics.conditions(conditions)
         return PlainTextResponse(
             generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST

@@ -106,6 +106,16 @@ class FailurePolicy:
         return self._now() if self._now is not None else result.slot
 
 
+def paused_by(state: JobState) -> str | None:
+    """Who paused the job (the `by` label of cronclock_job_paused): operator, failures (its
+    pause_after_failures), gone (a 410); None when it is not paused."""
+    if not state.paused:
+        return None
+    if state.pause_reason is None:
+        return "operator"
+    return "gone" if state.pause_reason == gone_reason() else "failures"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Silence:
     """A job's dead-man check at one instant."""

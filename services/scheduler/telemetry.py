@@ -206,8 +206,9 @@ class Metrics:
             ["job", "reason"], registry=r,
         )  # fmt: skip
         self.paused = Gauge(
-            "cronclock_job_paused", "1 while the job is paused (by an operator or the daemon).",
-            ["job"], registry=r,
+            "cronclock_job_paused", "1 while the job is paused: by=operator, or by the daemon "
+            "(by=failures: pause_after_failures; by=gone: a 410).",
+            ["job", "by"], registry=r,
         )  # fmt: skip
         self.failures = Gauge(
             "cronclock_job_consecutive_failures", "Slots in a row whose final outcome was failed.",
@@ -243,13 +244,15 @@ class Metrics:
     def auto_paused(self, job: str, reason: str) -> None:
         self.auto_pauses.labels(job=job, reason=reason).inc()
 
-    def conditions(self, jobs: Iterable[tuple[str, bool, int, bool | None]]) -> None:
-        """The static jobs' (name, paused, consecutive failures, stale) when scraped; stale
-        is None for a job without max_silence. Jobs no longer in the table drop out."""
+    def conditions(self, jobs: Iterable[tuple[str, str | None, int, bool | None]]) -> None:
+        """The static jobs' (name, paused by: None when not paused, consecutive failures,
+        stale) when scraped; stale is None for a job without max_silence. Jobs no longer in
+        the table drop out."""
         for gauge in (self.paused, self.failures, self.stale):
             gauge.clear()
-        for job, paused, failures, stale in jobs:
-            self.paused.labels(job=job).set(int(paused))
+        for job, paused_by, failures, stale in jobs:
+            if paused_by is not None:
+                self.paused.labels(job=job, by=paused_by).set(1)
             self.failures.labels(job=job).set(failures)
             if stale is not None:
                 self.stale.labels(job=job).set(int(stale))

@@ -367,7 +367,8 @@ def test_the_admin_api_shows_the_reason_the_count_and_staleness() -> None:
     assert health.status_code == 200 and health.json()["stale"] == ["j"]
 
     metrics = client.get("/metrics").text
-    assert 'cronclock_job_paused{job="j"} 1.0' in metrics
+    assert 'cronclock_job_paused{by="failures",job="j"} 1.0' in metrics
+    assert 'cronclock_job_paused{by="operator",job="fine"}' not in metrics  # not paused
     assert 'cronclock_job_consecutive_failures{job="j"} 2.0' in metrics
     assert 'cronclock_job_stale{job="j"} 1.0' in metrics
     assert 'cronclock_job_stale{job="fine"} 0.0' in metrics
