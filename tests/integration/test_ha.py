@@ -18,6 +18,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.scheduler.stores.postgres import SCHEMA_VERSION as POSTGRES_SCHEMA
 from tests.integration.conftest import Daemon, base_env, run_cli
 from tests.support import Arrival, PostgresServer, RedisServer, Target, free_port
 
@@ -363,7 +364,8 @@ def test_a_schema_from_a_newer_cronclock_stops_the_start_with_exit_2(
     assert second.process.wait(30) == 2
     message = second.log_path.read_text()
     assert (
-        "schema 'cronclock' is at version 7, from a newer cronclock (this one knows 1)" in message
+        "schema 'cronclock' is at version 7, from a newer cronclock (this one knows "
+        f"{POSTGRES_SCHEMA})" in message
     )
     assert "SCHEDULER_STATE_URL=" in message and "Traceback" not in message
 

@@ -317,15 +317,19 @@ def test_the_page_shows_last_runs_failures_slots_history_and_dst_inline(
     for _ in range(15):
         assert "ago" not in cell("tick", "next"), cell("tick", "next")
         time.sleep(0.2)
+
     # One strip cell per slot, the retry inside it; newest last; a legend.
-    retried = wait(lambda: _rows(driver, 'tr[data-job="flaky"] .strip li[data-attempts="2"]'))
-    first = retried[0]  # type: ignore[index]
-    assert first.get_attribute("data-outcome") == "success"
-    assert first.find_elements(By.CSS_SELECTOR, "i.retry.outcome-failed")
-    title = first.get_attribute("title") or ""
+    def retried() -> tuple[str, bool, str]:  # read at once: the table re-renders every 5 s
+        first = _rows(driver, 'tr[data-job="flaky"] .strip li[data-attempts="2"]')[0]
+        return (first.get_attribute("data-outcome"),  # type: ignore[attr-defined]
+                bool(first.find_elements(By.CSS_SELECTOR, "i.retry.outcome-failed")),  # type: ignore[attr-defined]
+                first.get_attribute("title") or "")  # type: ignore[attr-defined]  # fmt: skip
+
+    outcome, marked, title = wait(retried)  # type: ignore[misc]
+    assert outcome == "success" and marked
     assert "HTTP 503" in title and "HTTP 200" in title and "attempt 2" in title
-    cells = _rows(driver, 'tr[data-job="tick"] .strip li')
-    slots_shown = [c.get_attribute("title").split(" · ")[0] for c in cells]  # type: ignore[attr-defined]
+    slots_shown = wait(lambda: [c.get_attribute("title").split(" · ")[0]  # type: ignore[attr-defined]
+                                for c in _rows(driver, 'tr[data-job="tick"] .strip li')])  # fmt: skip
     assert slots_shown == sorted(slots_shown) and len(set(slots_shown)) == len(slots_shown)
     legend = driver.find_element(By.ID, "legend").text
     assert "success" in legend and "skipped: the previous run was still in flight" in legend

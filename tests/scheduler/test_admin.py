@@ -206,7 +206,8 @@ class TestJobs:
         runs = world.client.get("/api/jobs/nightly/runs", params={"limit": 2}).json()
         assert [run["key"] for run in runs] == ["k4", "k3"]
         assert runs[0] | {"slot": None} == {"slot": None, "key": "k4", "attempt": 1, "started": "2026-11-22T10:00:07.000Z",
-                                           "duration_seconds": 0.5, "status": 200, "outcome": "success", "error": None, "count": 1}  # fmt: skip
+                                           "duration_seconds": 0.5, "status": 200, "outcome": "success", "error": None, "count": 1,
+                                           "backfill": False}  # fmt: skip
         assert world.client.get("/api/jobs/nightly").json()["last_run"]["outcome"] == "success"
 
     @pytest.mark.parametrize("limit", ["0", "1001", "many", "-1"])
