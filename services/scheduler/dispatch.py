@@ -505,12 +505,9 @@ class Dispatcher:
         if self.in_flight().get(job.name, 0) > 0 and job.overlap != "allow":
             return f"job {job.name!r} is in flight and its overlap policy is {job.overlap!r}"
         key = manual_key(job.name)
-        refusal = self._store.claim(job.name, key)
-        if refusal is not None:
-            return {
-                "not_leader": "this replica is a standby; trigger the job on the leader",
-                "unavailable": "the state store cannot be reached; nothing was fired",
-            }.get(refusal, f"the trigger could not be claimed ({refusal})")
+        refused = self._claim(job, key, "trigger")
+        if refused is not None:
+            return refused
         with self._lock:
             if self._in_flight.get(job.name, 0) > 0 and job.overlap != "allow":
                 self._store.mark_finished(job.name, key)
@@ -526,12 +523,9 @@ class Dispatcher:
         if self.in_flight().get(job.name, 0) > 0 and overlap != "allow":
             return f'job {job.name!r} is in flight; ask again, or with overlap "allow"'
         claim = f"{job.name}@backfill-{uuid.uuid4()}"
-        refusal = self._store.claim(job.name, claim)
-        if refusal is not None:
-            return {
-                "not_leader": "this replica is a standby; backfill the job on the leader",
-                "unavailable": "the state store cannot be reached; nothing was fired",
-            }.get(refusal, f"the backfill could not be claimed ({refusal})")
+        refused = self._claim(job, claim, "backfill")
+        if refused is not None:
+            return refused
         with self._lock:
             busy = self._in_flight.get(job.name, 0) > 0 and overlap != "allow"
             if busy or job.name in self._backfilling:
@@ -542,6 +536,16 @@ class Dispatcher:
             self._backfilling.add(job.name)
             batch = [(slot, idempotency_key(job.name, slot)) for slot in slots]
             return claim, self._start(job, batch, None, claim=claim)
+
+    def _claim(self, job: Job, key: str, what: str) -> str | None:
+        """Claim a call made by hand (a trigger, a backfill); None, or why it may not be."""
+        refusal = self._store.claim(job.name, key)
+        if refusal is None:
+            return None
+        return {
+            "not_leader": f"this replica is a standby; {what} the job on the leader",
+            "unavailable": "the state store cannot be reached; nothing was fired",
+        }.get(refusal, f"the {what} could not be claimed ({refusal})")
 
     def _start(
         self,
