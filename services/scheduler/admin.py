@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from structlog.typing import FilteringBoundLogger
 
@@ -603,23 +603,36 @@ def create_app(ctx: AdminContext) -> FastAPI:
         "/api/jobs/{name}/backfill",
         dependencies=auth,
         status_code=202,
+        response_model=Backfill,
         responses={**ERRORS, 409: {"model": ErrorBody, "description": "in flight or standby"}},
-    )
-    def backfill(name: JobName, request: BackfillRequest) -> Backfill:
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": BackfillRequest.model_json_schema(by_alias=True)}}}},
+    )  # fmt: skip
+    async def backfill(name: JobName, request: Request) -> Backfill:
         """Fire every slot of the job's schedule from `from` to `to` (both included), in
         order, now, each with its own slot's X-Scheduled-For and Idempotency-Key; at most
         `limit` slots (1-1000), none in the future. Recorded in the history as backfill."""
         job = job_or_404(name)
+        body = await json_body(request)
         try:
-            slots = backfill_slots(job, request.start, request.end, ctx.clock.now(),
-                                   request.limit)  # fmt: skip
+            asked = BackfillRequest.model_validate(body)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in item['loc']) or 'body'}: {item['msg']}"
+                for item in error.errors()
+            )
+            raise HTTPException(422, f"bad parameters: {problems}") from None
+        return await asyncio.to_thread(start_backfill, job, asked)
+
+    def start_backfill(job: Job, asked: BackfillRequest) -> Backfill:
+        try:
+            slots = backfill_slots(job, asked.start, asked.end, ctx.clock.now(), asked.limit)
         except ValueError as error:
             raise HTTPException(422, str(error)) from None
-        started = ctx.dispatcher.backfill(job, slots, overlap=request.overlap)
+        started = ctx.dispatcher.backfill(job, slots, overlap=asked.overlap)
         if isinstance(started, str):
             raise HTTPException(409, started)
-        key, _ = started
-        return Backfill(job=name, backfill_key=key, count=len(slots),
+        return Backfill(job=job.name, backfill_key=started[0], count=len(slots),
                         slots=[format_slot(slot) for slot in slots])  # fmt: skip
 
     @app.post("/api/jobs/{name}/pause", dependencies=auth, responses=ERRORS)

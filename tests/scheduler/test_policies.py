@@ -429,3 +429,18 @@ def test_a_postgresql_schema_of_version_1_is_upgraded_with_its_pauses_kept(
     with psycopg.connect(postgres_url) as conn:
         version = conn.execute("SELECT value FROM cronclock.meta WHERE key = 'version'").fetchone()
     assert version == (str(pg.SCHEMA_VERSION),) == ("2",)
+
+
+def test_a_backfill_body_that_is_not_usable_is_422_naming_what_is_wrong() -> None:
+    client = _admin([job()], MemoryStateStore(), VirtualClock(T))
+    json_type = {"Content-Type": "application/json"}
+    broken = client.post("/api/jobs/j/backfill", content=b"q\xff", headers=json_type)
+    assert broken.status_code == 422 and broken.json() == {"error": "the body must be JSON"}
+    bad = client.post("/api/jobs/j/backfill", json={"from": "yesterday", "to": T.isoformat()})
+    assert bad.status_code == 422 and bad.json()["error"].startswith("bad parameters: from:")
+    extra = client.post("/api/jobs/j/backfill", json={"from": T.isoformat(), "to": T.isoformat(),
+                                                      "speed": 2})  # fmt: skip
+    assert extra.status_code == 422 and "speed" in extra.json()["error"]
+    future = client.post("/api/jobs/j/backfill",
+                         json={"from": T.isoformat(), "to": (T + timedelta(hours=1)).isoformat()})  # fmt: skip
+    assert future.status_code == 422 and "is in the future" in future.json()["error"]
