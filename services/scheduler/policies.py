@@ -32,8 +32,7 @@ from .telemetry import Metrics
 GONE = 410
 
 
-def gone_reason() -> str:
-    return 'disabled: the application answered 410 Gone (on_gone = "disable")'
+GONE_REASON = 'disabled: the application answered 410 Gone (on_gone = "disable")'
 
 
 def failures_reason(count: int) -> str:
@@ -70,7 +69,7 @@ class FailurePolicy:
         if state.paused:
             return  # paused meanwhile (by an operator, or by the slot before)
         if result.status == GONE and job.on_gone == "disable":
-            self._pause(job, result, gone_reason(), "gone", state)
+            self._pause(job, result, GONE_REASON, "gone", state)
         elif (n := job.pause_after_failures) and state.failures and state.failures % n == 0:
             self._pause(job, result, failures_reason(state.failures), "failures", state)
 
@@ -113,7 +112,7 @@ def paused_by(state: JobState) -> str | None:
         return None
     if state.pause_reason is None:
         return "operator"
-    return "gone" if state.pause_reason == gone_reason() else "failures"
+    return "gone" if state.pause_reason == GONE_REASON else "failures"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

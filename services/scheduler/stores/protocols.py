@@ -129,11 +129,9 @@ def apply_outcome(state: JobState, record: RunRecord) -> JobState:
     if record.outcome in ("skipped_overlap", "missed"):
         return state
     failures = state.failures
-    if record.backfill:
-        pass
-    elif record.outcome == "success":
+    if not record.backfill and record.outcome == "success":
         failures = 0
-    elif record.outcome == "failed" and record.settles:
+    elif not record.backfill and record.outcome == "failed" and record.settles:
         failures += 1
     return replace(
         state,
